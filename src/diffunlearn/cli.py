@@ -1,0 +1,180 @@
+"""The ``diffunlearn`` command. Thin: one short function per subcommand, each calling the library.
+
+Usage:
+  diffunlearn demo                          forget "three" in the digit world with ga, graddiff, rg
+  diffunlearn demo --concept red            forget the colour red instead
+  diffunlearn unlearn configs/digits-rg.yaml lr=1e-4 --out runs/my-run
+  diffunlearn world train-base --out my-base
+  diffunlearn world check [MODEL]           oracle accuracy of a model on held-out prompts
+  diffunlearn methods                       list the methods
+  diffunlearn env                           versions, for bug reports
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _command_line() -> str:
+    return "diffunlearn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEMO_METHODS, run_demo
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEMO_METHODS
+    from .methods import get_method
+
+    for m in methods:
+        get_method(m)
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, _command_line())
+    from .report import markdown_table
+
+    print(markdown_table(summary["methods"]))
+    print(f"\nwrote {out}/summary.json and {out}/report.md")
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from .config import build_config
+    from .runner import run_unlearning
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]  # no config file given, only overrides
+    cfg = build_config(config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = run_unlearning(cfg, out, args.force, _command_line(), not args.quiet)
+    print(json.dumps({k: results[k] for k in ("forget_score", "alignment", "quality_fd", "seconds")}, indent=2))
+    print(f"wrote {out}")
+
+
+def cmd_train_base(args: argparse.Namespace) -> None:
+    from .worlds.base_model import train_base
+
+    out = Path(args.out)
+    if (out / "training.json").exists() and not args.force:
+        raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
+    final = train_base(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(json.dumps(final, indent=2))
+
+
+def cmd_train_oracle(args: argparse.Namespace) -> None:
+    from .worlds.oracle import heldout_accuracy, save_oracle, train_oracle
+
+    model = train_oracle(steps=args.steps, seed=args.seed, progress=not args.quiet)
+    acc = heldout_accuracy(model)
+    save_oracle(model, args.out)
+    print(json.dumps({"heldout_accuracy": acc, "path": str(args.out)}, indent=2))
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from .worlds.base_model import check_base
+
+    print(json.dumps(check_base(args.model, n=args.n, guidance=args.guidance, split=args.split,
+                                progress=not args.quiet), indent=2))
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:10s} {m.summary}")
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    from .utils import environment
+
+    print(json.dumps(environment(), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import EMBEDDED
+
+    parser = argparse.ArgumentParser(prog="diffunlearn", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the main job on the embedded digit world")
+    p.add_argument("--concept", default="three", help="digit or colour word to forget (default: three)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: ga,graddiff,rg)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo-CONCEPT-TIME)")
+    p.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("unlearn", help="run one unlearning job from a config file")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (omit for the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", default=None, help="run folder (default: runs/METHOD-CONCEPT-TIME)")
+    p.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_unlearn)
+
+    w = sub.add_parser("world", help="the embedded digit world: train or check its models")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+    p = wsub.add_parser("train-base", help="train the digit world's base model from scratch")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_base)
+    p = wsub.add_parser("train-oracle", help="train the oracle attribute classifier")
+    p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_oracle)
+    p = wsub.add_parser("check", help="oracle accuracy of a model's samples on held-out prompts")
+    p.add_argument("model", nargs="?", default=EMBEDDED)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("methods", help="list the unlearning methods")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("env", help="print versions for bug reports")
+    p.set_defaults(func=cmd_env)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. User errors: one line on stderr, exit code 2, no traceback."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network unless a user opts in
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the unfinished run folder has no results.json/summary.json, so it never looks complete",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Typed run configuration: commented defaults as plain Python, YAML files and ``key=value``
+overrides on top, every problem reported at once (torchtune's ``validate`` idea)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+EMBEDDED = "embedded:digits"
+
+
+@dataclasses.dataclass
+class UnlearnConfig:
+    """Everything one unlearning run needs. Defaults are the digit world's tuned values (README)."""
+
+    # --- model and concept ---
+    model: str = EMBEDDED          # a model folder, or "embedded:digits" for the committed base model
+    concept: str = "three"         # the word to forget (a digit or a colour in the digit world)
+    method: str = "rg"             # a key of diffunlearn.methods.METHODS
+    selection: str = "full"        # trainable parameters: "full" or "cross-attention"
+    # --- data (PAPER.md §3) ---
+    diversity: str = "diverse"     # "diverse" (paired templates) or "uniform" (one prompt each, repeated)
+    num_pairs: int = 256           # forget/remain prompt pairs; one generated image per prompt
+    data_seed: int = 0             # prompt drawing and image seeds (image i uses data_seed * 100000 + i)
+    data_steps: int = 12           # sampler steps when the base model generates the training images
+    data_guidance: float = 3.0     # classifier-free guidance for those images
+    # --- optimisation (PAPER.md §2) ---
+    steps: int = 120               # optimizer steps; each sees one paired forget/remain batch
+    batch_size: int = 16
+    lr: float = 2e-4               # Adam learning rate
+    remain_weight: float = 1.0     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha)
+    forget_cap: str = "hinge"      # "hinge" (batch stop at margin), "elementwise" (min(err², alpha)), "none"
+    margin: float = 1.1            # hinge margin m on the batch ε-MSE
+    alpha: float = 0.1             # element-wise cap α
+    max_grad_norm: float = 0.0     # clip the combined direction to this norm; 0 disables
+    seed: int = 0                  # batch order, noise and timesteps
+    # --- evaluation ---
+    eval_prompts: int = 100        # held-out prompts per set (forget and remain)
+    eval_seed: int = 1             # image i of an evaluation set uses eval_seed * 100000 + i
+    eval_steps: int = 12
+    eval_guidance: float = 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+CHOICES = {
+    "selection": ("full", "cross-attention"),
+    "diversity": ("diverse", "uniform"),
+    "forget_cap": ("hinge", "elementwise", "none"),
+}
+POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps")
+NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance")
+
+
+def _coerce(name: str, value: Any, errors: list[str]) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        errors.append(f"`{name}` must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        return FIELDS[name].default
+
+
+def build_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                 base: dict[str, Any] | None = None) -> UnlearnConfig:
+    """Defaults, then ``base`` values, then a YAML file, then ``key=value`` overrides; validated.
+
+    Raises:
+        UserError: listing every problem found (unknown keys, wrong types, bad values, bad YAML).
+    """
+    values: dict[str, Any] = dict(base or {})
+    errors: list[str] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist; pass the path of a YAML file such as configs/digits-rg.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise UserError(f"config file {p} is not valid YAML{where}; fix the syntax (key: value per line)") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must be a mapping of keys to values, got a {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            errors.append(f"override {item!r} is not of the form key=value")
+            continue
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    unknown = sorted(k for k in values if k not in FIELDS)
+    for key in unknown:
+        errors.append(f"unknown key `{key}` (known keys: {', '.join(FIELDS)})")
+    kwargs = {k: _coerce(k, v, errors) for k, v in values.items() if k in FIELDS}
+    cfg = UnlearnConfig(**kwargs)
+    errors.extend(validate(cfg))
+    if errors:
+        raise UserError("invalid configuration: " + "; ".join(errors))
+    return cfg
+
+
+def validate(cfg: UnlearnConfig) -> list[str]:
+    """Every problem with ``cfg`` (method and concept names are checked where they are resolved)."""
+    from .methods import METHODS
+
+    errors = []
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            errors.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in POSITIVE_INT:
+        if getattr(cfg, name) < 1:
+            errors.append(f"`{name}` must be a positive integer, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        errors.append(f"`lr` must be > 0, got {cfg.lr}")
+    if cfg.model == EMBEDDED:
+        from .worlds.digits import COLOURS, DIGITS
+
+        if cfg.concept not in DIGITS + COLOURS:
+            errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
+                          f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
+    if cfg.method not in METHODS:
+        errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
+    return errors
+
+
+def dump_config(cfg: UnlearnConfig, path: str | os.PathLike, command: str) -> None:
+    """Write the resolved config as YAML whose first line is the command that reproduces it."""
+    text = f"# {command}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    Path(path).write_text(text)

@@ -1,0 +1,69 @@
+"""Evaluation in the digit world (issue 2 §5): forget score, alignment, quality.
+
+* forget score: fraction of samples for held-out forget prompts in which the oracle sees the
+  concept (lower is better);
+* alignment: fraction of samples for held-out remain prompts with every requested attribute right,
+  plus per attribute (the analogue of the paper's CLIP alignment score);
+* quality: Fréchet distance between oracle features of the remain samples and of real renders of
+  the same captions (lower is better). Forget samples are left out: a model that forgot the
+  concept SHOULD differ from renders of the concept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..data.prompts import eval_sets
+from ..worlds import digits as world
+from ..worlds.digits import Caption
+from ..worlds.oracle import Oracle, OracleFeatures
+from .attributes import alignment_scores
+from .quality import frechet_distance
+
+
+@dataclasses.dataclass
+class WorldEvaluation:
+    forget_score: float
+    alignment: float
+    alignment_per_attribute: dict[str, float]
+    quality_fd: float
+    forget_images: torch.Tensor
+    remain_images: torch.Tensor
+    forget_captions: list[Caption]
+    remain_captions: list[Caption]
+
+    def metrics(self) -> dict:
+        return {"forget_score": self.forget_score, "alignment": self.alignment,
+                "alignment_per_attribute": self.alignment_per_attribute, "quality_fd": self.quality_fd}
+
+
+def forget_score(predicted: torch.Tensor, concept: str) -> float:
+    """Fraction of ``(N, 3)`` oracle predictions that show ``concept``."""
+    attribute = world.concept_attribute(concept)
+    column = world.ATTRIBUTES.index(attribute)
+    return float((predicted[:, column] == world.VALUES[attribute].index(concept)).float().mean())
+
+
+def evaluate_world(adapter, oracle: Oracle, concept: str, n: int = 100, split: str = "test", seed: int = 1,
+                   steps: int = 12, guidance: float = 3.0, progress: bool = True) -> WorldEvaluation:
+    """Sample ``n`` forget and ``n`` remain prompts (seed ``seed * 100000 + i``) and score them.
+
+    ``split="test"`` uses the held-out filler vocabulary; ``"train"`` the tuning one.
+    """
+    forget_caps, remain_caps = eval_sets(concept, n, split=split)
+    prompts = [c.text for c in forget_caps + remain_caps]
+    seeds = [seed * 100000 + i for i in range(len(prompts))]
+    images = adapter.sample(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
+    f_img, r_img = images[:n], images[n:]
+    pred = oracle.predict(images)
+    align = alignment_scores(pred[n:], remain_caps)
+    # Real reference: four renders of every remain caption, from held-out glyphs.
+    gen = torch.Generator().manual_seed(seed)
+    real, _ = world.render_captions(remain_caps * 4, gen, split="test")
+    fd = frechet_distance(OracleFeatures(oracle), real, r_img)
+    return WorldEvaluation(
+        forget_score=forget_score(pred[:n], concept), alignment=align["all"],
+        alignment_per_attribute={k: v for k, v in align.items() if k != "all"}, quality_fd=fd,
+        forget_images=f_img, remain_images=r_img, forget_captions=forget_caps, remain_captions=remain_caps)

@@ -1,0 +1,30 @@
+"""What a method is: which gradients it needs and how it combines them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+Combine = Callable[[Sequence[Tensor], Sequence[Tensor] | None, float], list[Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An unlearning method on (forget, remain) data with the denoising objective.
+
+    Attributes:
+        name: registry key used in configs and on the command line.
+        summary: one line for ``--help`` and reports.
+        uses_remain: whether a remain gradient is computed at all.
+        remain_scope: ``"batch"`` (one remain minibatch per step, paired with the forget batch) or
+            ``"full"`` (mean gradient over the whole remain set every step: RGD, PAPER.md §2).
+        combine: ``(forget_grads, remain_grads | None, remain_weight) -> direction``.
+    """
+
+    name: str
+    summary: str
+    uses_remain: bool
+    remain_scope: str
+    combine: Combine

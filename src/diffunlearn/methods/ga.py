@@ -1,0 +1,12 @@
+"""Gradient ascent (GA): raise the denoising loss on the forget set, nothing else."""
+
+from ..updates import gradient_ascent
+from .base import Method
+
+METHOD = Method(
+    name="ga",
+    summary="gradient ascent on the capped forget loss alone",
+    uses_remain=False,
+    remain_scope="batch",
+    combine=lambda forget, remain, weight: gradient_ascent(forget),
+)

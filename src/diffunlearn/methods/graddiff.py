@@ -1,0 +1,15 @@
+"""Gradient difference (GradDiff): forget ascent plus weighted remain descent, d = g_f + λ·g_r.
+
+On diverse paired data this is the paper's "GradDiffD" baseline (Ko et al. 2024, §5).
+"""
+
+from ..updates import gradient_difference
+from .base import Method
+
+METHOD = Method(
+    name="graddiff",
+    summary="gradient difference: g_f + λ·g_r on paired batches",
+    uses_remain=True,
+    remain_scope="batch",
+    combine=lambda forget, remain, weight: gradient_difference(forget, remain, weight),
+)

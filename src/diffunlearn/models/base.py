@@ -1,0 +1,51 @@
+"""The adapter protocol: the one narrow interface through which methods and evaluators see a model.
+
+Methods, losses, the training loop and evaluators never touch ``unet`` or ``scheduler`` attributes
+directly; they call these methods. A Stable Diffusion adapter (latent space, CLIP text encoder) and
+the digit world's pixel-space adapter implement the same protocol (k-diffusion's ``external.py``
+idea: wrap outside models behind one interface).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+SELECTIONS = ("full", "cross-attention")
+
+
+class Condition(Protocol):
+    """Whatever a model is conditioned on; opaque to methods (indexable by a batch of rows)."""
+
+
+@runtime_checkable
+class DiffusionAdapter(Protocol):
+    """What an unlearning method needs from a text-to-image diffusion model."""
+
+    num_train_timesteps: int
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
+        """Encode prompts into the model's condition (frozen encoder, no gradient)."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images ``(N, 3, H, W)`` in [-1, 1] to the space the UNet denoises (latents or pixels)."""
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion q(x_t | x_0)."""
+
+    def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The trainable network's ε prediction, same shape as ``x_t``."""
+
+    def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
+        """Select parameters to train by name; the rest are frozen (``requires_grad=False``)."""
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+               batch_size: int, progress: bool) -> torch.Tensor:
+        """Generate one image per prompt and seed, ``(N, 3, H, W)`` in [-1, 1]."""
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the model in its native (diffusers) folder layout."""

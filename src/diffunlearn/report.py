@@ -1,0 +1,76 @@
+"""Reports: tables, image grids and plots (matplotlib, Agg backend, no screen needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _to_image(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+
+
+def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Path, title: str) -> None:
+    """One row per model, one column per prompt (same prompts and seeds in every row)."""
+    import textwrap
+
+    plt = _matplotlib()
+    n_rows, n_cols = len(rows), len(captions)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols + 0.9, 1.45 * n_rows + 1.3), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.imshow(_to_image(images[c]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=10)
+            if r == 0:
+                ax.set_title("\n".join(textwrap.wrap(captions[c], 18)[:4]), fontsize=6)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tradeoff_plot(points: dict[str, dict], path: Path, concept: str) -> None:
+    """Forget score (x, lower is better) against alignment (y, higher is better)."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    for name, m in points.items():
+        ax.scatter(m["forget_score"], m["alignment"], s=60, zorder=3)
+        ax.annotate(name, (m["forget_score"], m["alignment"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel(f"forget score: samples showing '{concept}' (lower is better)")
+    ax.set_ylabel("alignment on held-out remain prompts")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title("forgetting vs alignment (best: top left)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(methods: dict[str, dict]) -> str:
+    """The demo's result table in Markdown."""
+    lines = ["| model | forget score ↓ | alignment ↑ | digit | colour | background | quality FD ↓ | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        per = m.get("alignment_per_attribute", {})
+        lines.append(
+            f"| {name} | {m['forget_score']:.3f} | {m['alignment']:.3f} | {per.get('digit', float('nan')):.3f} | "
+            f"{per.get('colour', float('nan')):.3f} | {per.get('background', float('nan')):.3f} | "
+            f"{m['quality_fd']:.2f} | {m['seconds']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Update rules: pure functions that combine forget and remain gradients into one direction.
+
+Inputs are equal-length sequences of tensors, one per trainable parameter, holding the gradients of
+the losses to MINIMISE (``forget_grads`` = ∇L_f with L_f = −capped forget loss, so minimising it is
+gradient ascent on the denoising loss). The result is the direction to write into ``.grad``.
+
+No rule concatenates gradients into a flat vector: dot products and squared norms are accumulated
+parameter by parameter (the same numbers as the reference code's flat vectors, PAPER.md §2 memory
+note, without a full-model copy of each gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _check(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> None:
+    if len(forget_grads) != len(remain_grads):
+        raise ValueError(f"forget_grads and remain_grads must have one tensor per parameter; got "
+                         f"{len(forget_grads)} and {len(remain_grads)}")
+    for i, (f, r) in enumerate(zip(forget_grads, remain_grads)):
+        if f.shape != r.shape:
+            raise ValueError(f"gradient {i} has shape {tuple(f.shape)} for forget but {tuple(r.shape)} for remain")
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Σ_i ⟨a_i, b_i⟩ over all parameters, accumulated in float64 (a 0-dim tensor)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(a, b):
+        total = total + torch.sum(x.double() * y.double()).cpu()
+    return total
+
+
+def gradient_ascent(forget_grads: Sequence[Tensor]) -> list[Tensor]:
+    """GA: follow the forget gradient alone (d = g_f)."""
+    return [g.clone() for g in forget_grads]
+
+
+def gradient_difference(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
+                        remain_weight: float = 1.0) -> list[Tensor]:
+    """GradDiff: d = g_f + λ·g_r (the RG pipeline without the projection, PAPER.md §2)."""
+    _check(forget_grads, remain_grads)
+    return [f + remain_weight * r for f, r in zip(forget_grads, remain_grads)]
+
+
+def restricted_gradient(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
+                        remain_weight: float = 1.0) -> list[Tensor]:
+    """Restricted gradient (Ko et al. 2024, PAPER.md §2): conflict-only mutual projection.
+
+    With one global dot product over all parameters, if g_f·g_r < 0::
+
+        δ_f = g_f − (g_f·g_r / ‖g_r‖²) g_r,   δ_r = g_r − (g_f·g_r / ‖g_f‖²) g_f
+
+    (each against the ORIGINAL other gradient), else δ_f = g_f, δ_r = g_r. Returns δ_f + λ·δ_r.
+    A zero gradient never conflicts (its dot product is 0), so no division by zero can occur.
+    """
+    _check(forget_grads, remain_grads)
+    dot = global_dot(forget_grads, remain_grads)
+    if dot >= 0:
+        return gradient_difference(forget_grads, remain_grads, remain_weight)
+    coef_f = (dot / global_dot(remain_grads, remain_grads)).item()  # removes g_r's direction from g_f
+    coef_r = (dot / global_dot(forget_grads, forget_grads)).item()  # removes g_f's direction from g_r
+    # d = (1 − λ·coef_r)·g_f + (λ − coef_f)·g_r: one fused pass, no δ buffers.
+    a = 1.0 - remain_weight * coef_r
+    b = remain_weight - coef_f
+    return [a * f + b * r for f, r in zip(forget_grads, remain_grads)]
+
+
+def gradient_stats(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> dict[str, float]:
+    """cos(g_f, g_r), both norms and whether the two conflict (for the per-step log)."""
+    dot = global_dot(forget_grads, remain_grads).item()
+    nf = global_dot(forget_grads, forget_grads).sqrt().item()
+    nr = global_dot(remain_grads, remain_grads).sqrt().item()
+    cos = dot / (nf * nr) if nf > 0 and nr > 0 else 0.0
+    return {"cos": cos, "forget_grad_norm": nf, "remain_grad_norm": nr, "conflict": dot < 0}

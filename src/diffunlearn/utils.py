@@ -1,0 +1,41 @@
+"""Small shared helpers: atomic writes, fingerprints, environment facts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary name and rename, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """SHA-256 over the relative paths and bytes of every file in ``folder`` (first 16 hex digits)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.endswith(".tmp"):
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    """Versions of Python and the libraries that decide numbers, for run folders and bug reports."""
+    import importlib.metadata as md
+
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("diffunlearn", "torch", "diffusers", "transformers", "accelerate", "safetensors", "torchmetrics",
+                 "scikit-learn", "numpy"):
+        try:
+            info[name] = md.version(name)
+        except md.PackageNotFoundError:
+            info[name] = "not installed"
+    return info

@@ -1,0 +1,138 @@
+"""Recipe for the digit world's base model: build and train it from scratch (``world train-base``).
+
+Stable Diffusion's shape at toy size: a ``UNet2DConditionModel`` with cross-attention on the token
+states of a FROZEN pretrained text encoder (all-MiniLM-L6-v2, as SD freezes CLIP), plus a learned
+attention-pooled text embedding added to the time embedding (``addition_embed_type="text"``), which
+a probe found makes the digit word far easier to learn than cross-attention alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from ..models.pixel import PixelTextToImage
+from ..models.text import FrozenTextEncoder
+from . import digits as world
+
+UNET_CONFIG = dict(
+    sample_size=world.IMAGE_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, attention_head_dim=2, cross_attention_dim=384,
+    addition_embed_type="text", addition_embed_type_num_heads=4,
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+# Sampling settings of the world, chosen on TRAIN prompts (see README): used by the demo and eval.
+SAMPLE_STEPS = 12
+GUIDANCE = 3.0
+
+
+def build_base(seed: int = 0, text_encoder: FrozenTextEncoder | None = None) -> PixelTextToImage:
+    """An untrained base model with the world's architecture (deterministic for ``seed``)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return PixelTextToImage(unet, DDPMScheduler(**SCHEDULER_CONFIG), text_encoder)
+
+
+def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+               pool_size: int = 8192, uncond_prob: float = 0.1, eval_every: int = 1000,
+               progress: bool = True) -> dict:
+    """Train the base model on fresh renders of random train-vocabulary captions.
+
+    Captions come from a fixed pool encoded once (the encoder is frozen); every step renders new
+    images for them, so images never repeat. Writes EMA weights to ``out`` at every evaluation and
+    returns the last evaluation (oracle accuracy on held-out test-vocabulary prompts).
+    """
+    from tqdm.auto import tqdm
+
+    from ..evaluate.attributes import alignment_scores, sample_and_read
+    from .oracle import load_oracle
+
+    out = Path(out)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_base(seed)
+    unet = model.unet
+    captions = [world.random_caption(rng, "train") for _ in range(pool_size)]
+    states, mask = model.text_encoder.encode([c.text for c in captions])
+    states = states.half()
+    null_states, null_mask = model.text_encoder.encode([""])
+    model.text_encoder._cache.clear()
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    oracle = load_oracle()
+    test_rng = random.Random(12345)
+    test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(500)]
+    log = []
+    unet.train()
+    started = time.time()
+    bar = tqdm(range(1, steps + 1), desc="train-base", disable=not progress)
+    for step in bar:
+        idx = torch.randint(pool_size, (batch_size,), generator=gen)
+        batch_caps = [captions[i] for i in idx.tolist()]
+        x0, _ = world.render_captions(batch_caps, gen, split="train")
+        cond_s, cond_m = states[idx].float(), mask[idx]
+        drop = torch.rand(batch_size, generator=gen) < uncond_prob
+        cond_s[drop] = null_states[0]
+        cond_m[drop] = null_mask[0]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(model.num_train_timesteps, (batch_size,), generator=gen)
+        pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond_s, encoder_attention_mask=cond_m).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % eval_every == 0 or step == steps:
+            backup = [p.detach().clone() for p in unet.parameters()]
+            ema.copy_to(unet.parameters())
+            _, pred_attr = sample_and_read(model, oracle, test_caps, seed=0, steps=SAMPLE_STEPS, guidance=GUIDANCE)
+            scores = alignment_scores(pred_attr, test_caps)
+            entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+            model.save(out)
+            (out / "training.json").write_text(json.dumps({
+                "recipe": "diffunlearn.worlds.base_model.train_base",
+                "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
+                         "uncond_prob": uncond_prob},
+                "evaluations": log}, indent=2) + "\n")
+            with torch.no_grad():
+                for p, b in zip(unet.parameters(), backup):
+                    p.copy_(b)
+    return log[-1]
+
+
+def check_base(model: str, n: int = 1000, guidance: float | None = None, split: str = "test", seed: int = 0,
+               progress: bool = True) -> dict:
+    """Oracle accuracy of a model's samples on ``n`` random prompts of ``split`` (the ≥85% target).
+
+    Returns per-attribute accuracy over the captions that request the attribute, and ``all``.
+    """
+    from ..evaluate.attributes import alignment_scores, sample_and_read
+    from ..models import load_adapter
+    from .oracle import load_oracle
+
+    adapter, _ = load_adapter(model)
+    rng = random.Random(f"check:{split}:{seed}")
+    caps = [world.random_caption(rng, split) for _ in range(n)]
+    g = GUIDANCE if guidance is None else guidance
+    _, pred = sample_and_read(adapter, load_oracle(), caps, seed=seed, steps=SAMPLE_STEPS, guidance=g, progress=progress)
+    return {"split": split, "n": n, "guidance": g, "steps": SAMPLE_STEPS, **alignment_scores(pred, caps)}

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny REAL components built offline with fixed seeds (diffusers' dummy-component idea)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+
+from diffunlearn.models.pixel import PixelTextToImage  # noqa: E402
+from diffunlearn.models.text import FrozenTextEncoder  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def text_encoder() -> FrozenTextEncoder:
+    return FrozenTextEncoder()
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=2, cross_attention_dim=384,
+        addition_embed_type="text", addition_embed_type_num_heads=2)
+
+
+@pytest.fixture()
+def tiny_adapter(text_encoder) -> PixelTextToImage:
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return PixelTextToImage(tiny_unet(0), scheduler, text_encoder)
