@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_unet
 from diffunlearn.config import build_config
 from diffunlearn.losses import denoising_loss, draw_noise, forget_objective
 from diffunlearn.methods import METHODS, get_method
 from diffunlearn.training import unlearn
 from diffunlearn.worlds import digits as world
-
-from conftest import tiny_unet
 
 
 def tiny_data(adapter, n: int = 8):

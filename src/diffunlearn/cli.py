@@ -63,7 +63,8 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "training.json").exists() and not args.force:
         raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
-    final = train_base(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    final = train_base(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                       init=Path(args.init) if args.init else None, progress=not args.quiet)
     print(json.dumps(final, indent=2))
 
 
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import EMBEDDED
 
     parser = argparse.ArgumentParser(prog="diffunlearn", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the main job on the embedded digit world")
@@ -127,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from the UNet of this model folder")
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_base)
     p = wsub.add_parser("train-oracle", help="train the oracle attribute classifier")
     p.add_argument("--out", required=True, help="safetensors file to write")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_oracle)

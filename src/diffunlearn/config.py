@@ -89,7 +89,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"config file {p} does not exist; pass the path of a YAML file such as configs/digits-rg.yaml")
+            raise UserError(f"config file {p} does not exist; "
+                            "pass the path of a YAML file such as configs/digits-rg.yaml")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

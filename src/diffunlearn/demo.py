@@ -17,7 +17,6 @@ from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
 from .runner import build_training_data, check_out_dir, run_method
 from .utils import atomic_write_text, environment
-from .worlds import digits as world
 from .worlds.oracle import load_oracle
 
 DEMO_METHODS = ("ga", "graddiff", "rg")

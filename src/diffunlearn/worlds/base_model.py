@@ -47,12 +47,13 @@ def build_base(seed: int = 0, text_encoder: FrozenTextEncoder | None = None) -> 
 
 def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                pool_size: int = 8192, uncond_prob: float = 0.1, eval_every: int = 1000,
-               progress: bool = True) -> dict:
+               init: Path | None = None, progress: bool = True) -> dict:
     """Train the base model on fresh renders of random train-vocabulary captions.
 
     Captions come from a fixed pool encoded once (the encoder is frozen); every step renders new
     images for them, so images never repeat. Writes EMA weights to ``out`` at every evaluation and
-    returns the last evaluation (oracle accuracy on held-out test-vocabulary prompts).
+    returns the last evaluation (oracle accuracy on held-out test-vocabulary prompts). ``init``
+    continues from the UNet of an earlier model folder instead of a fresh initialisation.
     """
     from tqdm.auto import tqdm
 
@@ -63,6 +64,8 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_base(seed)
+    if init is not None:
+        model.unet = UNet2DConditionModel.from_pretrained(Path(init) / "unet", use_safetensors=True)
     unet = model.unet
     captions = [world.random_caption(rng, "train") for _ in range(pool_size)]
     states, mask = model.text_encoder.encode([c.text for c in captions])
@@ -73,7 +76,7 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warmup = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     oracle = load_oracle()
     test_rng = random.Random(12345)
     test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(500)]
@@ -91,7 +94,8 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
         cond_m[drop] = null_mask[0]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(model.num_train_timesteps, (batch_size,), generator=gen)
-        pred = unet(model.add_noise(x0, noise, t), t, encoder_hidden_states=cond_s, encoder_attention_mask=cond_m).sample
+        x_t = model.add_noise(x0, noise, t)
+        pred = unet(x_t, t, encoder_hidden_states=cond_s, encoder_attention_mask=cond_m).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +116,7 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
             (out / "training.json").write_text(json.dumps({
                 "recipe": "diffunlearn.worlds.base_model.train_base",
                 "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
-                         "uncond_prob": uncond_prob},
+                         "uncond_prob": uncond_prob, "init": str(init) if init else None},
                 "evaluations": log}, indent=2) + "\n")
             with torch.no_grad():
                 for p, b in zip(unet.parameters(), backup):
@@ -134,5 +138,6 @@ def check_base(model: str, n: int = 1000, guidance: float | None = None, split: 
     rng = random.Random(f"check:{split}:{seed}")
     caps = [world.random_caption(rng, split) for _ in range(n)]
     g = GUIDANCE if guidance is None else guidance
-    _, pred = sample_and_read(adapter, load_oracle(), caps, seed=seed, steps=SAMPLE_STEPS, guidance=g, progress=progress)
+    _, pred = sample_and_read(adapter, load_oracle(), caps, seed=seed, steps=SAMPLE_STEPS, guidance=g,
+                              progress=progress)
     return {"split": split, "n": n, "guidance": g, "steps": SAMPLE_STEPS, **alignment_scores(pred, caps)}

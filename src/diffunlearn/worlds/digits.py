@@ -64,9 +64,17 @@ BACKGROUND_SYNONYMS: dict[str, tuple[str, ...]] = {
 # Train and test vocabularies are disjoint (PAPER.md §3), so held-out prompts are genuinely new text.
 TRAIN_FILLERS: dict[str, tuple[str, ...]] = {
     "manner": ("neatly written", "quickly sketched", "drawn with a pencil", "painted with a brush",
-               "scribbled by a child", "carefully traced", "drawn in chalk", "written with a marker"),
+               "scribbled by a child", "carefully traced", "drawn in chalk", "written with a marker",
+               "inked with a quill", "drawn with a crayon", "sprayed with paint", "etched in glass",
+               "written in pastel", "outlined with charcoal", "drawn by a robot", "written left-handed",
+               "drawn with a fountain pen", "lettered with a stencil", "sketched in a hurry", "drawn very slowly",
+               "copied from a book", "painted with watercolour", "doodled absent-mindedly", "written in felt tip"),
     "setting": ("in the morning", "at midnight", "in a classroom", "on a notebook page",
-                "in a busy office", "at the library", "on a rainy day", "by the window"),
+                "in a busy office", "at the library", "on a rainy day", "by the window",
+                "in the kitchen", "at a museum", "on a sunny afternoon", "in a quiet garden",
+                "on a receipt", "on a whiteboard", "in a laboratory", "at the beach",
+                "on a napkin", "in winter", "on a paper bag", "in a dark attic",
+                "at a bus stop", "on a birthday card", "in a workshop", "at dawn"),
 }
 TEST_FILLERS: dict[str, tuple[str, ...]] = {
     "manner": ("stamped with ink", "embroidered on cloth", "carved in wood", "printed by a typewriter"),

@@ -84,7 +84,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * (1 - mix) + blur * mix + noise).clamp(-1, 1)
 
 
-def train_oracle(steps: int = 1500, batch_size: int = 256, seed: int = 0, progress: bool = True) -> Oracle:
+def train_oracle(steps: int = 4000, batch_size: int = 256, seed: int = 0, progress: bool = True) -> Oracle:
     """Train the oracle on fresh ground-truth renders from the TRAIN glyph split."""
     from tqdm.auto import tqdm
 

@@ -1,0 +1,43 @@
+"""A reduced-size demo on the committed base model, end to end through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffunlearn.cli import main
+
+SMALL = ["num_pairs=8", "steps=2", "batch_size=4", "eval_prompts=8", "data_steps=4", "eval_steps=4"]
+
+
+@pytest.mark.parametrize("concept", ["three", "red"])
+def test_reduced_demo_writes_summary_report_and_pictures(tmp_path, concept, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--concept", concept, "--out", str(out), "--quiet", *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["concept"] == concept
+    assert set(summary["methods"]) == {"base", "ga", "graddiff", "rg"}
+    for name, m in summary["methods"].items():
+        for key in ("forget_score", "alignment", "quality_fd", "seconds"):
+            assert isinstance(m[key], float), (name, key)
+        assert 0.0 <= m["forget_score"] <= 1.0 and 0.0 <= m["alignment"] <= 1.0
+        assert m["quality_fd"] >= 0.0
+    assert summary["methods"]["base"]["seconds"] == 0.0
+    assert all(summary["methods"][m]["seconds"] > 0 for m in ("ga", "graddiff", "rg"))
+    report = (out / "report.md").read_text()
+    assert "| rg |" in report and "grid_forget.png" in report
+    for picture in ("grid_forget.png", "grid_remain.png", "tradeoff.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for method in ("ga", "graddiff", "rg"):
+        lines = (out / method / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        assert (out / method / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (out / method / "config.yaml").read_text().startswith("# diffunlearn demo")
+    # The training images were generated once, with a manifest, and are reused on a second run.
+    manifest = json.loads((out / "data" / "forget" / "manifest.json").read_text())
+    assert len(manifest["prompts"]) == len(manifest["seeds"]) == len(manifest["image_sha256"]) == 8
+    assert manifest["steps"] == 4
+    # A finished run is never overwritten without --force.
+    assert main(["demo", "--concept", concept, "--out", str(out), "--quiet", *SMALL]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
