@@ -23,8 +23,12 @@ from pathlib import Path
 from .errors import UserError
 
 
+_ARGV: list[str] = []
+
+
 def _command_line() -> str:
-    return "diffunlearn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as typed, recorded as the first line of every resolved config."""
+    return "diffunlearn " + " ".join(shlex.quote(a) for a in _ARGV)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -163,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_ARGV)
     try:
         args.func(args)
     except UserError as exc:

@@ -29,9 +29,9 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
     # Every config is validated (concept, method, overrides) before any work starts.
     configs = {m: build_config(None, overrides, base={"concept": concept, "method": m}) for m in methods}
     base_cfg: UnlearnConfig = configs[methods[0]] if methods else build_config(None, overrides, {"concept": concept})
+    adapter, folder = load_adapter(base_cfg.model)  # a bad model folder fails before anything is written
     check_out_dir(out, force)
     oracle = load_oracle()
-    adapter, folder = load_adapter(base_cfg.model)
     data = build_training_data(adapter, folder, base_cfg, out / "data", progress)
 
     summary: dict = {"concept": concept, "methods": {}}

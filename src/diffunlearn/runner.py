@@ -115,8 +115,8 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
 
 def run_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, progress: bool = True) -> dict:
     """``diffunlearn unlearn``: one method on one concept, in its own run folder."""
+    adapter, folder = load_adapter(cfg.model)  # a bad model folder fails before anything is written
     check_out_dir(out, force)
-    adapter, folder = load_adapter(cfg.model)
     data = build_training_data(adapter, folder, cfg, out / "data", progress)
     results, _ = run_method(adapter, data, cfg, out, load_oracle(), command, progress)
     return results
