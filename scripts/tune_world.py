@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--out", default="runs/tune")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..utils import atomic_write_text, folder_fingerprint
@@ -42,7 +43,7 @@ def generate_image_set(adapter, model_folder: str | os.PathLike, prompts: Sequen
             cached = load_file(str(images_path))["images"]
             if {k: have.get(k) for k in want} == want and len(cached) == len(prompts):
                 return cached.float() / 127.5 - 1
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a damaged cache is rebuilt below
     images = adapter.sample(list(prompts), list(seeds), steps=steps, guidance=guidance, progress=progress)
     as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
