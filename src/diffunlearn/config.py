@@ -29,7 +29,7 @@ class UnlearnConfig:
     num_pairs: int = 256           # forget/remain prompt pairs; one generated image per prompt
     data_seed: int = 0             # prompt drawing and image seeds (image i uses data_seed * 100000 + i)
     data_steps: int = 12           # sampler steps when the base model generates the training images
-    data_guidance: float = 3.0     # classifier-free guidance for those images
+    data_guidance: float = 4.0     # classifier-free guidance for those images
     # --- optimisation (PAPER.md §2) ---
     steps: int = 120               # optimizer steps; each sees one paired forget/remain batch
     batch_size: int = 16
@@ -44,7 +44,7 @@ class UnlearnConfig:
     eval_prompts: int = 100        # held-out prompts per set (forget and remain)
     eval_seed: int = 1             # image i of an evaluation set uses eval_seed * 100000 + i
     eval_steps: int = 12
-    eval_guidance: float = 3.0
+    eval_guidance: float = 4.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

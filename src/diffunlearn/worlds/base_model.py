@@ -35,7 +35,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
 
 # Sampling settings of the world, chosen on TRAIN prompts (see README): used by the demo and eval.
 SAMPLE_STEPS = 12
-GUIDANCE = 3.0
+GUIDANCE = 4.0
 
 
 def build_base(seed: int = 0, text_encoder: FrozenTextEncoder | None = None) -> PixelTextToImage:
