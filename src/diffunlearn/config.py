@@ -31,10 +31,10 @@ class UnlearnConfig:
     data_steps: int = 12           # sampler steps when the base model generates the training images
     data_guidance: float = 4.0     # classifier-free guidance for those images
     # --- optimisation (PAPER.md §2) ---
-    steps: int = 120               # optimizer steps; each sees one paired forget/remain batch
+    steps: int = 100               # optimizer steps; each sees one paired forget/remain batch
     batch_size: int = 16
-    lr: float = 2e-4               # Adam learning rate
-    remain_weight: float = 1.0     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha)
+    lr: float = 5e-5               # Adam learning rate
+    remain_weight: float = 1.6     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha; 1.6 there)
     forget_cap: str = "hinge"      # "hinge" (batch stop at margin), "elementwise" (min(err², alpha)), "none"
     margin: float = 1.1            # hinge margin m on the batch ε-MSE
     alpha: float = 0.1             # element-wise cap α
@@ -79,7 +79,8 @@ def _coerce(name: str, value: Any, errors: list[str]) -> Any:
 
 def build_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                  base: dict[str, Any] | None = None) -> UnlearnConfig:
-    """Defaults, then ``base`` values, then a YAML file, then ``key=value`` overrides; validated.
+    """Defaults, then the method's tuned defaults, then ``base`` values, then a YAML file, then
+    ``key=value`` overrides; validated.
 
     Raises:
         UserError: listing every problem found (unknown keys, wrong types, bad values, bad YAML).
@@ -108,6 +109,11 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
             continue
         key, raw = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    from .methods import METHODS
+
+    method = values.get("method", UnlearnConfig.method)
+    if method in METHODS:
+        values = {**METHODS[method].defaults, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
         errors.append(f"unknown key `{key}` (known keys: {', '.join(FIELDS)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -21,6 +22,9 @@ class Method:
         remain_scope: ``"batch"`` (one remain minibatch per step, paired with the forget batch) or
             ``"full"`` (mean gradient over the whole remain set every step: RGD, PAPER.md §2).
         combine: ``(forget_grads, remain_grads | None, remain_weight) -> direction``.
+        defaults: config values tuned for this method (digit world, training prompts; README
+            "Tuning"); they override the global defaults and are overridden by config files and
+            ``key=value``.
     """
 
     name: str
@@ -28,3 +32,4 @@ class Method:
     uses_remain: bool
     remain_scope: str
     combine: Combine
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -9,4 +9,5 @@ METHOD = Method(
     uses_remain=False,
     remain_scope="batch",
     combine=lambda forget, remain, weight: gradient_ascent(forget),
+    defaults={"lr": 5e-5, "steps": 100},
 )

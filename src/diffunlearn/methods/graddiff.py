@@ -12,4 +12,5 @@ METHOD = Method(
     uses_remain=True,
     remain_scope="batch",
     combine=lambda forget, remain, weight: gradient_difference(forget, remain, weight),
+    defaults={"lr": 5e-5, "steps": 100, "remain_weight": 4.0},
 )
