@@ -16,8 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from diffunlearn.config import build_config
 from diffunlearn.evaluate.world import evaluate_world
 from diffunlearn.methods import get_method

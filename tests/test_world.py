@@ -69,7 +69,11 @@ def test_eval_sets_request_or_avoid_the_concept():
     assert all(c.digit != 3 for c in remain)
     assert any(c.digit is None for c in remain)
     train_forget, _ = eval_sets("three", 50, split="train")
-    assert {c.text for c in train_forget}.isdisjoint({c.text for c in forget})
+    train_words = {f for v in world.TRAIN_FILLERS.values() for f in v}
+    test_words = {f for v in world.TEST_FILLERS.values() for f in v}
+    assert not any(w in c.text for c in forget + remain for w in train_words)
+    assert not any(w in c.text for c in train_forget for w in test_words)
+    assert sum(any(w in c.text for w in test_words) for c in forget) >= 40
 
 
 def test_unknown_concept_is_rejected():

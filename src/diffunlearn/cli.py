@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-
 _ARGV: list[str] = []
 
 
