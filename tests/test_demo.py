@@ -41,3 +41,16 @@ def test_reduced_demo_writes_summary_report_and_pictures(tmp_path, concept, caps
     # A finished run is never overwritten without --force.
     assert main(["demo", "--concept", concept, "--out", str(out), "--quiet", *SMALL]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_interrupted_demo_never_looks_complete(tmp_path, monkeypatch, capsys):
+    import diffunlearn.demo as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_method", interrupted)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet", *SMALL]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / "summary.json").exists() and not (out / "report.md").exists()

@@ -107,3 +107,26 @@ def test_forget_caps(text_encoder):
     assert obj_n.item() == pytest.approx(-ps.mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown forget cap"):
         forget_objective(adapter, fx, fc, noise, t, cap="soft")
+
+
+def test_rgd_remain_gradient_is_the_mean_over_the_whole_remain_set(text_encoder):
+    from diffunlearn.training import _full_remain_grads
+
+    adapter = fresh_adapter(text_encoder)
+    _, _, rx, rc = tiny_data(adapter, n=6)
+    params = [p for _, p in adapter.trainable_parameters("full")]
+    full, loss = _full_remain_grads(adapter, params, rx, rc, 4, torch.Generator().manual_seed(3))
+    # By hand: the same noise draws, chunk by chunk, weighted by chunk size.
+    gen = torch.Generator().manual_seed(3)
+    manual = [torch.zeros_like(p) for p in params]
+    losses = []
+    for start, size in ((0, 4), (4, 2)):
+        x0 = rx[start:start + size]
+        noise, t = draw_noise(x0, adapter.num_train_timesteps, gen)
+        per = denoising_loss(adapter, x0, rc[start:start + size], noise, t)
+        losses.append(per)
+        for acc, g in zip(manual, torch.autograd.grad(per.sum() / 6, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g)
+    assert loss == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(full, manual))
