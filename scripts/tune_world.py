@@ -10,7 +10,6 @@ Prints a table and writes ``tuning.json``; the chosen values go into the method 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import time
@@ -20,7 +19,7 @@ from diffunlearn.config import build_config
 from diffunlearn.evaluate.world import evaluate_world
 from diffunlearn.methods import get_method
 from diffunlearn.models import load_adapter
-from diffunlearn.runner import build_training_data
+from diffunlearn.runner import build_training_data, trainable_copy
 from diffunlearn.training import unlearn
 from diffunlearn.worlds.oracle import load_oracle
 
@@ -53,8 +52,7 @@ def main() -> None:
             continue
         cfg = build_config(None, [f"concept={args.concept}", f"method={method}", f"lr={lr}", f"steps={steps}",
                                   f"remain_weight={lam}"])
-        model = copy.copy(adapter)
-        model.unet = copy.deepcopy(adapter.unet)
+        model = trainable_copy(adapter)
         started = time.perf_counter()
         unlearn(model, get_method(method), cfg, *data[:4], progress=False)
         seconds = time.perf_counter() - started

@@ -7,11 +7,13 @@ import json
 import torch
 
 from diffunlearn.data.images import generate_image_set
+from diffunlearn.utils import folder_fingerprint
 
 
 def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adapter, tmp_path):
     model_dir = tmp_path / "model"
     tiny_adapter.save(model_dir)
+    model_id = folder_fingerprint(model_dir)
     prompts = ["a red three", "a blue seven on a white background", "a digit"]
     seeds = [10, 11, 12]
     cache = tmp_path / "cache"
@@ -23,19 +25,19 @@ def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adap
         return original(*args, **kwargs)
 
     tiny_adapter.sample = counting_sample
-    first = generate_image_set(tiny_adapter, model_dir, prompts, seeds, cache, steps=3, guidance=2.0, progress=False)
+    first = generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=2.0, progress=False)
     assert first.shape == (3, 3, 16, 16) and len(calls) == 1
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["prompts"] == prompts and manifest["seeds"] == seeds
     assert manifest["steps"] == 3 and manifest["guidance"] == 2.0 and len(manifest["image_sha256"]) == 3
-    again = generate_image_set(tiny_adapter, model_dir, prompts, seeds, cache, steps=3, guidance=2.0, progress=False)
+    again = generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=2.0, progress=False)
     assert len(calls) == 1 and torch.equal(first, again)
     # Another guidance is another request: regenerated, not silently reused.
-    generate_image_set(tiny_adapter, model_dir, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
+    generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
     assert len(calls) == 2
     # A damaged cache file is rebuilt.
     (cache / "images.safetensors").write_bytes(b"garbage")
-    generate_image_set(tiny_adapter, model_dir, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
+    generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
     assert len(calls) == 3
 
 

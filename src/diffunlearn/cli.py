@@ -22,12 +22,10 @@ from pathlib import Path
 
 from .errors import UserError
 
-_ARGV: list[str] = []
 
-
-def _command_line() -> str:
+def _command_line(argv: list[str]) -> str:
     """The command as typed, recorded as the first line of every resolved config."""
-    return "diffunlearn " + " ".join(shlex.quote(a) for a in _ARGV)
+    return "diffunlearn " + " ".join(shlex.quote(a) for a in argv)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -39,7 +37,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for m in methods:
         get_method(m)
     out = Path(args.out) if args.out else Path("runs") / f"demo-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, _command_line())
+    summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, args.command_line)
     from .report import markdown_table
 
     print(markdown_table(summary["methods"]))
@@ -55,7 +53,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         config, overrides = None, [config, *overrides]  # no config file given, only overrides
     cfg = build_config(config, overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = run_unlearning(cfg, out, args.force, _command_line(), not args.quiet)
+    results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet)
     print(json.dumps({k: results[k] for k in ("forget_score", "alignment", "quality_fd", "seconds")}, indent=2))
     print(f"wrote {out}")
 
@@ -170,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     parser = build_parser()
-    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(_ARGV)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command_line = _command_line(argv)
     try:
         args.func(args)
     except UserError as exc:

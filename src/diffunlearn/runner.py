@@ -27,7 +27,7 @@ from .evaluate.world import WorldEvaluation, evaluate_world
 from .methods import get_method
 from .models import load_adapter
 from .training import unlearn
-from .utils import atomic_write_text, environment
+from .utils import atomic_write_text, environment, folder_fingerprint, image_seeds
 from .worlds import digits as world
 from .worlds.oracle import load_oracle
 
@@ -57,17 +57,25 @@ def build_training_data(adapter, model_folder: Path, cfg: UnlearnConfig, data_di
     """
     world.concept_attribute(cfg.concept)
     forget_caps, remain_caps = build_pairs(cfg.concept, cfg.num_pairs, cfg.diversity, "train", cfg.data_seed)
-    base_seed = cfg.data_seed * 100000
-    forget_x = generate_image_set(adapter, model_folder, [c.text for c in forget_caps],
-                                  [base_seed + i for i in range(len(forget_caps))], data_dir / "forget",
-                                  cfg.data_steps, cfg.data_guidance, progress, desc="forget images")
-    remain_x = generate_image_set(adapter, model_folder, [c.text for c in remain_caps],
-                                  [base_seed + 50000 + i for i in range(len(remain_caps))], data_dir / "remain",
-                                  cfg.data_steps, cfg.data_guidance, progress, desc="remain images")
+    model_id = folder_fingerprint(model_folder)  # hashes every weight file: once, not per image set
+    forget_x = generate_image_set(adapter, model_id, [c.text for c in forget_caps],
+                                  image_seeds(cfg.data_seed, len(forget_caps)), data_dir / "forget",
+                                  cfg.data_steps, cfg.data_guidance, progress)
+    remain_x = generate_image_set(adapter, model_id, [c.text for c in remain_caps],
+                                  image_seeds(cfg.data_seed, len(remain_caps), offset=50000), data_dir / "remain",
+                                  cfg.data_steps, cfg.data_guidance, progress)
     forget_cond = adapter.encode_prompts([c.text for c in forget_caps])
     remain_cond = adapter.encode_prompts([c.text for c in remain_caps])
     return (adapter.encode_images(forget_x), forget_cond, adapter.encode_images(remain_x), remain_cond,
             forget_caps, remain_caps)
+
+
+def trainable_copy(adapter):
+    """A copy of ``adapter`` whose UNet can be trained without touching the original's weights
+    (the frozen text encoder and its cache are shared)."""
+    clone = copy.copy(adapter)
+    clone.unet = copy.deepcopy(adapter.unet)
+    return clone
 
 
 def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, command: str, progress: bool = True
@@ -81,8 +89,7 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
     dump_config(cfg, out / "config.yaml", command)
     atomic_write_text(out / "environment.json", json.dumps(environment(), indent=2) + "\n")
     method = get_method(cfg.method)
-    adapter = copy.copy(base_adapter)
-    adapter.unet = copy.deepcopy(base_adapter.unet)
+    adapter = trainable_copy(base_adapter)
     forget_x0, forget_cond, remain_x0, remain_cond = data[:4]
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)

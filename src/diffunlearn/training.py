@@ -103,7 +103,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             if g_r is not None:
                 stats = gradient_stats(g_f, g_r)
                 record.update(stats)
-                record["projected"] = bool(stats["conflict"] and method.name in ("rg", "rgd"))
+                record["projected"] = bool(stats["conflict"] and method.projects)
             direction = method.combine(g_f, g_r, cfg.remain_weight)
             if not all(torch.isfinite(d).all() for d in direction) or not math.isfinite(record["forget_loss"]):
                 raise TrainingDiverged(

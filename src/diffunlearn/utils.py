@@ -8,6 +8,11 @@ import platform
 from pathlib import Path
 
 
+def image_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
+    """The recorded per-image seeds of a set: image i uses ``seed * 100000 + offset + i``."""
+    return [seed * 100000 + offset + i for i in range(n)]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary name and rename, so a reader never sees a half-written file."""
     path = Path(path)

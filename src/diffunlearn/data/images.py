@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..utils import atomic_write_text, folder_fingerprint
+from ..utils import atomic_write_text
 
 
 def _request(prompts: Sequence[str], seeds: Sequence[int], model_id: str, sampler: str, steps: int,
@@ -26,16 +26,15 @@ def _request(prompts: Sequence[str], seeds: Sequence[int], model_id: str, sample
             "prompts": list(prompts), "seeds": [int(s) for s in seeds]}
 
 
-def generate_image_set(adapter, model_folder: str | os.PathLike, prompts: Sequence[str], seeds: Sequence[int],
-                       folder: str | os.PathLike, steps: int, guidance: float, progress: bool = True,
-                       desc: str = "images") -> torch.Tensor:
+def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Sequence[int],
+                       folder: str | os.PathLike, steps: int, guidance: float, progress: bool = True) -> torch.Tensor:
     """Generate (or reuse) one image per prompt; returns ``(N, 3, H, W)`` in [-1, 1].
 
-    ``model_folder`` identifies the generating model by a hash of its files; a cache made by another
-    model, sampler or prompt list is regenerated, never silently reused.
+    ``model_id`` identifies the generating model (``utils.folder_fingerprint`` of its folder); a
+    cache made by another model, sampler or prompt list is regenerated, never silently reused.
     """
     folder = Path(folder)
-    want = _request(prompts, seeds, folder_fingerprint(model_folder), "DPMSolverMultistepScheduler", steps, guidance)
+    want = _request(prompts, seeds, model_id, "DPMSolverMultistepScheduler", steps, guidance)
     manifest_path, images_path = folder / "manifest.json", folder / "images.safetensors"
     if manifest_path.is_file() and images_path.is_file():
         try:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..utils import image_seeds
 from ..worlds import digits as world
 from ..worlds.digits import Caption
 from ..worlds.oracle import Oracle
@@ -45,6 +46,6 @@ def alignment_scores(predicted: torch.Tensor, captions: Sequence[Caption]) -> di
 def sample_and_read(adapter, oracle: Oracle, captions: Sequence[Caption], seed: int, steps: int,
                     guidance: float, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one image per caption with a seeded generator and read it with the oracle."""
-    seeds = [seed * 100000 + i for i in range(len(captions))]
-    images = adapter.sample([c.text for c in captions], seeds, steps=steps, guidance=guidance, progress=progress)
+    images = adapter.sample([c.text for c in captions], image_seeds(seed, len(captions)), steps=steps,
+                            guidance=guidance, progress=progress)
     return images, oracle.predict(images)

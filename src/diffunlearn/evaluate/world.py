@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from ..data.prompts import eval_sets
+from ..utils import image_seeds
 from ..worlds import digits as world
 from ..worlds.digits import Caption
 from ..worlds.oracle import Oracle, OracleFeatures
@@ -54,7 +55,7 @@ def evaluate_world(adapter, oracle: Oracle, concept: str, n: int = 100, split: s
     """
     forget_caps, remain_caps = eval_sets(concept, n, split=split)
     prompts = [c.text for c in forget_caps + remain_caps]
-    seeds = [seed * 100000 + i for i in range(len(prompts))]
+    seeds = image_seeds(seed, len(prompts))
     images = adapter.sample(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
     f_img, r_img = images[:n], images[n:]
     pred = oracle.predict(images)

@@ -22,6 +22,7 @@ class Method:
         remain_scope: ``"batch"`` (one remain minibatch per step, paired with the forget batch) or
             ``"full"`` (mean gradient over the whole remain set every step: RGD, PAPER.md §2).
         combine: ``(forget_grads, remain_grads | None, remain_weight) -> direction``.
+        projects: whether ``combine`` projects conflicting gradients (logged as ``projected``).
         defaults: config values tuned for this method (digit world, training prompts; README
             "Tuning"); they override the global defaults and are overridden by config files and
             ``key=value``.
@@ -32,4 +33,5 @@ class Method:
     uses_remain: bool
     remain_scope: str
     combine: Combine
+    projects: bool = False
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)

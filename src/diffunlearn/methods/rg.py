@@ -12,5 +12,6 @@ METHOD = Method(
     uses_remain=True,
     remain_scope="batch",
     combine=lambda forget, remain, weight: restricted_gradient(forget, remain, weight),
+    projects=True,
     defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
 )
