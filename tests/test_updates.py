@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffunlearn.updates import gradient_ascent, gradient_difference, restricted_gradient
+from diffunlearn.updates import gradient_ascent, gradient_difference, restricted_gradient, restricted_gradient_flat
 
 
 def split_like(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -126,3 +126,14 @@ def test_first_order_monotonicity_of_a_small_plain_step():
         w3 = w - 1e-4 * gradient_difference([gf], [gr], 1.0)[0]
         # Plain GradDiff raises one of them here (it is dominated by the larger gradient).
         assert (loss_f(w3) > loss_f(w)) or (loss_r(w3) > loss_r(w))
+
+
+def test_flat_variant_equals_per_parameter_rg_and_returns_split_shapes():
+    gen = torch.Generator().manual_seed(3)
+    for lam in (0.5, 1.6):
+        for _ in range(5):
+            gf = [torch.randn(s, generator=gen) for s in SHAPES]
+            gr = [torch.randn(s, generator=gen) for s in SHAPES]
+            got = restricted_gradient_flat(gf, gr, lam)
+            assert [tuple(g.shape) for g in got] == SHAPES
+            assert torch.allclose(flat(got), flat(restricted_gradient(gf, gr, lam)), atol=1e-5)

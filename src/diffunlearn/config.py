@@ -23,13 +23,18 @@ class UnlearnConfig:
     model: str = EMBEDDED          # a model folder, or "embedded:digits" for the committed base model
     concept: str = "three"         # the word to forget (a digit or a colour in the digit world)
     method: str = "rg"             # a key of diffunlearn.methods.METHODS
-    selection: str = "full"        # trainable parameters: "full" or "cross-attention"
+    selection: str = "full"        # trainable UNet parameters: full, cross-attention, non-cross-attention, lora
+    lora_rank: int = 4             # LoRA rank (selection "lora", through peft)
+    lora_alpha: float = 4.0        # LoRA scaling alpha
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"  # comma-separated module names LoRA wraps
     # --- data (PAPER.md §3) ---
     diversity: str = "diverse"     # "diverse" (paired templates) or "uniform" (one prompt each, repeated)
     num_pairs: int = 256           # forget/remain prompt pairs; one generated image per prompt
     data_seed: int = 0             # prompt drawing and image seeds (image i uses data_seed * 100000 + i)
     data_steps: int = 12           # sampler steps when the base model generates the training images
     data_guidance: float = 4.0     # classifier-free guidance for those images
+    data_dir: str = ""             # a folder from `diffunlearn data build`; empty = build inside the run folder
+    resolution: int = 0            # image side for generated data and samples; 0 = the model's default
     # --- optimisation (PAPER.md §2) ---
     steps: int = 100               # optimizer steps; each sees one paired forget/remain batch
     batch_size: int = 16
@@ -40,6 +45,14 @@ class UnlearnConfig:
     alpha: float = 0.1             # element-wise cap α
     max_grad_norm: float = 0.0     # clip the combined direction to this norm; 0 disables
     seed: int = 0                  # batch order, noise and timesteps
+    # --- memory, speed and faults ---
+    mixed_precision: str = "no"    # "no", "bf16" or "fp16" autocast; trainable weights stay fp32 (master copy)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    optimizer: str = "adam"        # "adam" or "adam8bit" (bitsandbytes, the `8bit` extra)
+    device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
+    checkpoint_every: int = 0      # write a resumable checkpoint every N steps; 0 = never
+    diagnose: bool = True          # log each step's realised loss change (two extra forward passes)
+    save: str = "auto"             # "pipeline", "unet", "lora" or "auto" (lora for selection lora, else pipeline)
     # --- evaluation ---
     eval_prompts: int = 100        # held-out prompts per set (forget and remain)
     eval_seed: int = 1             # image i of an evaluation set uses eval_seed * 100000 + i
@@ -51,17 +64,37 @@ class UnlearnConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+
+# Stable Diffusion runs start from the reference recipe (PAPER.md §2-3), not from the digit world's
+# tuned values: Adam lr 1e-5, batch 8, 100 paired steps over 800 prompt pairs, λ 1.6, m 1.1, full
+# UNet, training images made with the pipeline defaults (50 steps, guidance 7.5).
+SD_DEFAULTS: dict[str, Any] = {
+    "concept": "nudity", "num_pairs": 800, "data_steps": 50, "data_guidance": 7.5, "steps": 100,
+    "batch_size": 8, "lr": 1e-5, "remain_weight": 1.6, "margin": 1.1, "eval_steps": 50, "eval_guidance": 7.5,
+}
 CHOICES = {
-    "selection": ("full", "cross-attention"),
+    "selection": ("full", "cross-attention", "non-cross-attention", "lora"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "optimizer": ("adam", "adam8bit"),
+    "device": ("auto", "cpu", "cuda"),
+    "save": ("auto", "pipeline", "unet", "lora"),
     "diversity": ("diverse", "uniform"),
     "forget_cap": ("hinge", "elementwise", "none"),
 }
-POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps")
-NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance")
+POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank")
+NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
+                "checkpoint_every", "resolution", "lora_alpha")
 
 
 def _coerce(name: str, value: Any, errors: list[str]) -> Any:
     kind = FIELDS[name].type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false", "yes", "no", "1", "0"):
+            return str(value).lower() in ("true", "yes", "1")
+        errors.append(f"`{name}` must be true or false, got {value!r}")
+        return FIELDS[name].default
     try:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -112,7 +145,10 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     from .methods import METHODS
 
     method = values.get("method", UnlearnConfig.method)
-    if method in METHODS:
+    if str(values.get("model", UnlearnConfig.model)) != EMBEDDED:
+        values = {**SD_DEFAULTS, **values}
+    elif method in METHODS:
+        # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         values = {**METHODS[method].defaults, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
@@ -147,6 +183,17 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.concept not in DIGITS + COLOURS:
             errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
                           f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
+    if cfg.model != EMBEDDED:
+        from .data.templates import TEMPLATES
+
+        if cfg.concept not in TEMPLATES:
+            errors.append(f"unknown concept {cfg.concept!r} for a Stable Diffusion model; choose one of: "
+                          f"{', '.join(TEMPLATES)}")
+    if cfg.save == "lora" and cfg.selection != "lora":
+        errors.append("`save: lora` needs `selection: lora`; use save=pipeline or save=unet for other selections")
+    targets = [t for t in cfg.lora_targets.split(",") if t.strip()]
+    if cfg.selection == "lora" and not targets:
+        errors.append("`lora_targets` is empty; name the modules LoRA wraps, e.g. to_q,to_k,to_v,to_out.0")
     if cfg.method not in METHODS:
         errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     return errors

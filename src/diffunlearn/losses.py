@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,9 +18,14 @@ def draw_noise(x0: Tensor, num_train_timesteps: int, generator: torch.Generator)
 
 
 def noise_prediction_error(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """Element-wise squared error (ε_θ(x_t, t, c) − ε)², shape of ``x0``."""
+    """Element-wise squared error (ε_θ(x_t, t, c) − ε)², shape of ``x0``.
+
+    For a v-prediction model (SD 2.x at 768 px) the target is the velocity the adapter's
+    ``prediction_target`` returns instead of ε: the same denoising loss in that model's own output.
+    """
     x_t = adapter.add_noise(x0, noise, timesteps)
-    return (adapter.predict_noise(x_t, timesteps, condition).float() - noise.float()) ** 2
+    target = adapter.prediction_target(x0, noise, timesteps) if hasattr(adapter, "prediction_target") else noise
+    return (adapter.predict_noise(x_t, timesteps, condition).float() - target.float()) ** 2
 
 
 def denoising_loss(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -27,7 +34,8 @@ def denoising_loss(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Ten
 
 
 def forget_objective(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor, cap: str = "hinge",
-                     margin: float = 1.1, alpha: float = 0.1) -> tuple[Tensor, Tensor]:
+                     margin: float = 1.1, alpha: float = 0.1,
+                     batch_mean: Callable[[Tensor], float] | None = None) -> tuple[Tensor, Tensor]:
     """The forget loss to MINIMISE, L_f = −capped ℓ (gradient ascent on the denoising loss).
 
     Caps (PAPER.md §1):
@@ -36,6 +44,10 @@ def forget_objective(adapter, x0: Tensor, condition, noise: Tensor, timesteps: T
       * ``elementwise`` (the class-conditional reference): −mean(min((ε_θ − ε)², ``alpha``)).
       * ``none``: unbounded ascent −ℓ.
 
+    ``batch_mean`` maps this batch's mean ε-MSE to the one the hinge compares with ``margin``;
+    data-parallel callers pass a function returning the GLOBAL batch's mean, so every process takes
+    the same hinge decision as one process holding the whole batch would.
+
     Returns:
         (objective, per-sample denoising loss ℓ detached): the scalar to differentiate, and ``(N,)``.
     """
@@ -43,7 +55,8 @@ def forget_objective(adapter, x0: Tensor, condition, noise: Tensor, timesteps: T
     per_sample = err.flatten(1).mean(1)
     if cap == "hinge":
         batch = per_sample.mean()
-        objective = -batch if batch.item() <= margin else batch * 0.0
+        decided_on = batch_mean(batch.detach()) if batch_mean is not None else batch.item()
+        objective = -batch if decided_on <= margin else batch * 0.0
     elif cap == "elementwise":
         objective = -torch.clamp(err, max=alpha).flatten(1).mean(1).mean()
     elif cap == "none":

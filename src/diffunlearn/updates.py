@@ -76,3 +76,25 @@ def gradient_stats(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor
     nr = global_dot(remain_grads, remain_grads).sqrt().item()
     cos = dot / (nf * nr) if nf > 0 and nr > 0 else 0.0
     return {"cos": cos, "forget_grad_norm": nf, "remain_grad_norm": nr, "conflict": dot < 0}
+
+
+def restricted_gradient_flat(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
+                             remain_weight: float = 1.0) -> list[Tensor]:
+    """The restricted gradient computed the way the reference code does it (PAPER.md §2 memory
+    note): concatenate every gradient into one flat vector per loss, project the flat vectors, then
+    split the result back into per-parameter tensors.
+
+    Same numbers as :func:`restricted_gradient` (up to float32 summation order); it exists so
+    ``diffunlearn bench`` can measure what the flat copies cost. Do not use it for real runs.
+    """
+    _check(forget_grads, remain_grads)
+    g_f = torch.cat([g.reshape(-1) for g in forget_grads])
+    g_r = torch.cat([g.reshape(-1) for g in remain_grads])
+    dot = torch.dot(g_f, g_r)
+    if dot < 0:
+        delta_f = g_f - (dot / torch.dot(g_r, g_r)) * g_r
+        delta_r = g_r - (dot / torch.dot(g_f, g_f)) * g_f
+    else:
+        delta_f, delta_r = g_f, g_r
+    flat = delta_f + remain_weight * delta_r
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in forget_grads]), forget_grads)]

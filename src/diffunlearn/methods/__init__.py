@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from . import ga, graddiff, rg, rgd
+from . import ga, graddiff, rg, rg_flat, rgd
 from .base import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (ga, graddiff, rg, rgd)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (ga, graddiff, rg, rgd, rg_flat)}
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,18 @@
+"""RG computed with flat gradient vectors, as the reference code of Ko et al. (NeurIPS 2024) does:
+every gradient concatenated into one vector per loss, projected, split back. Same update as ``rg``;
+kept so ``diffunlearn bench`` can measure the cost of the flat copies against ``rg``.
+"""
+
+from ..updates import restricted_gradient_flat
+from .base import Method
+from .rg import METHOD as RG
+
+METHOD = Method(
+    name="rg-flat",
+    summary="rg with the reference code's flat gradient vectors (for benchmarks; same update as rg)",
+    uses_remain=True,
+    remain_scope="batch",
+    combine=lambda forget, remain, weight: restricted_gradient_flat(forget, remain, weight),
+    projects=True,
+    defaults=dict(RG.defaults),
+)
