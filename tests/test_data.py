@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from diffunlearn.data.images import generate_image_set
+from diffunlearn.errors import UserError
 from diffunlearn.utils import folder_fingerprint
 
 
@@ -35,10 +37,19 @@ def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adap
     # Another guidance is another request: regenerated, not silently reused.
     generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
     assert len(calls) == 2
-    # A damaged cache file is rebuilt.
-    (cache / "images.safetensors").write_bytes(b"garbage")
-    generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
-    assert len(calls) == 3
+    # A damaged or missing image is regenerated alone (resume); the others are kept.
+    (cache / "images" / "00001.png").write_bytes(b"garbage")
+    (cache / "images" / "00002.png").unlink()
+    (cache / "manifest.json").unlink()
+    resumed = generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=4.0, progress=False)
+    assert len(calls) == 3 and calls[-1] == prompts[1:]
+    fresh = generate_image_set(tiny_adapter, model_id, prompts, seeds, tmp_path / "fresh", steps=3, guidance=4.0,
+                               progress=False)
+    assert torch.equal(resumed, fresh)
+    # A folder the user named is never replaced by another request.
+    with pytest.raises(UserError, match="other settings"):
+        generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=4, guidance=4.0, progress=False,
+                           replace=False)
 
 
 def test_each_image_depends_only_on_its_prompt_and_seed(tiny_adapter):

@@ -37,7 +37,8 @@ class Parallel:
             return cls()
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True on machines without CUDA: accelerate then joins with gloo instead of looking for GPUs.
+        state = PartialState(cpu=not torch.cuda.is_available())
         return cls(world_size=state.num_processes, rank=state.process_index, device=state.device)
 
     @property
