@@ -34,3 +34,11 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
 def tiny_adapter(text_encoder) -> PixelTextToImage:
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     return PixelTextToImage(tiny_unet(0), scheduler, text_encoder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """The ``tiny`` Stable Diffusion preset (seed 0) saved as a diffusers pipeline folder."""
+    from diffunlearn.models.presets import init_pipeline
+
+    return init_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)

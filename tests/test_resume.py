@@ -11,7 +11,6 @@ from diffunlearn.checkpoints import latest_checkpoint
 from diffunlearn.config import build_config
 from diffunlearn.methods import get_method
 from diffunlearn.training import TrainingDiverged, unlearn
-
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 

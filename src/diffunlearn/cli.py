@@ -4,6 +4,11 @@ Usage:
   diffunlearn demo                          forget "three" in the digit world with ga, graddiff, rg
   diffunlearn demo --concept red            forget the colour red instead
   diffunlearn unlearn configs/digits-rg.yaml lr=1e-4 --out runs/my-run
+  diffunlearn unlearn configs/sd-nudity.yaml model=/models/sd-v1-4 --out runs/nudity
+  diffunlearn unlearn --resume runs/nudity    continue an interrupted run from its checkpoint
+  diffunlearn data build configs/sd-nudity.yaml model=/models/sd-v1-4 --out data/nudity
+  diffunlearn bench --preset small --json bench.json
+  diffunlearn model init --preset tiny --out tiny-sd
   diffunlearn world train-base --out my-base
   diffunlearn world check [MODEL]           oracle accuracy of a model on held-out prompts
   diffunlearn methods                       list the methods
@@ -44,18 +49,77 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}/summary.json and {out}/report.md")
 
 
-def cmd_unlearn(args: argparse.Namespace) -> None:
+def _config_args(args: argparse.Namespace):
     from .config import build_config
-    from .runner import run_unlearning
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
         config, overrides = None, [config, *overrides]  # no config file given, only overrides
-    cfg = build_config(config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet)
-    print(json.dumps({k: results[k] for k in ("forget_score", "alignment", "quality_fd", "seconds")}, indent=2))
+    return build_config(config, overrides)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from .config import build_config
+    from .runner import run_unlearning
+
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise UserError("--resume RUN takes the run's own config.yaml; drop the config, key=value and --out "
+                            "arguments (or start a new run without --resume)")
+        out = Path(args.resume)
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"{out} has no config.yaml, so it is not a run folder to resume; pass the --out folder "
+                            "of the interrupted run")
+        cfg = build_config(out / "config.yaml")
+    else:
+        cfg = _config_args(args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{stamp}"
+    results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet, resume=bool(args.resume))
+    shown = ("forget_score", "alignment", "quality_fd", "seconds")
+    print(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]}, indent=2))
     print(f"wrote {out}")
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from .data.build import build_data
+
+    cfg = _config_args(args)
+    out = Path(args.out) if args.out else Path("data") / f"{cfg.concept}-{cfg.diversity}"
+    summary = build_data(cfg, out, not args.quiet, args.command_line)
+    if summary:
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {out}; train with data_dir={out}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BENCH_METHODS, bench_model_folder, bench_table, run_bench, temporary_workdir
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else BENCH_METHODS
+    with temporary_workdir() as work:
+        model = bench_model_folder(args.preset, args.model, Path(work))
+        results = run_bench(model, methods, args.batch_size, args.steps, args.warmup, args.mixed_precision,
+                            args.selection, args.device, args.gradient_checkpointing, not args.quiet)
+    print(bench_table(results))
+    if args.json:
+        from .utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(
+            {m: {"step_seconds": r["step_seconds"], "peak_memory_mb": r["peak_memory_mb"]} for m, r in results.items()},
+            indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def cmd_model_init(args: argparse.Namespace) -> None:
+    from .models.presets import PRESETS, init_pipeline
+
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    out = Path(args.out)
+    if (out / "model_index.json").exists() and not args.force:
+        raise UserError(f"{out} already holds a model; choose another --out or pass --force")
+    init_pipeline(args.preset, out, seed=args.seed)
+    print(f"wrote a random-weight {args.preset} Stable Diffusion pipeline to {out}")
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
@@ -119,9 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config (omit for the defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", default=None, help="run folder (default: runs/METHOD-CONCEPT-TIME)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the interrupted run in RUN from its "
+                   "newest checkpoint (set checkpoint_every when starting it)")
     p.add_argument("--force", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_unlearn)
+
+    d = sub.add_parser("data", help="build training image sets with the base model")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = dsub.add_parser("build", help="generate the forget and remain images of a config (resumable, shardable)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (omit for the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", default=None, help="data folder (default: data/CONCEPT-DIVERSITY)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("bench", help="per-step time and peak memory of ga, graddiff, rg and rg-flat")
+    p.add_argument("--model", default=None, help="model folder to benchmark")
+    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21")
+    p.add_argument("--methods", default=None, help="comma-separated (default: ga,graddiff,rg,rg-flat)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--selection", default="full")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write {method: {step_seconds, peak_memory_mb}}")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("model", help="make model folders")
+    msub = m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    p = msub.add_parser("init", help="a Stable Diffusion pipeline with random weights from a preset config")
+    p.add_argument("--preset", required=True, help="tiny, small, sd15 or sd21")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_model_init)
 
     w = sub.add_parser("world", help="the embedded digit world: train or check its models")
     wsub = w.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
@@ -165,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     parser = build_parser()

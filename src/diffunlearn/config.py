@@ -35,9 +35,11 @@ class UnlearnConfig:
     data_guidance: float = 4.0     # classifier-free guidance for those images
     data_dir: str = ""             # a folder from `diffunlearn data build`; empty = build inside the run folder
     resolution: int = 0            # image side for generated data and samples; 0 = the model's default
+    sample_batch_size: int = 0     # images per sampler call; 0 = auto (256 for digit-world models, else batch_size)
     # --- optimisation (PAPER.md §2) ---
     steps: int = 100               # optimizer steps; each sees one paired forget/remain batch
     batch_size: int = 16
+    micro_batches: int = 1         # N sequential chunks per batch (gradient accumulation): same update, less memory
     lr: float = 5e-5               # Adam learning rate
     remain_weight: float = 1.6     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha; 1.6 there)
     forget_cap: str = "hinge"      # "hinge" (batch stop at margin), "elementwise" (min(err², alpha)), "none"
@@ -81,9 +83,10 @@ CHOICES = {
     "diversity": ("diverse", "uniform"),
     "forget_cap": ("hinge", "elementwise", "none"),
 }
-POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank")
+POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
+                "micro_batches")
 NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
-                "checkpoint_every", "resolution", "lora_alpha")
+                "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size")
 
 
 def _coerce(name: str, value: Any, errors: list[str]) -> Any:
@@ -104,6 +107,9 @@ def _coerce(name: str, value: Any, errors: list[str]) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/yes/off/on in a config file as a boolean; the string was meant.
+            return "no" if value is False else "yes"
         return str(value)
     except (TypeError, ValueError):
         errors.append(f"`{name}` must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
@@ -141,7 +147,11 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
             errors.append(f"override {item!r} is not of the form key=value")
             continue
         key, raw = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        key = key.strip()
+        if key in FIELDS and FIELDS[key].type == "str":
+            values[key] = raw  # kept verbatim: YAML would read `mixed_precision=no` as false
+        else:
+            values[key] = yaml.safe_load(raw) if raw.strip() else raw
     from .methods import METHODS
 
     method = values.get("method", UnlearnConfig.method)
@@ -180,6 +190,9 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     if cfg.model == EMBEDDED:
         from .worlds.digits import COLOURS, DIGITS
 
+        if cfg.selection == "lora":
+            errors.append("`selection: lora` is available for Stable Diffusion models only; for the digit-world "
+                          "model use full, cross-attention or non-cross-attention")
         if cfg.concept not in DIGITS + COLOURS:
             errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
                           f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
@@ -194,6 +207,12 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     targets = [t for t in cfg.lora_targets.split(",") if t.strip()]
     if cfg.selection == "lora" and not targets:
         errors.append("`lora_targets` is empty; name the modules LoRA wraps, e.g. to_q,to_k,to_v,to_out.0")
+    if cfg.optimizer == "adam8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            errors.append("optimizer adam8bit needs bitsandbytes; install it with `pip install 'diffunlearn[8bit]'` "
+                          "or use optimizer=adam")
     if cfg.method not in METHODS:
         errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     return errors

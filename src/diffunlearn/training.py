@@ -9,10 +9,10 @@ across processes, writes the combined direction into ``.grad`` and steps the opt
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,18 +90,24 @@ def _truncate_metrics(path: Path, last_step: int) -> list[dict]:
 
 
 class GradientEngine:
-    """Gradients of batch objectives for the loop: global batches split across processes, autocast,
-    loss scaling, and the sum across processes (see :mod:`diffunlearn.parallel`)."""
+    """Gradients of batch objectives for the loop: global batches split across processes and into
+    sequential micro-batches (gradient accumulation), autocast, loss scaling, and the sum across
+    processes (see :mod:`diffunlearn.parallel`).
+
+    Every objective is a per-chunk mean weighted by the chunk's share of the GLOBAL batch, so the
+    summed gradient equals the gradient of the global batch mean however the batch is split.
+    """
 
     def __init__(self, adapter, params: list[torch.nn.Parameter], generator: torch.Generator,
                  parallel: Parallel | None = None, scaler: LossScale | None = None,
-                 amp_dtype: torch.dtype | None = None) -> None:
+                 amp_dtype: torch.dtype | None = None, micro_batches: int = 1) -> None:
         self.adapter = adapter
         self.params = params
         self.gen = generator
         self.parallel = parallel or Parallel()
         self.scaler = scaler or LossScale(False)
         self.amp_dtype = amp_dtype
+        self.micro_batches = micro_batches
         self.device = getattr(adapter, "device", torch.device("cpu"))
 
     def autocast(self):
@@ -109,30 +115,82 @@ class GradientEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def grads(self, objective: torch.Tensor) -> list[torch.Tensor]:
-        """∇objective for every parameter (zeros where unused), summed across processes."""
-        found = torch.autograd.grad(objective * self.scaler.scale, self.params, allow_unused=True)
-        out = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, found)]
-        self.parallel.sum_(out)
-        if self.scaler.enabled:
-            for g in out:
-                g.div_(self.scaler.scale)
-        return out
-
-    def batch(self, x0: torch.Tensor, cond, rows: torch.Tensor):
-        """Noise and timesteps for the GLOBAL batch ``rows``, then this process's share of everything.
+    def chunks(self, x0: torch.Tensor, cond, rows: torch.Tensor) -> list[tuple]:
+        """Noise and timesteps for the GLOBAL batch ``rows``, then this process's rows in micro-batches.
 
         Returns:
-            (x0, condition, noise, timesteps, share) where share = local rows / global rows.
+            a list of (x0, condition, noise, timesteps, share), share = chunk rows / global rows.
         """
         noise, t = draw_noise(x0[rows], self.adapter.num_train_timesteps, self.gen)
-        mine = self.parallel.shard(len(rows))
-        local = rows[mine]
-        return (x0[local].to(self.device), _to(cond[local], self.device), noise[mine].to(self.device),
-                t[mine].to(self.device), len(local) / len(rows))
+        mine = torch.arange(len(rows))[self.parallel.shard(len(rows))]
+        out = []
+        for part in mine.tensor_split(min(self.micro_batches, max(len(mine), 1))):
+            if len(part):
+                local = rows[part]
+                out.append((x0[local].to(self.device), _to(cond[local], self.device), noise[part].to(self.device),
+                            t[part].to(self.device), len(part) / len(rows)))
+        return out
 
-    def global_mean(self, local_mean: torch.Tensor, share: float) -> float:
-        return self.parallel.sum_scalar(float(local_mean) * share)
+    def mean_loss(self, chunks: list[tuple]) -> float:
+        """Global batch mean of the denoising loss, without gradients."""
+        total = 0.0
+        with torch.no_grad(), self.autocast():
+            for x0, cond, noise, t, share in chunks:
+                total += float(denoising_loss(self.adapter, x0, cond, noise, t).mean()) * share
+        return self.parallel.sum_scalar(total)
+
+    def grads(self, chunks: list[tuple], objective: Callable, weight: float = 1.0
+              ) -> tuple[list[torch.Tensor], float]:
+        """Σ over chunks and processes of ∇(objective(chunk) · share · weight); zeros for unused
+        parameters. ``objective(x0, cond, noise, t) -> (scalar, per-sample loss)``.
+
+        Returns:
+            (gradients, global batch mean of the per-sample loss)
+        """
+        total: list[torch.Tensor] | None = None
+        loss = 0.0
+        for x0, cond, noise, t, share in chunks:
+            with self.autocast():
+                value, per_sample = objective(x0, cond, noise, t)
+            found = torch.autograd.grad(value * share * weight * self.scaler.scale, self.params, allow_unused=True)
+            if total is None:
+                total = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, found)]
+            else:
+                for acc, g in zip(total, found):
+                    if g is not None:
+                        acc.add_(g)
+            loss += float(per_sample.detach().mean()) * share
+        if total is None:  # this process holds no rows of the batch
+            total = [torch.zeros_like(p) for p in self.params]
+        self.parallel.sum_(total)
+        if self.scaler.enabled:
+            for g in total:
+                g.div_(self.scaler.scale)
+        return total, self.parallel.sum_scalar(loss)
+
+    def remain_grads(self, chunks: list[tuple], weight: float = 1.0) -> tuple[list[torch.Tensor], float]:
+        def objective(x0, cond, noise, t):
+            per_sample = denoising_loss(self.adapter, x0, cond, noise, t)
+            return per_sample.mean(), per_sample
+
+        return self.grads(chunks, objective, weight)
+
+    def forget_grads(self, chunks: list[tuple], cfg: UnlearnConfig) -> tuple[list[torch.Tensor], float]:
+        """Gradient of the capped forget objective (:func:`losses.forget_objective`). The batch hinge is
+        decided on the GLOBAL batch mean: taken from the chunk's own forward when each process
+        holds one chunk (an all-reduce), from a no-gradient pass first when batches are accumulated."""
+        if cfg.forget_cap == "hinge" and len(chunks) > 1:
+            known = self.mean_loss(chunks)
+            decide = lambda m: known  # noqa: E731
+        else:
+            share = chunks[0][4] if chunks else 0.0
+            decide = lambda m: self.parallel.sum_scalar(float(m) * share)  # noqa: E731
+
+        def objective(x0, cond, noise, t):
+            return forget_objective(self.adapter, x0, cond, noise, t, cfg.forget_cap, cfg.margin, cfg.alpha,
+                                    batch_mean=decide)
+
+        return self.grads(chunks, objective)
 
     def full_remain_grads(self, remain_x0: torch.Tensor, remain_cond, batch_size: int
                           ) -> tuple[list[torch.Tensor], float]:
@@ -143,12 +201,10 @@ class GradientEngine:
         loss_sum = 0.0
         for start in range(0, n, batch_size):
             rows = torch.arange(start, min(start + batch_size, n))
-            x0, cond, noise, t, share = self.batch(remain_x0, remain_cond, rows)
-            with self.autocast():
-                loss = denoising_loss(self.adapter, x0, cond, noise, t).mean()
-            for acc, g in zip(total, self.grads(loss * share * (len(rows) / n))):
+            grads, loss = self.remain_grads(self.chunks(remain_x0, remain_cond, rows), len(rows) / n)
+            for acc, g in zip(total, grads):
                 acc.add_(g)
-            loss_sum += self.global_mean(loss.detach(), share) * len(rows)
+            loss_sum += loss * len(rows)
         return total, loss_sum / n
 
 
@@ -203,8 +259,10 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     elif metrics_path is not None and parallel.is_main:
         metrics_path.unlink(missing_ok=True)
 
-    engine = GradientEngine(adapter, params, gen, parallel, scaler, amp_dtype)
-    autocast, grads, batch, global_mean = engine.autocast, engine.grads, engine.batch, engine.global_mean
+    if parallel.world_size > cfg.batch_size:
+        raise UserError(f"{parallel.world_size} processes cannot share a batch of {cfg.batch_size}; use batch_size >= "
+                        "the number of processes")
+    engine = GradientEngine(adapter, params, gen, parallel, scaler, amp_dtype, cfg.micro_batches)
 
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path and parallel.is_main else None
     bar = tqdm(range(first_step, cfg.steps + 1), desc=f"unlearn {method.name}", leave=False,
@@ -216,24 +274,17 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            fx, fc, f_noise, f_t, f_share = batch(forget_x0, forget_cond, idx)
-            with autocast():
-                f_obj, f_loss = forget_objective(adapter, fx, fc, f_noise, f_t, cfg.forget_cap, cfg.margin, cfg.alpha,
-                                                 batch_mean=functools.partial(global_mean, share=f_share))
-            record = {"step": step, "forget_loss": global_mean(f_loss.mean(), f_share)}
-            record["forget_active"] = cfg.forget_cap != "hinge" or record["forget_loss"] <= cfg.margin
-            g_f = grads(f_obj * f_share)
-            rx, rc, r_noise, r_t, r_share = batch(remain_x0, remain_cond, idx)
+            f_chunks = engine.chunks(forget_x0, forget_cond, idx)
+            g_f, f_loss = engine.forget_grads(f_chunks, cfg)
+            record = {"step": step, "forget_loss": f_loss}
+            record["forget_active"] = cfg.forget_cap != "hinge" or f_loss <= cfg.margin
+            r_chunks = engine.chunks(remain_x0, remain_cond, idx)
             g_r = None
             if method.uses_remain and method.remain_scope == "batch":
-                with autocast():
-                    r_obj = denoising_loss(adapter, rx, rc, r_noise, r_t).mean()
-                g_r = grads(r_obj * r_share)
-                record["remain_loss"] = global_mean(r_obj.detach(), r_share)
+                g_r, record["remain_loss"] = engine.remain_grads(r_chunks)
             else:
                 # GA and RGD take no gradient on this batch; its loss still feeds the diagnostic.
-                with torch.no_grad(), autocast():
-                    record["remain_loss"] = global_mean(denoising_loss(adapter, rx, rc, r_noise, r_t).mean(), r_share)
+                record["remain_loss"] = engine.mean_loss(r_chunks)
                 if method.uses_remain:
                     g_r, _ = engine.full_remain_grads(remain_x0, remain_cond, cfg.batch_size)
             finite = math.isfinite(record["forget_loss"]) and math.isfinite(record["remain_loss"])
@@ -267,11 +318,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             optimizer.zero_grad(set_to_none=True)
             scaler.update(True)
             if cfg.diagnose:
-                with torch.no_grad(), autocast():
-                    f_after = global_mean(denoising_loss(adapter, fx, fc, f_noise, f_t).mean(), f_share)
-                    r_after = global_mean(denoising_loss(adapter, rx, rc, r_noise, r_t).mean(), r_share)
-                record["forget_loss_change"] = f_after - record["forget_loss"]
-                record["remain_loss_change"] = r_after - record["remain_loss"]
+                record["forget_loss_change"] = engine.mean_loss(f_chunks) - record["forget_loss"]
+                record["remain_loss_change"] = engine.mean_loss(r_chunks) - record["remain_loss"]
             record["seconds"] = time.perf_counter() - started
             history.append(record)
             if log:

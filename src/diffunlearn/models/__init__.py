@@ -1,13 +1,25 @@
-"""Model adapters and how to load them by name."""
+"""Model adapters and how to load them by name.
+
+``load_adapter`` accepts:
+
+* ``embedded:digits``: the committed digit-world base model (``PixelTextToImage``);
+* a folder written by diffunlearn for the digit world (``model_index.json`` marked ``pixel``);
+* a diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) -> ``StableDiffusionAdapter``;
+* a Hub id ``org/name`` that is not a local path -> ``StableDiffusionAdapter`` from the local
+  Hugging Face cache (downloaded only when ``HF_HUB_OFFLINE=0``).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import EMBEDDED
 from ..errors import UserError
 from .pixel import PixelTextToImage
+from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 
 
 def embedded_base_folder() -> Path:
@@ -27,31 +39,45 @@ def resolve_model_folder(model: str) -> Path:
         return embedded_base_folder()
     folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist; pass a folder written by diffunlearn "
-                        f"(or {EMBEDDED} for the committed digit-world base model)")
+        raise UserError(f"model folder {folder} does not exist; pass a folder written by diffunlearn, a Stable "
+                        f"Diffusion pipeline folder (or {EMBEDDED} for the committed digit-world base model)")
     return folder
 
 
-def load_adapter(model: str, text_encoder=None) -> tuple[PixelTextToImage, Path]:
-    """Load a model by name or folder and wrap it in its adapter.
+def load_adapter(model: str, text_encoder=None, device: torch.device | str | None = None,
+                 frozen_dtype: torch.dtype | str | None = None
+                 ) -> tuple[PixelTextToImage | StableDiffusionAdapter, Path | None]:
+    """Load a model by name, folder or Hub id and wrap it in its adapter.
+
+    Args:
+        model: ``embedded:digits``, a model folder, or a Hub id ``org/name`` (Stable Diffusion only).
+        text_encoder: the digit world's shared ``FrozenTextEncoder`` (pixel models only).
+        device, frozen_dtype: placement of a Stable Diffusion model (see
+            ``StableDiffusionAdapter.from_pretrained``); pixel models stay on the CPU in fp32.
+
+    Returns:
+        ``(adapter, folder)``; ``folder`` is ``None`` for a Hub id (its files live in the HF cache).
 
     Raises:
-        UserError: missing, unknown or corrupt model folder.
+        UserError: missing, unknown (SDXL included) or corrupt model; a Hub id not in the local cache.
     """
+    if model != EMBEDDED and not Path(model).expanduser().exists() and looks_like_hub_id(model):
+        return StableDiffusionAdapter.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
     folder = resolve_model_folder(model)
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise UserError(f"{folder} has no model_index.json, so it is not a model folder; "
-                        "pass the folder written by `diffunlearn world train-base` or an unlearning run")
+                        "pass the folder written by `diffunlearn world train-base` or an unlearning run, "
+                        "or a Stable Diffusion pipeline folder")
     try:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{index_path} is corrupt (not JSON); restore or rebuild that model folder") from exc
-    kind = index.get("_diffunlearn_adapter")
-    if kind != "pixel":
-        raise UserError(f"{folder} holds a {index.get('_class_name', 'unknown')} model, which this version cannot "
-                        "load yet; use a digit-world model folder")
-    return PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder), folder
+    if index.get("_diffunlearn_adapter") == "pixel":
+        return PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder), folder
+    check_pipeline_index(index_path, str(folder))  # SDXL and other pipelines fail here with their own message
+    return StableDiffusionAdapter.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
 
 
-__all__ = ["PixelTextToImage", "embedded_base_folder", "load_adapter", "resolve_model_folder"]
+__all__ = ["PixelTextToImage", "StableDiffusionAdapter", "embedded_base_folder", "load_adapter",
+           "resolve_model_folder"]

