@@ -23,7 +23,7 @@ from .errors import UserError
 from .losses import denoising_loss, draw_noise, forget_objective
 from .methods import Method
 from .parallel import Parallel
-from .updates import gradient_stats
+from .updates import gradient_gram, gradient_stats
 from .utils import atomic_write_text
 
 
@@ -301,11 +301,13 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 kept = f"; the last good checkpoint is {last}" if last else ""
                 raise TrainingDiverged(f"step {step}: a loss or gradient became NaN/inf; lower `lr` (now {cfg.lr}) "
                                        f"or set `max_grad_norm`, then rerun with --force{kept}")
+            gram = None
             if g_r is not None:
-                stats = gradient_stats(g_f, g_r)
+                gram = gradient_gram(g_f, g_r)  # shared by the log and the update rule: computed once
+                stats = gradient_stats(g_f, g_r, gram)
                 record.update(stats)
                 record["projected"] = bool(stats["conflict"] and method.projects)
-            direction = method.combine(g_f, g_r, cfg.remain_weight)
+            direction = method.combine(g_f, g_r, cfg.remain_weight, gram)
             del g_f, g_r  # the optimizer's first step allocates its moments: free both gradients first
             if cfg.max_grad_norm > 0:
                 norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction)).item()

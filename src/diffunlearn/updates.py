@@ -11,6 +11,7 @@ note, without a full-model copy of each gradient).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,11 +28,19 @@ def _check(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> No
 
 
 def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Σ_i ⟨a_i, b_i⟩ over all parameters, accumulated in float64 (a 0-dim tensor)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(a, b):
-        total = total + torch.sum(x.double() * y.double()).cpu()
-    return total
+    """Σ_i ⟨a_i, b_i⟩ over all parameters: one BLAS dot per parameter (no temporaries, in the
+    gradients' own precision), summed in float64 on the gradients' device (a 0-dim tensor; no host
+    sync per parameter)."""
+    parts = [torch.dot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b)]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+
+
+def gradient_gram(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> tuple[float, float, float]:
+    """(g_f·g_f, g_r·g_r, g_f·g_r): every number RG and the step log need, computed once per step."""
+    _check(forget_grads, remain_grads)
+    values = torch.stack([global_dot(forget_grads, forget_grads), global_dot(remain_grads, remain_grads),
+                          global_dot(forget_grads, remain_grads)]).tolist()  # one host sync
+    return values[0], values[1], values[2]
 
 
 def gradient_ascent(forget_grads: Sequence[Tensor]) -> list[Tensor]:
@@ -43,11 +52,11 @@ def gradient_difference(forget_grads: Sequence[Tensor], remain_grads: Sequence[T
                         remain_weight: float = 1.0) -> list[Tensor]:
     """GradDiff: d = g_f + λ·g_r (the RG pipeline without the projection, PAPER.md §2)."""
     _check(forget_grads, remain_grads)
-    return [f + remain_weight * r for f, r in zip(forget_grads, remain_grads)]
+    return [torch.add(f, r, alpha=remain_weight) for f, r in zip(forget_grads, remain_grads)]  # one fused pass
 
 
 def restricted_gradient(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
-                        remain_weight: float = 1.0) -> list[Tensor]:
+                        remain_weight: float = 1.0, gram: tuple[float, float, float] | None = None) -> list[Tensor]:
     """Restricted gradient (Ko et al. 2024, PAPER.md §2): conflict-only mutual projection.
 
     With one global dot product over all parameters, if g_f·g_r < 0::
@@ -56,24 +65,26 @@ def restricted_gradient(forget_grads: Sequence[Tensor], remain_grads: Sequence[T
 
     (each against the ORIGINAL other gradient), else δ_f = g_f, δ_r = g_r. Returns δ_f + λ·δ_r.
     A zero gradient never conflicts (its dot product is 0), so no division by zero can occur.
+    ``gram`` = :func:`gradient_gram` of the same gradients when the caller already has it.
     """
     _check(forget_grads, remain_grads)
-    dot = global_dot(forget_grads, remain_grads)
+    ff, rr, dot = gram if gram is not None else gradient_gram(forget_grads, remain_grads)
     if dot >= 0:
         return gradient_difference(forget_grads, remain_grads, remain_weight)
-    coef_f = (dot / global_dot(remain_grads, remain_grads)).item()  # removes g_r's direction from g_f
-    coef_r = (dot / global_dot(forget_grads, forget_grads)).item()  # removes g_f's direction from g_r
-    # d = (1 − λ·coef_r)·g_f + (λ − coef_f)·g_r: one fused pass, no δ buffers.
+    coef_f = dot / rr  # removes g_r's direction from g_f
+    coef_r = dot / ff  # removes g_f's direction from g_r
+    # d = a·g_f + b·g_r with a = 1 − λ·coef_r, b = λ − coef_f: no δ buffers, one output tensor per
+    # parameter written as a·(g_f + (b/a)·g_r). On conflict coef_r < 0, so a ≥ 1 and b/a is safe.
     a = 1.0 - remain_weight * coef_r
     b = remain_weight - coef_f
-    return [a * f + b * r for f, r in zip(forget_grads, remain_grads)]
+    return [torch.add(f, r, alpha=b / a).mul_(a) for f, r in zip(forget_grads, remain_grads)]
 
 
-def gradient_stats(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> dict[str, float]:
+def gradient_stats(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
+                   gram: tuple[float, float, float] | None = None) -> dict[str, float]:
     """cos(g_f, g_r), both norms and whether the two conflict (for the per-step log)."""
-    dot = global_dot(forget_grads, remain_grads).item()
-    nf = global_dot(forget_grads, forget_grads).sqrt().item()
-    nr = global_dot(remain_grads, remain_grads).sqrt().item()
+    ff, rr, dot = gram if gram is not None else gradient_gram(forget_grads, remain_grads)
+    nf, nr = math.sqrt(ff), math.sqrt(rr)
     cos = dot / (nf * nr) if nf > 0 and nr > 0 else 0.0
     return {"cos": cos, "forget_grad_norm": nf, "remain_grad_norm": nr, "conflict": dot < 0}
 

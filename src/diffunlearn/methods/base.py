@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-Combine = Callable[[Sequence[Tensor], Sequence[Tensor] | None, float], list[Tensor]]
+# (forget_grads, remain_grads | None, remain_weight, gram | None) -> direction; gram is
+# updates.gradient_gram of the two gradients when the loop has computed it (shared, not recomputed).
+Combine = Callable[..., list[Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Method:
         uses_remain: whether a remain gradient is computed at all.
         remain_scope: ``"batch"`` (one remain minibatch per step, paired with the forget batch) or
             ``"full"`` (mean gradient over the whole remain set every step: RGD, PAPER.md §2).
-        combine: ``(forget_grads, remain_grads | None, remain_weight) -> direction``.
+        combine: ``(forget_grads, remain_grads | None, remain_weight, gram=None) -> direction``.
         projects: whether ``combine`` projects conflicting gradients (logged as ``projected``).
         defaults: config values tuned for this method (digit world, training prompts; README
             "Tuning"); they override the global defaults and are overridden by config files and

@@ -8,6 +8,6 @@ METHOD = Method(
     summary="gradient ascent on the capped forget loss alone",
     uses_remain=False,
     remain_scope="batch",
-    combine=lambda forget, remain, weight: gradient_ascent(forget),
+    combine=lambda forget, remain, weight, gram=None: gradient_ascent(forget),
     defaults={"lr": 5e-5, "steps": 100},
 )

@@ -11,6 +11,6 @@ METHOD = Method(
     summary="gradient difference: g_f + λ·g_r on paired batches",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight: gradient_difference(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: gradient_difference(forget, remain, weight),
     defaults={"lr": 5e-5, "steps": 100, "remain_weight": 4.0},
 )

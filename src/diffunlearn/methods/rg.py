@@ -11,7 +11,7 @@ METHOD = Method(
     summary="restricted gradient (Ko et al. 2024) on paired minibatches",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight: restricted_gradient(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: restricted_gradient(forget, remain, weight, gram),
     projects=True,
     defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
 )

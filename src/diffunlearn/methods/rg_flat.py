@@ -12,7 +12,7 @@ METHOD = Method(
     summary="rg with the reference code's flat gradient vectors (for benchmarks; same update as rg)",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight: restricted_gradient_flat(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: restricted_gradient_flat(forget, remain, weight),
     projects=True,
     defaults=dict(RG.defaults),
 )

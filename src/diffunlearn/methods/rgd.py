@@ -10,7 +10,7 @@ METHOD = Method(
     summary="restricted gradient with the remain gradient over the whole remain set",
     uses_remain=True,
     remain_scope="full",
-    combine=lambda forget, remain, weight: restricted_gradient(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: restricted_gradient(forget, remain, weight, gram),
     projects=True,
     defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
 )
