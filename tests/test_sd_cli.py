@@ -1,6 +1,6 @@
 """End to end on a tiny Stable Diffusion pipeline through the CLI: data build, every method and
 parameter selection, LoRA output loaded by diffusers, resume, the NaN stop, 2-process equivalence
-under `accelerate launch`, and the bench."""
+under `accelerate launch` (the bench: tests/test_precision.py, through scripts/gpu-check.sh)."""
 
 from __future__ import annotations
 
@@ -210,17 +210,3 @@ def test_two_processes_reach_the_same_weights_as_one(tiny_sd_folder, data_dir, t
         m1 = json.loads((data_dir / part / "request.json").read_text())
         m2 = json.loads((tmp_path / "data2" / part / "request.json").read_text())
         assert m1 == m2
-
-
-def test_bench_on_the_tiny_model_writes_the_table_and_json(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    assert run("bench", "--preset", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--quiet",
-               "--json", str(path)) == 0
-    table = capsys.readouterr().out
-    data = json.loads(path.read_text())
-    assert list(data) == ["ga", "graddiff", "rg", "rg-flat"]
-    for name, r in data.items():
-        assert set(r) == {"step_seconds", "peak_memory_mb"}
-        assert 0 < r["step_seconds"] < 60 and 100 < r["peak_memory_mb"] < 20000
-        assert f"| {name} |" in table
-    assert "time / graddiff" in table
