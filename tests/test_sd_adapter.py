@@ -215,6 +215,17 @@ def test_frozen_parts_in_bf16(tiny_sd_folder):
         adapter_from(tiny_sd_folder, frozen_dtype="int8")
 
 
+def test_saving_a_bf16_working_copy_keeps_the_original_frozen_weights(tiny_sd_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    adapter = adapter_from(tiny_sd_folder, frozen_dtype="bf16")
+    adapter.save(tmp_path / "saved")
+    for part in ("vae", "unet"):
+        name = "diffusion_pytorch_model.safetensors"
+        original, saved = load_file(str(tiny_sd_folder / part / name)), load_file(str(tmp_path / "saved" / part / name))
+        assert all(saved[k].dtype == torch.float32 and torch.equal(original[k], saved[k]) for k in original)
+
+
 def test_text_condition_batches():
     cond = TextCondition(torch.arange(24.0).view(4, 3, 2))
     assert len(cond) == 4 and len(cond[1:3]) == 2

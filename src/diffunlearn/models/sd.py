@@ -258,9 +258,19 @@ class StableDiffusionAdapter:
         """Write the full pipeline (safetensors) so that ``StableDiffusionPipeline.from_pretrained`` loads it.
 
         LoRA adapters, if any, are merged into a copy of the UNet first, so the folder is a plain
-        pipeline (this adapter keeps its separate LoRA weights). The frozen VAE and text encoder are
-        written in the dtype they are held in (``frozen_dtype``).
+        pipeline (this adapter keeps its separate LoRA weights). When the frozen VAE and text encoder
+        are held in half precision (``frozen_dtype``) and the source folder is known, they are read
+        again from that folder so the saved copy keeps their original precision, not the bf16/fp16
+        working copy; otherwise they are written as held.
         """
+        if self.frozen_dtype is not None and self.folder is not None:
+            from diffusers import StableDiffusionPipeline
+
+            original = StableDiffusionPipeline.from_pretrained(
+                self.folder, unet=self.plain_unet(), use_safetensors=True, local_files_only=True,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            original.save_pretrained(folder, safe_serialization=True)
+            return
         self._pipeline(self.plain_unet()).save_pretrained(folder, safe_serialization=True)
 
     def save_unet(self, folder: str | os.PathLike) -> None:
