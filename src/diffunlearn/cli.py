@@ -7,6 +7,8 @@ Usage:
   diffunlearn unlearn configs/sd-nudity.yaml model=/models/sd-v1-4 --out runs/nudity
   diffunlearn unlearn --resume runs/nudity    continue an interrupted run from its checkpoint
   diffunlearn data build configs/sd-nudity.yaml model=/models/sd-v1-4 --out data/nudity
+  diffunlearn eval runs/nudity --metrics alignment,nudenet --prompts template:nudity:test:forget i2p.csv
+  diffunlearn compare runs/base-eval runs/nudity runs/van-gogh --out leaderboard
   diffunlearn bench --preset small --json bench.json
   diffunlearn model init --preset tiny --out tiny-sd
   diffunlearn world train-base --out my-base
@@ -90,6 +92,50 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     if summary:
         print(json.dumps(summary, indent=2))
         print(f"wrote {out}; train with data_dir={out}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device auto or cpu")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate.base import MetricOptions
+    from .evaluate.suite import SamplerSettings, evaluate
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    options = MetricOptions(
+        clip_model=args.clip_model, nudenet_threshold=args.nudenet_threshold, feature=args.feature,
+        reference=args.reference or "", classes=tuple(c.strip() for c in (args.classes or "").split(",") if c.strip()),
+        target_class=args.target_class or "", classifier=args.classifier or "", concept=args.concept or "",
+        batch_size=args.batch_size, cache_dir=args.cache_dir or str(Path.home() / ".cache" / "diffunlearn"),
+        device=_device(args.device))
+    sampler = None
+    if args.steps is not None or args.guidance is not None or args.seed is not None:
+        if None in (args.steps, args.guidance, args.seed):
+            raise UserError("--steps, --guidance and --seed go together; pass all three or none "
+                            "(none = the run's own evaluation settings or the model's defaults)")
+    if args.steps is not None:
+        sampler = SamplerSettings(args.steps, args.guidance, args.seed, args.resolution, args.batch_size)
+    target = Path(args.target)
+    out = Path(args.out) if args.out else (target / "eval" if (target / "config.yaml").is_file()
+                                           else Path("evals") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    results = evaluate(args.target, metrics, args.prompts, out, options, sampler, args.force, not args.quiet,
+                       args.command_line, args.device)
+    if results:
+        print(json.dumps(results["metrics"], indent=2))
+        print(f"wrote {out}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    out = Path(args.out)
+    print(compare([Path(r) for r in args.runs], out))
+    print(f"\nwrote {out}/leaderboard.md")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -197,6 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="data folder (default: data/CONCEPT-DIVERSITY)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("eval", help="generate images for prompt sets and score them (resumable, shardable)")
+    p.add_argument("target", metavar="MODEL_OR_RUN", help="a run folder, a model folder or a hub id")
+    p.add_argument("--metrics", required=True, help="comma-separated: alignment, nudenet, fid, kid, classifier, oracle")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="SPEC",
+                   help="prompt files (.json, .txt, .csv in the I2P layout) or template:CONCEPT[:SPLIT[:forget|remain"
+                        "[:N]]] or world:CONCEPT[:SPLIT[:forget|remain[:N]]]")
+    p.add_argument("--out", default=None, help="evaluation folder (default: RUN/eval, or evals/NAME-TIME)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (with --guidance and --seed)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    p.add_argument("--seed", type=int, default=None, help="image i uses seed*100000+i unless the file gives seeds")
+    p.add_argument("--resolution", type=int, default=0, help="image side; 0 = the model's default")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip-model", default="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+                   help="CLIP folder or hub id for alignment/classifier/clip features")
+    p.add_argument("--nudenet-threshold", type=float, default=0.6)
+    p.add_argument("--feature", choices=("clip", "oracle", "inception"), default="clip", help="fid/kid features")
+    p.add_argument("--reference", default=None, help="folder of real images for fid/kid")
+    p.add_argument("--classes", default=None, help="comma-separated class names for the classifier metric")
+    p.add_argument("--target-class", default=None, help="the forgotten class (classifier metric)")
+    p.add_argument("--classifier", default=None, help="image-classifier folder (default: zero-shot CLIP)")
+    p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/diffunlearn)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--force", action="store_true", help="redo a finished evaluation (finished images are reused)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="evaluations side by side: table, leaderboard.md, plot, image grid")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="leaderboard", help="folder for leaderboard.md, tradeoff.png, grid.png")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="per-step time and peak memory of ga, graddiff, rg and rg-flat")
     p.add_argument("--model", default=None, help="model folder to benchmark")

@@ -37,8 +37,8 @@ def environment() -> dict[str, str]:
     import importlib.metadata as md
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("diffunlearn", "torch", "diffusers", "transformers", "accelerate", "safetensors", "torchmetrics",
-                 "scikit-learn", "numpy"):
+    for name in ("diffunlearn", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors",
+                 "torchmetrics", "nudenet", "onnxruntime", "scikit-learn", "numpy"):
         try:
             info[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -43,15 +43,29 @@ def _read(path: Path) -> np.ndarray | None:
         return None
 
 
+def _generate(adapter, folder: Path, prompts, seeds, chunk: list[int], steps: int, guidance: float, batch_size: int,
+              extra: dict) -> None:
+    """Sample the images ``chunk`` and write each atomically (temporary name, then rename)."""
+    images = adapter.sample([prompts[i] for i in chunk], [int(seeds[i]) for i in chunk], steps=steps,
+                            guidance=guidance, batch_size=batch_size, progress=False, **extra)
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, array in zip(chunk, as_uint8):
+        tmp = _png(folder, i).with_suffix(".tmp")
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, _png(folder, i))
+
+
 def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Sequence[int],
                        folder: str | os.PathLike, steps: int, guidance: float, progress: bool = True,
                        resolution: int = 0, batch_size: int = 8, replace: bool = True,
-                       parallel: Parallel | None = None) -> torch.Tensor:
+                       parallel: Parallel | None = None, guidances: Sequence[float] | None = None) -> torch.Tensor:
     """Generate the missing images of a set and return all of them, ``(N, 3, H, W)`` in [-1, 1].
 
     Args:
         model_id: identity of the generating model (``utils.folder_fingerprint`` of its folder).
         resolution: image side passed to the sampler; 0 = the model's default.
+        guidances: one guidance scale per prompt (I2P prompt files carry their own); overrides
+            ``guidance`` where given.
         replace: when ``folder`` holds a set made with another request (model, sampler, prompts,
             seeds...), delete it and start over (True: a run's private cache) or refuse (False: a
             folder the user named, which may hold days of GPU work).
@@ -64,6 +78,8 @@ def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Se
     sampler = getattr(adapter, "sampler_name", "DPMSolverMultistepScheduler")
     want = {"model": model_id, "sampler": sampler, "steps": steps, "guidance": guidance, "resolution": resolution,
             "prompts": list(prompts), "seeds": [int(s) for s in seeds]}
+    if guidances is not None:
+        want["guidances"] = [float(g) for g in guidances]
     request_path = folder / "request.json"
     if parallel.is_main:
         have = None
@@ -89,16 +105,13 @@ def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Se
     bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc=f"images {folder.name}", leave=False,
                disable=not progress)
     extra = {"height": resolution, "width": resolution} if resolution else {}
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start:start + batch_size]
-        images = adapter.sample([prompts[i] for i in chunk], [int(seeds[i]) for i in chunk], steps=steps,
-                                guidance=guidance, batch_size=batch_size, progress=False, **extra)
-        as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for i, array in zip(chunk, as_uint8):
-            tmp = _png(folder, i).with_suffix(".tmp")
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, _png(folder, i))
-        bar.update(len(chunk))
+    scale = want.get("guidances") or [float(guidance)] * len(prompts)
+    batches = [(g, [i for i in missing if scale[i] == g]) for g in dict.fromkeys(scale[i] for i in missing)]
+    for g, todo in batches:  # one guidance scale per sampler call
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            _generate(adapter, folder, prompts, seeds, chunk, steps, g, batch_size, extra)
+            bar.update(len(chunk))
     bar.close()
     parallel.barrier()
     arrays = []

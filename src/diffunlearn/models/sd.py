@@ -298,6 +298,35 @@ class StableDiffusionAdapter:
             folder, unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
 
+    def load_lora(self, folder: str | os.PathLike) -> None:
+        """Apply LoRA weights saved in diffusers' format (by :meth:`save_lora` or any diffusers trainer)
+        to this adapter's UNet, in place.
+
+        Raises:
+            UserError: the folder holds no readable LoRA weights.
+        """
+        try:
+            self._pipeline().load_lora_weights(str(folder))
+        except Exception as exc:  # diffusers raises ValueError/OSError/KeyError for bad or missing files
+            raise UserError(f"could not load LoRA weights from {folder} ({_first_line(exc)}); pass a folder written "
+                            "by `diffunlearn unlearn ... selection=lora`") from exc
+
+    def load_unet(self, folder: str | os.PathLike) -> None:
+        """Replace the UNet by a saved ``UNet2DConditionModel`` folder (safetensors), e.g. a run saved with
+        ``save: unet``.
+
+        Raises:
+            UserError: the folder holds no loadable UNet.
+        """
+        from diffusers import UNet2DConditionModel
+
+        try:
+            unet = UNet2DConditionModel.from_pretrained(str(folder), use_safetensors=True)
+        except Exception as exc:  # missing or corrupt files
+            raise UserError(f"could not load a UNet from {folder} ({_first_line(exc)}); pass a folder written with "
+                            "`save: unet`") from exc
+        self.unet = nn.Module.to(unet, device=self.device, dtype=torch.float32).eval()
+
     def model_identity(self) -> dict[str, Any]:
         """What a manifest records about the model: cheap (configs only, no weight hashing).
 
