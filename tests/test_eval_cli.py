@@ -105,6 +105,18 @@ def test_oracle_metric_on_the_embedded_base_model(tmp_path):
     oracle = json.loads((out / "results.json").read_text())["metrics"]["oracle"]
     assert oracle["forget"]["forget_score"] >= 0.9
     assert oracle["remain"]["alignment"] >= 0.9
+    # compare prefers a run's eval/ folder over the numbers the run itself wrote
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    for name in ("results.json", "manifest.json"):
+        (run / "eval" / name).write_text((out / name).read_text())
+    (run / "results.json").write_text(json.dumps({"forget_score": 0.25, "alignment": 0.5, "quality_fd": 9.0}))
+    from diffunlearn.compare import load_results
+
+    values = load_results(run)
+    assert values["oracle/forget/forget_score"] == oracle["forget"]["forget_score"]
+    (run / "eval" / "results.json").unlink()
+    assert load_results(run)["oracle/forget/forget_score"] == 0.25
 
 
 @pytest.mark.parametrize("args, fragment", [
