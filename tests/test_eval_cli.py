@@ -131,3 +131,16 @@ def test_bad_eval_input_exits_2(tiny_sd_folder, tmp_path, capsys, args, fragment
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
     assert not (tmp_path / "e" / "results.json").exists()
+
+
+def test_world_renders_serve_as_the_fid_reference(tmp_path):
+    ref = tmp_path / "ref"
+    assert cli.main(["world", "render", "--concept", "three", "--n", "8", "--copies", "2", "--out", str(ref)]) == 0
+    assert len(list(ref.glob("*.png"))) == 16
+    out = tmp_path / "fid"
+    assert cli.main(["eval", "embedded:digits", "--metrics", "fid,kid", "--feature", "oracle", "--reference", str(ref),
+                     "--cache-dir", str(tmp_path / "cache"), "--prompts", "world:three:test:remain:8", "--out",
+                     str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert 0 < metrics["fid"]["remain"]["fid"] < 1e5 and metrics["kid"]["remain"]["kid_std"] >= 0
+    assert list((tmp_path / "cache").rglob("*.safetensors"))  # reference features cached

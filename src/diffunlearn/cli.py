@@ -195,6 +195,18 @@ def cmd_check(args: argparse.Namespace) -> None:
                                 progress=not args.quiet), indent=2))
 
 
+def cmd_world_render(args: argparse.Namespace) -> None:
+    from .evaluate.world import write_reference_renders
+    from .worlds.digits import COLOURS, DIGITS
+
+    if args.concept not in DIGITS + COLOURS:
+        raise UserError(f"unknown concept {args.concept!r}: the digit world has the digits {', '.join(DIGITS)} and "
+                        f"the colours {', '.join(COLOURS)}")
+    count = write_reference_renders(args.concept, Path(args.out), args.n, args.split, args.seed, args.copies)
+    print(f"wrote {count} renders to {args.out}; use them with `diffunlearn eval ... --metrics fid --feature oracle "
+          f"--reference {args.out}`")
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from .methods import METHODS
 
@@ -324,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_check)
+    p = wsub.add_parser("render", help="ground-truth renders of held-out remain captions (an fid/kid reference)")
+    p.add_argument("--concept", default="three")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--n", type=int, default=100, help="captions (each rendered --copies times)")
+    p.add_argument("--copies", type=int, default=4)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_world_render)
 
     p = sub.add_parser("methods", help="list the unlearning methods")
     p.set_defaults(func=cmd_methods)

@@ -68,3 +68,24 @@ def evaluate_world(adapter, oracle: Oracle, concept: str, n: int = 100, split: s
         forget_score=forget_score(pred[:n], concept), alignment=align["all"],
         alignment_per_attribute={k: v for k, v in align.items() if k != "all"}, quality_fd=fd,
         forget_images=f_img, remain_images=r_img, forget_captions=forget_caps, remain_captions=remain_caps)
+
+
+def write_reference_renders(concept: str, out, n: int = 100, split: str = "test", seed: int = 1,
+                            copies: int = 4) -> int:
+    """Real images for ``fid``/``kid`` in the digit world: ``copies`` ground-truth renders of each of
+    the ``n`` held-out remain captions (the reference :func:`evaluate_world` uses), as PNG files.
+
+    Returns:
+        the number of images written.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, remain_caps = eval_sets(concept, n, split=split)
+    real, _ = world.render_captions(remain_caps * copies, torch.Generator().manual_seed(seed), split=split)
+    for i, array in enumerate(world.to_uint8(real)):
+        Image.fromarray(array).save(out / f"{i:05d}.png")
+    return len(real)
