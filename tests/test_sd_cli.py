@@ -102,6 +102,19 @@ def test_every_method_and_selection_runs_end_to_end(tiny_sd_folder, data_dir, tm
     assert len(changed) >= 0.5 * sum(trained(k) for k in base)
 
 
+@pytest.mark.parametrize("method", ["esd-u", "esd-x", "salun", "ft"])
+def test_baselines_run_on_stable_diffusion(tiny_sd_folder, data_dir, tmp_path, method):
+    out = tmp_path / "run"
+    assert run("unlearn", f"model={tiny_sd_folder}", f"method={method}", f"data_dir={data_dir}", *COMMON,
+               "anchor=a person wearing clothes", "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["steps"] == 2 and np.isfinite(results["training"]["final_forget_loss"])
+    base, after = unet_weights(tiny_sd_folder), unet_weights(out / "model")
+    trained = {"esd-u": lambda k: ".attn2." not in k, "esd-x": lambda k: ".attn2." in k}.get(method, lambda k: True)
+    assert all(torch.equal(base[k], after[k]) for k in base if not trained(k))
+    assert any(not torch.equal(base[k], after[k]) for k in base if trained(k))
+
+
 def test_lora_result_loads_in_diffusers_and_reproduces_the_trained_model(tiny_sd_folder, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 

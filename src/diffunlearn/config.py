@@ -46,6 +46,9 @@ class UnlearnConfig:
     margin: float = 1.1            # hinge margin m on the batch ε-MSE
     alpha: float = 0.1             # element-wise cap α
     max_grad_norm: float = 0.0     # clip the combined direction to this norm; 0 disables
+    esd_eta: float = 1.0           # ESD negative-guidance scale η (methods esd-u, esd-x)
+    saliency_fraction: float = 0.5 # SalUn: fraction of parameter entries kept trainable by the saliency mask
+    anchor: str = ""               # SalUn remap prompt; empty = each forget prompt's paired remain prompt
     seed: int = 0                  # batch order, noise and timesteps
     # --- memory, speed and faults ---
     mixed_precision: str = "no"    # "no", "bf16" or "fp16" autocast; trainable weights stay fp32 (master copy)
@@ -86,7 +89,7 @@ CHOICES = {
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
                 "micro_batches")
 NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
-                "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size")
+                "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta")
 
 
 def _coerce(name: str, value: Any, errors: list[str]) -> Any:
@@ -155,11 +158,12 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     from .methods import METHODS
 
     method = values.get("method", UnlearnConfig.method)
+    variant = METHODS[method].variant if method in METHODS else {}
     if str(values.get("model", UnlearnConfig.model)) != EMBEDDED:
-        values = {**SD_DEFAULTS, **values}
+        values = {**SD_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
-        values = {**METHODS[method].defaults, **values}
+        values = {**METHODS[method].defaults, **variant, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
         errors.append(f"unknown key `{key}` (known keys: {', '.join(FIELDS)})")
@@ -185,6 +189,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.saliency_fraction <= 1:
+        errors.append(f"`saliency_fraction` must be in (0, 1], got {cfg.saliency_fraction}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
     if cfg.model == EMBEDDED:

@@ -64,3 +64,24 @@ def forget_objective(adapter, x0: Tensor, condition, noise: Tensor, timesteps: T
     else:
         raise ValueError(f"unknown forget cap {cap!r}; use one of {', '.join(CAPS)}")
     return objective, per_sample.detach()
+
+
+def esd_target(eps_uncond: Tensor, eps_concept: Tensor, eta: float = 1.0) -> Tensor:
+    """ESD's negatively guided target (Gandikota et al. 2023): ε(∅) − η·(ε(c) − ε(∅)), from a FROZEN
+    copy of the original model; the trained model's ε(x_t, c) is pulled towards it."""
+    return eps_uncond - eta * (eps_concept - eps_uncond)
+
+
+def matching_loss(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor, target_fn: Callable
+                  ) -> tuple[Tensor, Tensor]:
+    """Mean squared distance of the model's prediction at x_t from a target computed without gradient
+    by ``target_fn(x_t, timesteps)`` (ESD's guided target, SalUn's anchor prediction).
+
+    Returns:
+        (scalar objective to minimise, per-sample loss ``(N,)`` detached)
+    """
+    x_t = adapter.add_noise(x0, noise, timesteps)
+    with torch.no_grad():
+        target = target_fn(x_t, timesteps)
+    per_sample = ((adapter.predict_noise(x_t, timesteps, condition).float() - target.float()) ** 2).flatten(1).mean(1)
+    return per_sample.mean(), per_sample.detach()

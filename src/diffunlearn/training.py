@@ -9,18 +9,20 @@ across processes, writes the combined direction into ``.grad`` and steps the opt
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UnlearnConfig
 from .errors import UserError
-from .losses import denoising_loss, draw_noise, forget_objective
+from .losses import denoising_loss, draw_noise, esd_target, forget_objective, matching_loss
 from .methods import Method
 from .parallel import Parallel
 from .updates import gradient_gram, gradient_stats
@@ -70,6 +72,17 @@ def make_optimizer(cfg: UnlearnConfig, params: list[torch.nn.Parameter]) -> torc
     return torch.optim.Adam(params, lr=cfg.lr)
 
 
+class Chunk(NamedTuple):
+    """One process's micro-batch of a global batch."""
+
+    x0: torch.Tensor
+    cond: Any
+    noise: torch.Tensor
+    t: torch.Tensor
+    share: float          # chunk rows / global batch rows
+    rows: torch.Tensor    # the chunk's row indices in the data set (to fetch paired anchors)
+
+
 def _to(condition, device: torch.device):
     return condition.to(device) if hasattr(condition, "to") else condition
 
@@ -115,51 +128,47 @@ class GradientEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def chunks(self, x0: torch.Tensor, cond, rows: torch.Tensor) -> list[tuple]:
-        """Noise and timesteps for the GLOBAL batch ``rows``, then this process's rows in micro-batches.
-
-        Returns:
-            a list of (x0, condition, noise, timesteps, share), share = chunk rows / global rows.
-        """
+    def chunks(self, x0: torch.Tensor, cond, rows: torch.Tensor) -> list[Chunk]:
+        """Noise and timesteps for the GLOBAL batch ``rows``, then this process's rows in micro-batches."""
         noise, t = draw_noise(x0[rows], self.adapter.num_train_timesteps, self.gen)
         mine = torch.arange(len(rows))[self.parallel.shard(len(rows))]
         out = []
         for part in mine.tensor_split(min(self.micro_batches, max(len(mine), 1))):
             if len(part):
                 local = rows[part]
-                out.append((x0[local].to(self.device), _to(cond[local], self.device), noise[part].to(self.device),
-                            t[part].to(self.device), len(part) / len(rows)))
+                out.append(Chunk(x0[local].to(self.device), _to(cond[local], self.device),
+                                 noise[part].to(self.device), t[part].to(self.device), len(part) / len(rows), local))
         return out
 
-    def mean_loss(self, chunks: list[tuple]) -> float:
+    def mean_loss(self, chunks: list[Chunk]) -> float:
         """Global batch mean of the denoising loss, without gradients."""
         total = 0.0
         with torch.no_grad(), self.autocast():
-            for x0, cond, noise, t, share in chunks:
-                total += float(denoising_loss(self.adapter, x0, cond, noise, t).mean()) * share
+            for c in chunks:
+                total += float(denoising_loss(self.adapter, c.x0, c.cond, c.noise, c.t).mean()) * c.share
         return self.parallel.sum_scalar(total)
 
-    def grads(self, chunks: list[tuple], objective: Callable, weight: float = 1.0
+    def grads(self, chunks: list[Chunk], objective: Callable, weight: float = 1.0
               ) -> tuple[list[torch.Tensor], float]:
         """Σ over chunks and processes of ∇(objective(chunk) · share · weight); zeros for unused
-        parameters. ``objective(x0, cond, noise, t) -> (scalar, per-sample loss)``.
+        parameters. ``objective(chunk) -> (scalar, per-sample loss)``.
 
         Returns:
             (gradients, global batch mean of the per-sample loss)
         """
         total: list[torch.Tensor] | None = None
         loss = 0.0
-        for x0, cond, noise, t, share in chunks:
+        for c in chunks:
             with self.autocast():
-                value, per_sample = objective(x0, cond, noise, t)
-            found = torch.autograd.grad(value * share * weight * self.scaler.scale, self.params, allow_unused=True)
+                value, per_sample = objective(c)
+            found = torch.autograd.grad(value * c.share * weight * self.scaler.scale, self.params, allow_unused=True)
             if total is None:
                 total = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, found)]
             else:
                 for acc, g in zip(total, found):
                     if g is not None:
                         acc.add_(g)
-            loss += float(per_sample.detach().mean()) * share
+            loss += float(per_sample.detach().mean()) * c.share
         if total is None:  # this process holds no rows of the batch
             total = [torch.zeros_like(p) for p in self.params]
         self.parallel.sum_(total)
@@ -168,14 +177,15 @@ class GradientEngine:
                 g.div_(self.scaler.scale)
         return total, self.parallel.sum_scalar(loss)
 
-    def remain_grads(self, chunks: list[tuple], weight: float = 1.0) -> tuple[list[torch.Tensor], float]:
-        def objective(x0, cond, noise, t):
-            per_sample = denoising_loss(self.adapter, x0, cond, noise, t)
+    def remain_grads(self, chunks: list[Chunk], weight: float = 1.0) -> tuple[list[torch.Tensor], float]:
+        """Gradient of the denoising loss (the remain objective; also the saliency of SalUn)."""
+        def objective(c: Chunk):
+            per_sample = denoising_loss(self.adapter, c.x0, c.cond, c.noise, c.t)
             return per_sample.mean(), per_sample
 
         return self.grads(chunks, objective, weight)
 
-    def forget_grads(self, chunks: list[tuple], cfg: UnlearnConfig) -> tuple[list[torch.Tensor], float]:
+    def forget_grads(self, chunks: list[Chunk], cfg: UnlearnConfig) -> tuple[list[torch.Tensor], float]:
         """Gradient of the capped forget objective (:func:`losses.forget_objective`). The batch hinge is
         decided on the GLOBAL batch mean: taken from the chunk's own forward when each process
         holds one chunk (an all-reduce), from a no-gradient pass first when batches are accumulated."""
@@ -183,12 +193,20 @@ class GradientEngine:
             known = self.mean_loss(chunks)
             decide = lambda m: known  # noqa: E731
         else:
-            share = chunks[0][4] if chunks else 0.0
+            share = chunks[0].share if chunks else 0.0
             decide = lambda m: self.parallel.sum_scalar(float(m) * share)  # noqa: E731
 
-        def objective(x0, cond, noise, t):
-            return forget_objective(self.adapter, x0, cond, noise, t, cfg.forget_cap, cfg.margin, cfg.alpha,
+        def objective(c: Chunk):
+            return forget_objective(self.adapter, c.x0, c.cond, c.noise, c.t, cfg.forget_cap, cfg.margin, cfg.alpha,
                                     batch_mean=decide)
+
+        return self.grads(chunks, objective)
+
+    def matching_grads(self, chunks: list[Chunk], target_fn: Callable) -> tuple[list[torch.Tensor], float]:
+        """Gradient of ‖ε_θ(x_t, c) − target‖² with ``target_fn(chunk, x_t, t)`` computed without gradient
+        (ESD's guided target, SalUn's anchor prediction; :func:`losses.matching_loss`)."""
+        def objective(c: Chunk):
+            return matching_loss(self.adapter, c.x0, c.cond, c.noise, c.t, lambda x_t, t: target_fn(c, x_t, t))
 
         return self.grads(chunks, objective)
 
@@ -206,6 +224,31 @@ class GradientEngine:
                 acc.add_(g)
             loss_sum += loss * len(rows)
         return total, loss_sum / n
+
+
+def frozen_copy(adapter):
+    """A frozen copy of the model as it is now (ESD's and SalUn's reference ε₀); costs one UNet of memory."""
+    clone = copy.copy(adapter)
+    clone.unet = copy.deepcopy(adapter.unet).eval().requires_grad_(False)
+    return clone
+
+
+def saliency_masks(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond, cfg: UnlearnConfig
+                   ) -> list[torch.Tensor]:
+    """SalUn's weight saliency (Fan et al. 2024): keep the ``cfg.saliency_fraction`` of parameter
+    entries with the largest |∇ forget denoising loss|, over up to four batches of forget data.
+
+    The threshold is global over all trainable entries (ties at the threshold are kept, so the kept
+    fraction can exceed the target only by tied entries). Returns one bool mask per parameter.
+    """
+    n = len(forget_x0)
+    rows = torch.randperm(n, generator=engine.gen)[:min(n, 4 * cfg.batch_size)]
+    grads, _ = engine.remain_grads(engine.chunks(forget_x0, forget_cond, rows))
+    magnitudes = torch.cat([g.abs().reshape(-1).float() for g in grads])
+    keep = max(1, round(cfg.saliency_fraction * magnitudes.numel()))
+    threshold = torch.kthvalue(magnitudes.cpu(), magnitudes.numel() - keep + 1).values.item()
+    del magnitudes
+    return [g.abs() >= threshold for g in grads]
 
 
 def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor, forget_cond,
@@ -240,6 +283,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         raise ValueError(f"paired batches need forget and remain sets of equal length, got "
                          f"{len(forget_x0)} and {len(remain_x0)}")
     parallel = parallel or Parallel()
+    reference = frozen_copy(adapter) if method.needs_reference else None  # before LoRA is injected
     named = adapter.trainable_parameters(cfg.selection)
     params = [p for _, p in named]
     optimizer = make_optimizer(cfg, params)
@@ -250,6 +294,12 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     order = torch.randperm(n, generator=gen)
     cursor, first_step = 0, 1
     history: list[dict] = []
+    masks = None  # computed before a checkpoint is restored
+    if method.saliency:
+        # From the ORIGINAL weights with its own generator, so a resumed run rebuilds the same mask.
+        masks = saliency_masks(GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 7919),
+                                              parallel, None, amp_dtype, cfg.micro_batches),
+                               forget_x0, forget_cond, cfg)
     if resume and checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
         state = load_checkpoint(found, named, optimizer, gen)
         order, cursor, first_step = state["order"], state["cursor"], state["step"] + 1
@@ -263,6 +313,21 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         raise UserError(f"{parallel.world_size} processes cannot share a batch of {cfg.batch_size}; use batch_size >= "
                         "the number of processes")
     engine = GradientEngine(adapter, params, gen, parallel, scaler, amp_dtype, cfg.micro_batches)
+    target_fn = None
+    device = engine.device
+    if method.forget_loss == "esd":
+        uncond = adapter.encode_prompts([""])
+
+        def target_fn(c: Chunk, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            empty = _to(uncond[torch.zeros(len(x_t), dtype=torch.long)], device)
+            return esd_target(reference.predict_noise(x_t, t, empty), reference.predict_noise(x_t, t, c.cond),
+                              cfg.esd_eta)
+    elif method.forget_loss == "remap":
+        anchors = remain_cond if not cfg.anchor else adapter.encode_prompts([cfg.anchor])
+
+        def target_fn(c: Chunk, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            rows = c.rows if not cfg.anchor else torch.zeros(len(x_t), dtype=torch.long)
+            return reference.predict_noise(x_t, t, _to(anchors[rows], device))
 
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path and parallel.is_main else None
     bar = tqdm(range(first_step, cfg.steps + 1), desc=f"unlearn {method.name}", leave=False,
@@ -275,9 +340,15 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
             f_chunks = engine.chunks(forget_x0, forget_cond, idx)
-            g_f, f_loss = engine.forget_grads(f_chunks, cfg)
+            if not method.uses_forget:  # fine-tuning: the forget batch is only logged
+                g_f, f_loss = None, engine.mean_loss(f_chunks)
+            elif target_fn is not None:
+                g_f, f_loss = engine.matching_grads(f_chunks, target_fn)
+            else:
+                g_f, f_loss = engine.forget_grads(f_chunks, cfg)
             record = {"step": step, "forget_loss": f_loss}
-            record["forget_active"] = cfg.forget_cap != "hinge" or f_loss <= cfg.margin
+            record["forget_active"] = (method.uses_forget and (method.forget_loss != "ascent"
+                                                               or cfg.forget_cap != "hinge" or f_loss <= cfg.margin))
             r_chunks = engine.chunks(remain_x0, remain_cond, idx)
             g_r = None
             if method.uses_remain and method.remain_scope == "batch":
@@ -288,7 +359,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 if method.uses_remain:
                     g_r, _ = engine.full_remain_grads(remain_x0, remain_cond, cfg.batch_size)
             finite = math.isfinite(record["forget_loss"]) and math.isfinite(record["remain_loss"])
-            finite = finite and _finite(g_f) and (g_r is None or _finite(g_r))
+            finite = finite and (g_f is None or _finite(g_f)) and (g_r is None or _finite(g_r))
             if not finite and scaler.enabled and math.isfinite(record["forget_loss"]):
                 scaler.update(False)  # fp16 gradient overflow: skip this step at a lower scale
                 record.update({"skipped": True, "loss_scale": scaler.scale})
@@ -302,12 +373,15 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 raise TrainingDiverged(f"step {step}: a loss or gradient became NaN/inf; lower `lr` (now {cfg.lr}) "
                                        f"or set `max_grad_norm`, then rerun with --force{kept}")
             gram = None
-            if g_r is not None:
+            if g_r is not None and g_f is not None:
                 gram = gradient_gram(g_f, g_r)  # shared by the log and the update rule: computed once
                 stats = gradient_stats(g_f, g_r, gram)
                 record.update(stats)
                 record["projected"] = bool(stats["conflict"] and method.projects)
             direction = method.combine(g_f, g_r, cfg.remain_weight, gram)
+            if masks is not None:
+                for d, m in zip(direction, masks):
+                    d.mul_(m)  # SalUn: entries outside the saliency mask get no gradient, so Adam leaves them
             del g_f, g_r  # the optimizer's first step allocates its moments: free both gradients first
             if cfg.max_grad_norm > 0:
                 norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction)).item()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from . import ga, graddiff, rg, rg_flat, rgd
+from . import esd, ft, ga, graddiff, rg, rg_flat, rgd, salun
 from .base import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (ga, graddiff, rg, rgd, rg_flat)}
+METHODS: dict[str, Method] = {m.name: m for m in (ga.METHOD, graddiff.METHOD, rg.METHOD, rgd.METHOD, esd.ESD_U,
+                                                   esd.ESD_X, salun.METHOD, ft.METHOD, rg_flat.METHOD)}
 
 
 def get_method(name: str) -> Method:

@@ -28,6 +28,14 @@ class Method:
         defaults: config values tuned for this method (digit world, training prompts; README
             "Tuning"); they override the global defaults and are overridden by config files and
             ``key=value``.
+        forget_loss: the objective on forget batches (:mod:`diffunlearn.losses`): ``"ascent"``
+            (capped gradient ascent on the denoising loss), ``"esd"`` (match a frozen copy's
+            negatively guided prediction), ``"remap"`` (match a frozen copy's prediction for an
+            anchor prompt), or ``"none"`` (no forget gradient: fine-tuning on the remain set).
+        saliency: train only the parameters entries with the largest forget-gradient magnitude
+            (SalUn's mask, fraction ``saliency_fraction``).
+        variant: config values that define this method (e.g. ESD-x's cross-attention selection);
+            applied for every model family, under config files and ``key=value``.
     """
 
     name: str
@@ -37,3 +45,15 @@ class Method:
     combine: Combine
     projects: bool = False
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forget_loss: str = "ascent"
+    saliency: bool = False
+    variant: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def uses_forget(self) -> bool:
+        return self.forget_loss != "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares with a frozen copy of the original model."""
+        return self.forget_loss in ("esd", "remap")

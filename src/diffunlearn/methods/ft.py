@@ -1,0 +1,14 @@
+"""Fine-tuning (FT) on the remain set only: the weakest baseline in Ko et al. (NeurIPS 2024), which
+relies on catastrophic forgetting of everything the remain set does not show."""
+
+from .base import Method
+
+METHOD = Method(
+    name="ft",
+    summary="fine-tune on the remain set only (no forget term)",
+    uses_remain=True,
+    remain_scope="batch",
+    combine=lambda forget, remain, weight, gram=None: [r.clone() for r in remain],
+    forget_loss="none",
+    defaults={"lr": 5e-5, "steps": 100},
+)
