@@ -38,6 +38,31 @@ def _command_line(argv: list[str]) -> str:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DEMO_METHODS, run_demo
 
+    if args.all_methods:
+        from .leaderboard import CONCEPTS, LEADERBOARD_METHODS, run_leaderboard
+        from .worlds.digits import COLOURS, DIGITS
+
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        concepts = tuple(c.strip() for c in args.concepts.split(",") if c.strip()) if args.concepts else CONCEPTS
+        for c in concepts:
+            if c not in DIGITS + COLOURS:
+                raise UserError(f"unknown concept {c!r} in --concepts; use digit or colour words such as three,red")
+        methods = LEADERBOARD_METHODS
+        if args.methods:
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        from .methods import get_method
+
+        for m in methods:
+            get_method(m)
+        out = Path(args.out) if args.out else Path("runs") / "leaderboard"
+        print(run_leaderboard(out, methods, concepts, seeds, args.overrides, args.force, not args.quiet,
+                              args.command_line))
+        print(f"\nwrote {out}/leaderboard.md")
+        return
+
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEMO_METHODS
     from .methods import get_method
 
@@ -234,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-CONCEPT-TIME)")
     p.add_argument("--force", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--all-methods", action="store_true",
+                   help="the leaderboard: every method on both concepts over --seeds (default out runs/leaderboard)")
+    p.add_argument("--seeds", default="0,1,2", help="with --all-methods: comma-separated seeds")
+    p.add_argument("--concepts", default=None, help="with --all-methods: comma-separated (default three,red)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     p.set_defaults(func=cmd_demo)
 
