@@ -9,6 +9,8 @@ Usage:
   diffunlearn data build configs/sd-nudity.yaml model=/models/sd-v1-4 --out data/nudity
   diffunlearn eval runs/nudity --metrics alignment,nudenet --prompts template:nudity:test:forget i2p.csv
   diffunlearn compare runs/base-eval runs/nudity runs/van-gogh --out leaderboard
+  diffunlearn sweep configs/digits-rg.yaml remain_weight=0.5,1,5 forget_cap=hinge,none --out runs/sweep
+  diffunlearn demo --all-methods             every method, both embedded concepts, 3 seeds
   diffunlearn bench --preset small --json bench.json
   diffunlearn model init --preset tiny --out tiny-sd
   diffunlearn world train-base --out my-base
@@ -128,16 +130,10 @@ def _device(name: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate.base import MetricOptions
     from .evaluate.suite import SamplerSettings, evaluate
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    options = MetricOptions(
-        clip_model=args.clip_model, nudenet_threshold=args.nudenet_threshold, feature=args.feature,
-        reference=args.reference or "", classes=tuple(c.strip() for c in (args.classes or "").split(",") if c.strip()),
-        target_class=args.target_class or "", classifier=args.classifier or "", concept=args.concept or "",
-        batch_size=args.batch_size, cache_dir=args.cache_dir or str(Path.home() / ".cache" / "diffunlearn"),
-        device=_device(args.device))
+    options = _metric_options(args)
     sampler = None
     if args.steps is not None or args.guidance is not None or args.seed is not None:
         if None in (args.steps, args.guidance, args.seed):
@@ -153,6 +149,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if results:
         print(json.dumps(results["metrics"], indent=2))
         print(f"wrote {out}")
+
+
+def _metric_options(args: argparse.Namespace):
+    from .evaluate.base import MetricOptions
+
+    return MetricOptions(
+        clip_model=args.clip_model, nudenet_threshold=args.nudenet_threshold, feature=args.feature,
+        reference=args.reference or "", classes=tuple(c.strip() for c in (args.classes or "").split(",") if c.strip()),
+        target_class=args.target_class or "", classifier=args.classifier or "", concept=args.concept or "",
+        batch_size=args.batch_size, cache_dir=args.cache_dir or str(Path.home() / ".cache" / "diffunlearn"),
+        device=_device(args.device))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    run_sweep(args.config, list(args.overrides), out, args.force, not args.quiet, args.command_line, metrics,
+              args.prompts, _metric_options(args) if metrics else None)
+    print((out / "sweep.md").read_text())
+    print(f"wrote {out}/sweep.json, sweep.md and pareto.png")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -245,6 +263,20 @@ def cmd_env(args: argparse.Namespace) -> None:
     print(json.dumps(environment(), indent=2))
 
 
+def _metric_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clip-model", default="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+                   help="CLIP folder or hub id for alignment/classifier/clip features")
+    p.add_argument("--nudenet-threshold", type=float, default=0.6)
+    p.add_argument("--feature", choices=("clip", "oracle", "inception"), default="clip", help="fid/kid features")
+    p.add_argument("--reference", default=None, help="folder of real images for fid/kid")
+    p.add_argument("--classes", default=None, help="comma-separated class names for the classifier metric")
+    p.add_argument("--target-class", default=None, help="the forgotten class (classifier metric)")
+    p.add_argument("--classifier", default=None, help="image-classifier folder (default: zero-shot CLIP)")
+    p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/diffunlearn)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import EMBEDDED
 
@@ -297,20 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="image i uses seed*100000+i unless the file gives seeds")
     p.add_argument("--resolution", type=int, default=0, help="image side; 0 = the model's default")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--clip-model", default="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
-                   help="CLIP folder or hub id for alignment/classifier/clip features")
-    p.add_argument("--nudenet-threshold", type=float, default=0.6)
-    p.add_argument("--feature", choices=("clip", "oracle", "inception"), default="clip", help="fid/kid features")
-    p.add_argument("--reference", default=None, help="folder of real images for fid/kid")
-    p.add_argument("--classes", default=None, help="comma-separated class names for the classifier metric")
-    p.add_argument("--target-class", default=None, help="the forgotten class (classifier metric)")
-    p.add_argument("--classifier", default=None, help="image-classifier folder (default: zero-shot CLIP)")
-    p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
-    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/diffunlearn)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _metric_flags(p)
     p.add_argument("--force", action="store_true", help="redo a finished evaluation (finished images are reused)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="run a grid of configs, evaluate each, table + Pareto plot (resumable)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (or the first key=v1,v2 entry)")
+    p.add_argument("overrides", nargs="*", metavar="key=v1,v2", help="grid entries; one value = fixed override")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-TIME)")
+    p.add_argument("--metrics", default=None, help="evaluate each run with these metrics (Stable Diffusion runs)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="SPEC", help="prompt sets for --metrics")
+    p.add_argument("--batch-size", type=int, default=8, help="metric batch size")
+    _metric_flags(p)
+    p.add_argument("--force", action="store_true", help="rerun finished points")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="evaluations side by side: table, leaderboard.md, plot, image grid")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")

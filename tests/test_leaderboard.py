@@ -1,0 +1,36 @@
+"""The embedded leaderboard: mean ± std over seeds of per-seed demo summaries, resumable."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from diffunlearn.leaderboard import leaderboard_table, run_leaderboard
+
+
+def test_table_arithmetic_on_hand_made_runs():
+    runs = {"three": {"rg": [{"forget_score": 0.0, "alignment": 1.0, "quality_fd": 100.0, "seconds": 10.0},
+                             {"forget_score": 0.2, "alignment": 0.8, "quality_fd": 300.0, "seconds": 30.0}]}}
+    table = leaderboard_table(runs)
+    assert "| three | rg | 0.100 ± 0.141 | 0.900 ± 0.141 | 200 ± 141 | 20 ± 14 | 2 |" in table
+
+
+def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "board"
+    small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8"]
+    table = run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False)
+    summaries = [json.loads((out / f"three-seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    fs = [s["methods"]["rg"]["forget_score"] for s in summaries]
+    assert f"{statistics.fmean(fs):.3f} ± {statistics.stdev(fs):.3f}" in table.split("| three | rg |")[1]
+    assert summaries[0]["settings"]["rg"]["seed"] == 0 and summaries[1]["settings"]["rg"]["data_seed"] == 1
+    saved = json.loads((out / "leaderboard.json").read_text())
+    assert set(saved["results"]["three"]) == {"base", "ga", "rg"} and len(saved["results"]["three"]["rg"]) == 2
+    assert "Embedded leaderboard" in (out / "leaderboard.md").read_text()
+
+    import diffunlearn.leaderboard as lb
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished (concept, seed) was run again")
+
+    monkeypatch.setattr(lb, "run_demo", refuse)
+    assert run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False) == table
