@@ -23,9 +23,25 @@ DEMO_METHODS = ("ga", "graddiff", "rg")
 GRID_COLUMNS = 8
 
 
+def finished_run(folder: Path, cfg: UnlearnConfig) -> dict | None:
+    """The results of a method folder that finished with exactly ``cfg``, else None."""
+    import yaml
+
+    results, config = folder / "results.json", folder / "config.yaml"
+    if not results.is_file() or not config.is_file() or not (folder / "model").is_dir():
+        return None
+    if yaml.safe_load(config.read_text()) != cfg.to_dict():  # the first line is a comment
+        return None
+    return json.loads(results.read_text())
+
+
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,
              force: bool = False, progress: bool = True, command: str = "diffunlearn demo") -> dict:
-    """Run the demo; returns the summary written to ``out/summary.json``."""
+    """Run the demo; returns the summary written to ``out/summary.json``.
+
+    A method whose folder already holds a finished run with the same config is reused (an
+    interrupted demo resumes), unless ``force``.
+    """
     # Every config is validated (concept, method, overrides) before any work starts.
     configs = {m: build_config(None, overrides, base={"concept": concept, "method": m}) for m in methods}
     base_cfg: UnlearnConfig = configs[methods[0]] if methods else build_config(None, overrides, {"concept": concept})
@@ -43,8 +59,15 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
                                   "evaluation_seconds": time.perf_counter() - started}
     evaluations["base"] = evaluation
     for name in methods:
-        results, evaluation = run_method(adapter, data, configs[name], out / name, oracle,
-                                         f"{command} (method {name})", progress)
+        results = None if force else finished_run(out / name, configs[name])
+        if results is not None:
+            # Finished before an interruption: reuse it, re-scoring only to get its pictures back.
+            trained, _ = load_adapter(str(out / name / "model"), text_encoder=adapter.text_encoder)
+            evaluation = evaluate_world(trained, oracle, concept, base_cfg.eval_prompts, "test", base_cfg.eval_seed,
+                                        base_cfg.eval_steps, base_cfg.eval_guidance, progress)
+        else:
+            results, evaluation = run_method(adapter, data, configs[name], out / name, oracle,
+                                             f"{command} (method {name})", progress)
         summary["methods"][name] = {k: results[k] for k in ("forget_score", "alignment", "alignment_per_attribute",
                                                             "quality_fd", "seconds")}
         summary["methods"][name]["training"] = results["training"]
