@@ -60,7 +60,7 @@ def load_results(run: Path) -> dict[str, float]:
     return flat
 
 
-def _pick(values: dict[str, float], choices) -> tuple[str, float] | None:
+def pick_measure(values: dict[str, float], choices) -> tuple[str, float] | None:
     for metric, set_name, key in choices:
         name = f"{metric}/{set_name}/{key}"
         if name in values:
@@ -120,7 +120,7 @@ def compare(runs: list[Path], out: Path) -> str:
     text = "\n".join(table)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Leaderboard", "", text, ""]
-    points = {label: (_pick(v, FORGETTING), _pick(v, ALIGNMENT)) for label, v in values.items()}
+    points = {label: (pick_measure(v, FORGETTING), pick_measure(v, ALIGNMENT)) for label, v in values.items()}
     same_axes = len({(f[0], a[0]) for f, a in points.values() if f and a}) == 1
     if all(f and a for f, a in points.values()) and same_axes:
         from .report import _matplotlib

@@ -258,7 +258,7 @@ def _number(value: Any) -> float | None:
 
 def _row(point: GridPoint, run_dir: Path) -> dict[str, Any]:
     """One table row from what the run folder holds (so a skipped run gives the identical row)."""
-    from .compare import ALIGNMENT, FORGETTING, _pick, load_results
+    from .compare import ALIGNMENT, FORGETTING, load_results, pick_measure
 
     try:
         flat = load_results(run_dir)
@@ -266,7 +266,7 @@ def _row(point: GridPoint, run_dir: Path) -> dict[str, Any]:
         flat = {}  # finished but never evaluated: still listed, with "-" for its numbers
     flat = {k: _number(v) for k, v in sorted(flat.items())}
     finite = {k: v for k, v in flat.items() if v is not None}
-    forgetting, alignment = _pick(finite, FORGETTING), _pick(finite, ALIGNMENT)
+    forgetting, alignment = pick_measure(finite, FORGETTING), pick_measure(finite, ALIGNMENT)
     results = json.loads((run_dir / "results.json").read_text())
     return {
         "run": point.name,

@@ -160,7 +160,8 @@ class ClassifierMetric:
                 out.append(self._model(pixel_values=pixels).logits.argmax(-1).cpu())
             index = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
         else:
-            assert self._text_emb is not None
+            if self._text_emb is None:
+                raise RuntimeError("zero-shot class embeddings were not built before predict()")
             # Argmax of cosine = argmax of CLIP's logits (logit_scale > 0 only rescales them).
             emb = self._model.image_embeddings(images, self.options.batch_size)
             index = (emb @ self._text_emb.T).argmax(-1)

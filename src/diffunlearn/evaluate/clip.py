@@ -68,7 +68,8 @@ class ImagePreprocess:
             new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
             target = (new_short, new_long) if height <= width else (new_long, new_short)
         else:
-            assert self.size is not None
+            if self.size is None:
+                raise RuntimeError("ImagePreprocess needs shortest_edge or size; build it with preprocess_from_config")
             target = self.size
         if tuple(target) != (height, width):
             x = F.interpolate(x, size=target, mode="bicubic", align_corners=False, antialias=True)
