@@ -166,8 +166,7 @@ def save_model(adapter, cfg: UnlearnConfig, out: Path) -> str:
     fmt = save_format(cfg, adapter)
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    {"pixel": adapter.save, "pipeline": getattr(adapter, "save", None), "unet": getattr(adapter, "save_unet", None),
-     "lora": getattr(adapter, "save_lora", None)}[fmt](tmp)
+    getattr(adapter, {"pixel": "save", "pipeline": "save", "unet": "save_unet", "lora": "save_lora"}[fmt])(tmp)
     shutil.rmtree(out / "model", ignore_errors=True)
     tmp.rename(out / "model")
     return fmt
