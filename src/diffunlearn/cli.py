@@ -14,6 +14,8 @@ Usage:
   diffunlearn bench --preset small --json bench.json
   diffunlearn model init --preset tiny --out tiny-sd
   diffunlearn world train-base --out my-base
+  diffunlearn demo --track class --classes three,seven   forget digits of the class-conditional model
+  diffunlearn world train-base --track class --out my-class-base
   diffunlearn world check [MODEL]           oracle accuracy of a model on held-out prompts
   diffunlearn methods                       list the methods
   diffunlearn env                           versions, for bug reports
@@ -37,9 +39,32 @@ def _command_line(argv: list[str]) -> str:
     return "diffunlearn " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _class_demo(args: argparse.Namespace) -> None:
+    from .class_demo import CLASS_DEMO_METHODS, run_class_demo
+    from .methods import get_method
+    from .worlds.class_digits import CLASS_NAMES
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    for c in classes or ():
+        if c not in CLASS_NAMES:
+            raise UserError(f"unknown class {c!r} in --classes; use digit words such as three,seven")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else CLASS_DEMO_METHODS
+    for m in methods:
+        get_method(m)
+    out = Path(args.out) if args.out else Path("runs") / "class-demo"
+    summary = run_class_demo(out, classes, methods, not args.no_ablation, args.overrides, args.force,
+                             args.keep_models, not args.quiet, args.command_line)
+    print((out / "report.md").read_text().split("## Per class")[0].rstrip())
+    print(f"\nwrote {out}/summary.json and {out}/report.md ({len(summary['classes'])} classes)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DEMO_METHODS, run_demo
 
+    if args.track == "class":
+        return _class_demo(args)
+    if args.classes or args.no_ablation or args.keep_models:
+        raise UserError("--classes, --no-ablation and --keep-models belong to the class track; add --track class")
     if args.all_methods:
         from .leaderboard import CONCEPTS, LEADERBOARD_METHODS, run_leaderboard
         from .worlds.digits import COLOURS, DIGITS
@@ -217,7 +242,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "training.json").exists() and not args.force:
         raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
-    final = train_base(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    if args.track == "class":
+        if args.init:
+            raise UserError("--init applies to the text track only; drop it or use --track text")
+        from .worlds.class_digits import train_class_base
+
+        final = train_class_base(out, steps=args.steps or 2500, batch_size=args.batch_size, seed=args.seed,
+                                 progress=not args.quiet)
+        print(json.dumps(final, indent=2))
+        return
+    final = train_base(out, steps=args.steps or 6000, batch_size=args.batch_size, seed=args.seed,
                        init=Path(args.init) if args.init else None, progress=not args.quiet)
     print(json.dumps(final, indent=2))
 
@@ -295,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the leaderboard: every method on both concepts over --seeds (default out runs/leaderboard)")
     p.add_argument("--seeds", default="0,1,2", help="with --all-methods: comma-separated seeds")
     p.add_argument("--concepts", default=None, help="with --all-methods: comma-separated (default three,red)")
+    p.add_argument("--track", choices=("text", "class"), default="text",
+                   help="class: Table 1/3 on the class-conditional digits model (default out runs/class-demo)")
+    p.add_argument("--classes", default=None, help="with --track class: target digits (default: all ten)")
+    p.add_argument("--no-ablation", action="store_true", help="with --track class: skip the two-class remain set")
+    p.add_argument("--keep-models", action="store_true", help="with --track class: save every unlearned model")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     p.set_defaults(func=cmd_demo)
 
@@ -379,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = w.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
     p = wsub.add_parser("train-base", help="train the digit world's base model from scratch")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--track", choices=("text", "class"), default="text",
+                   help="class: the class-conditional digits model (embedded:digits-class)")
+    p.add_argument("--steps", type=int, default=None, help="default 6000 (text) or 2500 (class)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="continue from the UNet of this model folder")

@@ -43,6 +43,10 @@ def load_results(run: Path) -> dict[str, float]:
     except UserError:
         results_path = run / "results.json"
         plain = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        if "ua" in plain:
+            # A class-conditional world run: the oracle's UA/RA/FD, under the classifier metric's names.
+            return {"classifier/forget/ua": plain["ua"], "classifier/forget/ua_complement": 1.0 - plain["ua"],
+                    "classifier/remain/ra": plain["ra"], "oracle/remain/quality_fd": plain["fd"]}
         if "forget_score" not in plain:
             raise
         # A digit-world run not evaluated separately: the oracle's numbers from `unlearn`/`demo`.

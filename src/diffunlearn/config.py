@@ -13,6 +13,7 @@ import yaml
 from .errors import UserError
 
 EMBEDDED = "embedded:digits"
+EMBEDDED_CLASS = "embedded:digits-class"  # the class-conditional track's committed base model
 
 
 @dataclasses.dataclass
@@ -20,8 +21,8 @@ class UnlearnConfig:
     """Everything one unlearning run needs. Defaults are the digit world's tuned values (README)."""
 
     # --- model and concept ---
-    model: str = EMBEDDED          # a model folder, or "embedded:digits" for the committed base model
-    concept: str = "three"         # the word to forget (a digit or a colour in the digit world)
+    model: str = EMBEDDED          # a model folder, "embedded:digits" or "embedded:digits-class" (committed models)
+    concept: str = "three"         # the word to forget (a digit or a colour in the digit world; a class name)
     method: str = "rg"             # a key of diffunlearn.methods.METHODS
     selection: str = "full"        # trainable UNet parameters: full, cross-attention, non-cross-attention, lora
     lora_rank: int = 4             # LoRA rank (selection "lora", through peft)
@@ -34,6 +35,9 @@ class UnlearnConfig:
     data_steps: int = 12           # sampler steps when the base model generates the training images
     data_guidance: float = 4.0     # classifier-free guidance for those images
     data_dir: str = ""             # a folder from `diffunlearn data build`; empty = build inside the run folder
+    images: str = ""               # class-conditional: ImageFolder or .npz of training images ("" = embedded)
+    remain_per_class: int = 50     # class-conditional: remain images drawn from each other class (balanced D_r)
+    remain_classes: str = ""       # class-conditional: "a,b" = low-diversity control (same total, these classes)
     resolution: int = 0            # image side for generated data and samples; 0 = the model's default
     sample_batch_size: int = 0     # images per sampler call; 0 = auto (256 for digit-world models, else batch_size)
     # --- optimisation (PAPER.md §2) ---
@@ -77,6 +81,17 @@ SD_DEFAULTS: dict[str, Any] = {
     "concept": "nudity", "num_pairs": 800, "data_steps": 50, "data_guidance": 7.5, "steps": 100,
     "batch_size": 8, "lr": 1e-5, "remain_weight": 1.6, "margin": 1.1, "eval_steps": 50, "eval_guidance": 7.5,
 }
+# Class-conditional models (a user's checkpoint) start from the CIFAR-10 reference recipe (PAPER.md
+# §1-2): Adam lr 1e-5, batch 64, 782 steps, λ 5, element-wise cap α 0.1; DDIM 50 steps, no guidance.
+CLASS_DEFAULTS: dict[str, Any] = {
+    "steps": 782, "batch_size": 64, "lr": 1e-5, "remain_weight": 5.0, "forget_cap": "elementwise", "alpha": 0.1,
+    "eval_steps": 50, "eval_guidance": 1.0,
+}
+# The embedded class-conditional world's values, tuned on one class with seeds the evaluation never
+# uses (README "Class-conditional track").
+CLASS_WORLD_DEFAULTS: dict[str, Any] = {
+    **CLASS_DEFAULTS, "steps": 100, "batch_size": 32, "lr": 1e-4, "eval_steps": 20, "eval_guidance": 2.0,
+}
 CHOICES = {
     "selection": ("full", "cross-attention", "non-cross-attention", "lora"),
     "mixed_precision": ("no", "bf16", "fp16"),
@@ -87,7 +102,7 @@ CHOICES = {
     "forget_cap": ("hinge", "elementwise", "none"),
 }
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
-                "micro_batches")
+                "micro_batches", "remain_per_class")
 NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
                 "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta")
 
@@ -159,7 +174,11 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
 
     method = values.get("method", UnlearnConfig.method)
     variant = METHODS[method].variant if method in METHODS else {}
-    if str(values.get("model", UnlearnConfig.model)) != EMBEDDED:
+    kind = model_kind(str(values.get("model", UnlearnConfig.model)))
+    if kind == "class":
+        recipe = CLASS_WORLD_DEFAULTS if str(values.get("model")) == EMBEDDED_CLASS else CLASS_DEFAULTS
+        values = {**recipe, **variant, **values}
+    elif str(values.get("model", UnlearnConfig.model)) != EMBEDDED:
         values = {**SD_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
@@ -173,6 +192,28 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     if errors:
         raise UserError("invalid configuration: " + "; ".join(errors))
     return cfg
+
+
+def model_kind(model: str) -> str:
+    """``"class"`` for a class-conditional model (the embedded one, a folder saved by its adapter, or
+    a diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings), ``"text"`` otherwise.
+    Read from the folder's JSON files only; a missing or unreadable folder counts as ``"text"`` (the
+    loader reports it)."""
+    import json
+
+    if model == EMBEDDED_CLASS:
+        return "class"
+    folder = Path(model).expanduser()
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if index.get("_diffunlearn_adapter") == "class":
+            return "class"
+        if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            return "class" if unet.get("num_class_embeds") else "text"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "text"
 
 
 def validate(cfg: UnlearnConfig) -> list[str]:
@@ -202,7 +243,19 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.concept not in DIGITS + COLOURS:
             errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
                           f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
-    if cfg.model != EMBEDDED:
+    kind = model_kind(cfg.model)
+    if kind == "class":
+        # Class names come from the model (checked when its data is built); the selection can be checked now.
+        if cfg.selection in ("lora", "cross-attention"):
+            errors.append(f"`selection: {cfg.selection}` does not apply to a class-conditional UNet (it has no "
+                          "cross-attention and no LoRA format here); use selection=full")
+        if cfg.model == EMBEDDED_CLASS:
+            from .worlds.digits import DIGITS
+
+            if cfg.concept not in DIGITS:
+                errors.append(f"unknown class {cfg.concept!r}: the embedded class-conditional model's classes are "
+                              f"{', '.join(DIGITS)}")
+    elif cfg.model != EMBEDDED:
         from .data.templates import TEMPLATES
 
         if cfg.concept not in TEMPLATES:

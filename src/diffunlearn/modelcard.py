@@ -23,6 +23,10 @@ LOAD_SNIPPETS = {
     "lora": ("from diffusers import StableDiffusionPipeline\n"
              "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
              "pipe.load_lora_weights(\"{folder}\")"),
+    "class": ("from diffusers import DDIMScheduler, UNet2DModel\n"
+              "unet = UNet2DModel.from_pretrained(\"{folder}/unet\")\n"
+              "scheduler = DDIMScheduler.from_pretrained(\"{folder}/scheduler\")\n"
+              "# or: from diffunlearn.models import load_adapter; adapter, _ = load_adapter(\"{folder}\")"),
     "pixel": ("from diffunlearn.models import load_adapter\n"
               "adapter, _ = load_adapter(\"{folder}\")"),
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UnlearnConfig, dump_config
+from .config import UnlearnConfig, dump_config, model_kind
 from .data.images import generate_image_set
 from .data.prompts import build_pairs
 from .data.templates import TEMPLATES, template_pairs
@@ -154,6 +154,8 @@ def trainable_copy(adapter):
 
 
 def save_format(cfg: UnlearnConfig, adapter) -> str:
+    if hasattr(adapter, "class_names"):
+        return "class"
     if not hasattr(adapter, "save_lora"):
         return "pixel"
     if cfg.save != "auto":
@@ -166,7 +168,8 @@ def save_model(adapter, cfg: UnlearnConfig, out: Path) -> str:
     fmt = save_format(cfg, adapter)
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(adapter, {"pixel": "save", "pipeline": "save", "unet": "save_unet", "lora": "save_lora"}[fmt])(tmp)
+    writer = {"pixel": "save", "class": "save", "pipeline": "save", "unet": "save_unet", "lora": "save_lora"}[fmt]
+    getattr(adapter, writer)(tmp)
     shutil.rmtree(out / "model", ignore_errors=True)
     tmp.rename(out / "model")
     return fmt
@@ -261,6 +264,10 @@ def run_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, pro
                    resume: bool = False) -> dict:
     """``diffunlearn unlearn``: one method on one concept, in its own run folder (``resume``: continue
     the interrupted run in ``out`` from its newest checkpoint)."""
+    if model_kind(cfg.model) == "class":
+        from .class_track import run_class_unlearning
+
+        return run_class_unlearning(cfg, out, force, command, progress, resume)
     parallel = Parallel.from_environment()
     adapter, folder = load_for_run(cfg, parallel)  # a bad model folder fails before anything is written
     if parallel.is_main:

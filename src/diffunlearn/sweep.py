@@ -343,6 +343,17 @@ def pareto_plot(rows: list[dict[str, Any]], axes: tuple[str, str], path: Path) -
     os.replace(tmp, path)
 
 
+def point_options(options: MetricOptions | None, cfg: UnlearnConfig) -> MetricOptions:
+    """The metric options for one point: the point's concept is the forgotten concept of the
+    ``oracle`` metric and the forgotten class of the ``classifier`` metric unless the command named
+    them (a grid over ``concept`` evaluates each point against its own concept)."""
+    from .evaluate.base import MetricOptions
+
+    options = options or MetricOptions()
+    return dataclasses.replace(options, concept=options.concept or cfg.concept,
+                               target_class=options.target_class or cfg.concept)
+
+
 def _say(progress: bool, text: str) -> None:
     if progress:
         print(f"sweep: {text}", file=sys.stderr, flush=True)
@@ -418,7 +429,8 @@ def run_sweep(config: str | None, specs: list[str], out: Path, force: bool = Fal
             done = (eval_dir / "results.json").is_file()
             if trained or not _evaluation_current(eval_dir, metrics, prompts):
                 _say(progress, f"{where}: evaluating")
-                suite.evaluate(str(run_dir), list(metrics), list(prompts), eval_dir, metric_options, force=done,
+                options = point_options(metric_options, p.cfg)
+                suite.evaluate(str(run_dir), list(metrics), list(prompts), eval_dir, options, force=done,
                                progress=progress, command=command, device=p.cfg.device)
     if not parallel.is_main:
         return []

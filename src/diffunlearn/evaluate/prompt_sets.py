@@ -12,6 +12,8 @@ Specs accepted by :func:`resolve_prompt_sets`:
   (``diffunlearn.data.templates``), by default the held-out test split, forget side, 100 prompts;
 * ``world:CONCEPT[:SPLIT[:forget|remain[:N]]]``: the digit world's evaluation captions
   (``diffunlearn.data.prompts.eval_sets``), same defaults;
+* ``class:NAME[,NAME...][:N]``: N copies of each class name, for class-conditional models
+  (``forget`` for one class, ``remain`` for several);
 * ``NAME=SPEC``: any of the above under another name. Built-in sets are named after their side
   (``forget`` / ``remain``), the names ``diffunlearn compare`` looks for, so evaluating two sets of
   the same side needs a name for one, e.g. ``remain-train=template:nudity:train:remain:800``.
@@ -423,6 +425,32 @@ def _parse_builtin(spec: str) -> PromptSet:
     return builder(concept, split=split, n=n, which=which)
 
 
+def class_prompt_set(spec: str) -> PromptSet:
+    """``class:NAME[,NAME...][:N]`` -> ``N`` prompts (default 100) of each class name, class-major,
+    for class-conditional models (whose "prompt" is a class name). Named ``forget`` for one class
+    and ``remain`` for several, the names ``diffunlearn compare`` and the ``classifier`` metric use.
+
+    Raises:
+        UserError: no class name, or a count that is not a positive integer.
+    """
+    usage = "class:NAME[,NAME...][:N], e.g. class:airplane:100 or class:automobile,bird,cat:20"
+    _, _, rest = spec.partition(":")
+    names_part, _, count = rest.partition(":")
+    names = [n.strip() for n in names_part.split(",") if n.strip()]
+    if not names or ":" in count:
+        raise UserError(f"prompt set spec {spec!r} is malformed; write it as {usage}.")
+    try:
+        n = int(count) if count else DEFAULT_N
+    except ValueError:
+        raise UserError(f"prompt set spec {spec!r}: the count {count!r} is not an integer; "
+                        f"write it as {usage}.") from None
+    if n < 1:
+        raise UserError(f"prompt set spec {spec!r}: the count must be at least 1.")
+    prompts = [name for name in names for _ in range(n)]
+    return PromptSet(name="forget" if len(names) == 1 else "remain", prompts=prompts, seeds=[None] * len(prompts),
+                     guidances=[None] * len(prompts), source=spec, sha256=_text_sha256(prompts))
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -432,6 +460,8 @@ def _resolve_one(spec: str) -> PromptSet:
     # (``template:x.txt`` on Linux) still load.
     if spec.split(":", 1)[0] in ("template", "world") and ":" in spec and not Path(spec).exists():
         return _parse_builtin(spec)
+    if spec.startswith("class:") and not Path(spec).exists():
+        return class_prompt_set(spec)
     return load_prompt_set(spec)
 
 

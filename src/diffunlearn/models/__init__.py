@@ -3,7 +3,11 @@
 ``load_adapter`` accepts:
 
 * ``embedded:digits``: the committed digit-world base model (``PixelTextToImage``);
+* ``embedded:digits-class``: the committed class-conditional digit model (``ClassConditionalAdapter``;
+  built by ``diffunlearn world train-base --track class``);
 * a folder written by diffunlearn for the digit world (``model_index.json`` marked ``pixel``);
+* a class-conditional folder (``model_index.json`` marked ``class``, or a diffusers ``DDPMPipeline`` /
+  ``DDIMPipeline`` folder whose UNet has ``num_class_embeds``) -> ``ClassConditionalAdapter``;
 * a diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) -> ``StableDiffusionAdapter``;
 * a Hub id ``org/name`` that is not a local path -> ``StableDiffusionAdapter`` from the local
   Hugging Face cache (downloaded only when ``HF_HUB_OFFLINE=0``).
@@ -18,6 +22,7 @@ import torch
 
 from ..config import EMBEDDED
 from ..errors import UserError
+from .classcond import EMBEDDED_CLASS, ClassConditionalAdapter, is_class_pipeline_folder
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 
@@ -29,14 +34,27 @@ def embedded_base_folder() -> Path:
     return asset_path("digits-base")
 
 
+def embedded_class_folder() -> Path:
+    """Folder of the committed class-conditional digit model (package data)."""
+    from ..worlds.assets import asset_path
+
+    return asset_path("digits-class")
+
+
 def resolve_model_folder(model: str) -> Path:
-    """``embedded:digits`` or a path -> the model folder.
+    """``embedded:digits``, ``embedded:digits-class`` or a path -> the model folder.
 
     Raises:
         UserError: the folder does not exist.
     """
     if model == EMBEDDED:
         return embedded_base_folder()
+    if model == EMBEDDED_CLASS:
+        folder = embedded_class_folder()
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the embedded class-conditional model ({EMBEDDED_CLASS}) is missing from this "
+                            "installation; build it with `diffunlearn world train-base --track class`")
+        return folder
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist; pass a folder written by diffunlearn, a Stable "
@@ -46,14 +64,16 @@ def resolve_model_folder(model: str) -> Path:
 
 def load_adapter(model: str, text_encoder=None, device: torch.device | str | None = None,
                  frozen_dtype: torch.dtype | str | None = None
-                 ) -> tuple[PixelTextToImage | StableDiffusionAdapter, Path | None]:
+                 ) -> tuple[PixelTextToImage | ClassConditionalAdapter | StableDiffusionAdapter, Path | None]:
     """Load a model by name, folder or Hub id and wrap it in its adapter.
 
     Args:
-        model: ``embedded:digits``, a model folder, or a Hub id ``org/name`` (Stable Diffusion only).
+        model: ``embedded:digits``, ``embedded:digits-class``, a model folder, or a Hub id ``org/name``
+            (Stable Diffusion only).
         text_encoder: the digit world's shared ``FrozenTextEncoder`` (pixel models only).
         device, frozen_dtype: placement of a Stable Diffusion model (see
-            ``StableDiffusionAdapter.from_pretrained``); pixel models stay on the CPU in fp32.
+            ``StableDiffusionAdapter.from_pretrained``); pixel and class-conditional models stay on the
+            CPU in fp32.
 
     Returns:
         ``(adapter, folder)``; ``folder`` is ``None`` for a Hub id (its files live in the HF cache).
@@ -61,7 +81,7 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     Raises:
         UserError: missing, unknown (SDXL included) or corrupt model; a Hub id not in the local cache.
     """
-    if model != EMBEDDED and not Path(model).expanduser().exists() and looks_like_hub_id(model):
+    if model not in (EMBEDDED, EMBEDDED_CLASS) and not Path(model).expanduser().exists() and looks_like_hub_id(model):
         return StableDiffusionAdapter.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
     folder = resolve_model_folder(model)
     index_path = folder / "model_index.json"
@@ -75,9 +95,11 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
         raise UserError(f"{index_path} is corrupt (not JSON); restore or rebuild that model folder") from exc
     if index.get("_diffunlearn_adapter") == "pixel":
         return PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder), folder
+    if index.get("_diffunlearn_adapter") == "class" or is_class_pipeline_folder(folder, index):
+        return ClassConditionalAdapter.from_pretrained(folder), folder
     check_pipeline_index(index_path, str(folder))  # SDXL and other pipelines fail here with their own message
     return StableDiffusionAdapter.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
 
 
-__all__ = ["PixelTextToImage", "StableDiffusionAdapter", "embedded_base_folder", "load_adapter",
-           "resolve_model_folder"]
+__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "PixelTextToImage", "StableDiffusionAdapter",
+           "embedded_base_folder", "embedded_class_folder", "load_adapter", "resolve_model_folder"]

@@ -1,0 +1,140 @@
+"""The embedded class-conditional track (the paper's CIFAR-10 experiment at toy size, PAPER.md §3-4).
+
+The ten handwritten digits of the digit world are the ten classes. An image of class ``d`` is a real
+scikit-learn glyph of ``d`` drawn in a random colour on a random background, so every class is as
+varied inside as a CIFAR class is (the condition names the class only). A class-conditional
+diffusers ``UNet2DModel`` (``num_class_embeds`` = 10 classes + 1 "no class" label for classifier-free
+guidance) is trained on fresh renders of them; the committed weights live in
+``worlds/assets/digits-class`` and ``diffunlearn world train-base --track class`` rebuilds them.
+
+The world's oracle (trained on renders only) reads the digit of a sample: the classifier behind
+UA/RA, and its features are the Fréchet distance's feature space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.classes import ClassDataset
+from ..models.classcond import ClassConditionalAdapter, build_class_unet
+from . import digits as world
+
+CLASS_NAMES: tuple[str, ...] = world.DIGITS
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+UNET_SIZE = dict(sample_size=world.IMAGE_SIZE, channels=3, block_out_channels=(32, 64, 64), layers_per_block=1)
+# Sampling settings of the class-conditional world (DDIM steps, guidance), chosen on the base model's
+# accuracy with seeds the evaluation never uses (README "Class-conditional track").
+SAMPLE_STEPS = 20
+GUIDANCE = 2.0
+# The embedded training set: this many renders per class, from the TRAIN glyphs (the analogue of
+# CIFAR-10's 5000 training images per class; 200 keeps the forget set a few batches long).
+IMAGES_PER_CLASS = 200
+
+
+def render_classes(labels: torch.Tensor, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+    """Images ``(N, 3, 16, 16)`` in [-1, 1] of the digits ``labels``, random colours and backgrounds."""
+    n = len(labels)
+    images, _ = world.render(labels.tolist(), [None] * n, [None] * n, generator, split=split)
+    return images
+
+
+def class_dataset(per_class: int = IMAGES_PER_CLASS, seed: int = 0, split: str = "train") -> ClassDataset:
+    """The embedded training images: ``per_class`` renders of each digit (fixed for a seed)."""
+    labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
+    images = render_classes(labels, torch.Generator().manual_seed(seed), split)
+    return ClassDataset(images=images, labels=labels, class_names=CLASS_NAMES,
+                        source=f"embedded:digits-class (train glyphs, {per_class} per class, seed {seed})")
+
+
+def build_class_base(seed: int = 0) -> ClassConditionalAdapter:
+    """An untrained class-conditional base model with the world's architecture."""
+    from diffusers import DDPMScheduler
+
+    unet = build_class_unet(len(CLASS_NAMES), seed=seed, **UNET_SIZE)
+    return ClassConditionalAdapter(unet, DDPMScheduler(**SCHEDULER_CONFIG), CLASS_NAMES)
+
+
+def class_accuracy(adapter, oracle, n_per_class: int = 50, seed: int = 0, steps: int = SAMPLE_STEPS,
+                   guidance: float = GUIDANCE, progress: bool = False) -> dict:
+    """Oracle digit accuracy of the model's samples, ``n_per_class`` per class: ``{"all", "per_class"}``."""
+    from ..utils import image_seeds
+
+    labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n_per_class)
+    prompts = [CLASS_NAMES[i] for i in labels.tolist()]
+    images = adapter.sample(prompts, image_seeds(seed, len(prompts)), steps=steps, guidance=guidance,
+                            progress=progress)
+    hit = (oracle.predict(images)[:, 0] == labels).float()
+    per_class = {name: float(hit[labels == i].mean()) for i, name in enumerate(CLASS_NAMES)}
+    return {"all": float(hit.mean()), "per_class": per_class}
+
+
+def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                     uncond_prob: float = 0.1, eval_every: int = 500, progress: bool = True) -> dict:
+    """Train the class-conditional base model on fresh renders (images never repeat).
+
+    Labels are uniform over the ten digits; a fraction ``uncond_prob`` is replaced by the "no class"
+    label so the model also learns the unconditional prediction guidance needs. Writes EMA weights
+    to ``out`` at every evaluation (oracle accuracy of 50 samples per class, seeds 900000+) and
+    returns the last evaluation.
+    """
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .oracle import load_oracle
+
+    out = Path(out)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_class_base(seed)
+    unet = model.unet
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    oracle = load_oracle()
+    null = model.null_class
+    log: list[dict] = []
+    unet.train()
+    started = time.time()
+    bar = tqdm(range(1, steps + 1), desc="train-base (class)", disable=not progress)
+    for step in bar:
+        labels = torch.randint(len(CLASS_NAMES), (batch_size,), generator=gen)
+        x0 = render_classes(labels, gen)
+        cond = labels.clone()
+        cond[torch.rand(batch_size, generator=gen) < uncond_prob] = null
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(model.num_train_timesteps, (batch_size,), generator=gen)
+        loss = F.mse_loss(model.predict_noise(model.add_noise(x0, noise, t), t, cond), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % eval_every == 0 or step == steps:
+            backup = [p.detach().clone() for p in unet.parameters()]
+            ema.copy_to(unet.parameters())
+            accuracy = class_accuracy(model, oracle, n_per_class=50, seed=9)
+            entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60,
+                     "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
+            log.append(entry)
+            if progress:
+                print(json.dumps(entry), flush=True)
+            model.save(out)
+            (out / "training.json").write_text(json.dumps({
+                "recipe": "diffunlearn.worlds.class_digits.train_class_base",
+                "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                         "uncond_prob": uncond_prob},
+                "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
+                "evaluations": log}, indent=2) + "\n")
+            with torch.no_grad():
+                for p, b in zip(unet.parameters(), backup):
+                    p.copy_(b)
+    return log[-1]

@@ -1,0 +1,130 @@
+"""The class-conditional track end to end: config, UA/RA arithmetic, `unlearn` on a user's model and
+images, the `class:` prompt sets, compare/sweep rows and the reduced Table-1 demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from diffusers import DDPMScheduler  # noqa: E402
+
+from diffunlearn.cli import main  # noqa: E402
+from diffunlearn.config import CLASS_DEFAULTS, CLASS_WORLD_DEFAULTS, EMBEDDED_CLASS, build_config, model_kind  # noqa: E402
+from diffunlearn.data.classes import ClassDataset, write_npz  # noqa: E402
+from diffunlearn.errors import UserError  # noqa: E402
+from diffunlearn.evaluate.classes import remain_labels, remaining_accuracy, unlearning_accuracy  # noqa: E402
+from diffunlearn.evaluate.prompt_sets import resolve_prompt_sets  # noqa: E402
+from diffunlearn.models import load_adapter  # noqa: E402
+from diffunlearn.models.classcond import ClassConditionalAdapter, build_class_unet  # noqa: E402
+
+CLASSES = ("ant", "bee", "cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def class_world(tmp_path_factory):
+    """A tiny class-conditional model folder (8x8, 4 classes + null) and an .npz of 12 images per class."""
+    root = tmp_path_factory.mktemp("class-world")
+    unet = build_class_unet(len(CLASSES), sample_size=8, channels=3, block_out_channels=(8, 16), seed=0)
+    adapter = ClassConditionalAdapter(unet, DDPMScheduler(num_train_timesteps=100), CLASSES)
+    adapter.save(root / "model")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(len(CLASSES)).repeat_interleave(12)
+    images = (torch.rand(len(labels), 3, 8, 8, generator=gen) * 2 - 1)
+    images += labels.view(-1, 1, 1, 1) * 0.1  # classes differ a little, like real data
+    data = ClassDataset(images=images.clamp(-1, 1), labels=labels, class_names=CLASSES, source="test")
+    write_npz(root / "data.npz", data)
+    return root
+
+
+def test_ua_ra_arithmetic_on_hand_made_predictions():
+    predicted_forget = torch.tensor([3, 3, 1, 0, 3, 7, 3, 2])   # 4 of 8 still read as class 3
+    assert unlearning_accuracy(predicted_forget, 3) == pytest.approx(0.5)
+    assert unlearning_accuracy(torch.tensor([1, 2]), 3) == 1.0
+    labels = torch.tensor([0, 1, 2, 4, 5, 6])
+    predicted = torch.tensor([0, 1, 9, 4, 5, 0])                  # 4 of 6 right
+    assert remaining_accuracy(predicted, labels) == pytest.approx(4 / 6)
+    assert math.isnan(unlearning_accuracy(torch.tensor([], dtype=torch.long), 3))
+    rest = remain_labels(3, 10, 20)
+    assert 3 not in rest.tolist() and len(rest) == 20
+    assert torch.bincount(rest, minlength=10).tolist() == [3, 3, 2, 0, 2, 2, 2, 2, 2, 2]
+
+
+def test_config_detects_class_models_and_applies_their_recipe(class_world):
+    folder = str(class_world / "model")
+    assert model_kind(folder) == "class" and model_kind(EMBEDDED_CLASS) == "class"
+    assert model_kind("embedded:digits") == "text"
+    cfg = build_config(None, [f"model={folder}", "concept=bee"])
+    assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.remain_weight) == (1e-5, 64, 782, 5.0)
+    assert (cfg.forget_cap, cfg.alpha) == ("elementwise", 0.1) == (CLASS_DEFAULTS["forget_cap"], 0.1)
+    world = build_config(None, [f"model={EMBEDDED_CLASS}", "concept=seven"])
+    assert (world.steps, world.lr, world.eval_steps) == (CLASS_WORLD_DEFAULTS["steps"], CLASS_WORLD_DEFAULTS["lr"], 20)
+    with pytest.raises(UserError, match="unknown class 'dragon'"):
+        build_config(None, [f"model={EMBEDDED_CLASS}", "concept=dragon"])
+    with pytest.raises(UserError, match="does not apply to a class-conditional UNet"):
+        build_config(None, [f"model={folder}", "selection=lora"])
+
+
+def test_class_prompt_sets():
+    forget, remain = resolve_prompt_sets(["class:airplane:3", "class:bird, cat:2"])
+    assert (forget.name, forget.prompts) == ("forget", ["airplane"] * 3)
+    assert (remain.name, remain.prompts) == ("remain", ["bird", "bird", "cat", "cat"])
+    assert len(resolve_prompt_sets(["class:dog"])[0].prompts) == 100
+    for bad in ("class:", "class:dog:many", "class:dog:0"):
+        with pytest.raises(UserError, match="class:"):
+            resolve_prompt_sets([bad])
+
+
+def test_unlearn_a_users_class_model_end_to_end(class_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["unlearn", f"model={class_world / 'model'}", f"images={class_world / 'data.npz'}", "concept=bee",
+          "method=rg", "steps=3", "batch_size=4", "lr=1e-3", "remain_per_class=5", "eval_steps=2",
+          "--out", str(out), "--quiet"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["target_class"] == 1 and results["training"]["steps"] == 3
+    assert "ua" not in results  # no oracle for a user's model: `diffunlearn eval --metrics classifier`
+    selection = json.loads((out / "data" / "selection.json").read_text())
+    assert selection["forget_count"] == 12 and selection["remain_count"] == 15
+    assert selection["remain_per_class"] == {"ant": 5, "cat": 5, "dog": 5}
+    assert (out / "samples.png").stat().st_size > 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    trained, _ = load_adapter(str(out / "model"))
+    base, _ = load_adapter(str(class_world / "model"))
+    assert trained.class_names == CLASSES
+    changed = sum(not torch.equal(a, b) for a, b in zip(trained.unet.parameters(), base.unet.parameters()))
+    assert changed > 0
+    assert "UNet2DModel.from_pretrained" in (out / "model" / "README.md").read_text()
+
+
+def test_two_class_control_and_bad_class_names(class_world, tmp_path):
+    out = tmp_path / "control"
+    main(["unlearn", f"model={class_world / 'model'}", f"images={class_world / 'data.npz'}", "concept=ant",
+          "remain_classes=cat,dog", "remain_per_class=4", "steps=1", "batch_size=4", "eval_steps=2",
+          "--out", str(out), "--quiet"])
+    selection = json.loads((out / "data" / "selection.json").read_text())
+    assert selection["mode"] == "control" and selection["remain_count"] == 12   # 4 x 3 other classes
+    assert {k: v for k, v in selection["remain_per_class"].items() if v} == {"cat": 6, "dog": 6}
+    code = main(["unlearn", f"model={class_world / 'model'}", f"images={class_world / 'data.npz'}", "concept=zebra",
+                 "steps=1", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert code == 2 and not (tmp_path / "bad").exists()
+    code = main(["unlearn", f"model={class_world / 'model'}", "concept=ant", "steps=1", "--out", str(tmp_path / "x")])
+    assert code == 2 and not (tmp_path / "x").exists()   # a user's model needs its images
+
+
+def test_compare_and_sweep_rows_for_class_runs(tmp_path):
+    from diffunlearn.compare import load_results
+    from diffunlearn.sweep import point_options
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"ua": 0.9, "ra": 0.8, "fd": 120.0}))
+    flat = load_results(run)
+    assert flat["classifier/forget/ua_complement"] == pytest.approx(0.1)
+    assert flat["classifier/remain/ra"] == 0.8 and flat["oracle/remain/quality_fd"] == 120.0
+    options = point_options(None, build_config(None, ["concept=red"]))
+    assert (options.concept, options.target_class) == ("red", "red")
