@@ -128,3 +128,15 @@ def test_compare_and_sweep_rows_for_class_runs(tmp_path):
     assert flat["classifier/remain/ra"] == 0.8 and flat["oracle/remain/quality_fd"] == 120.0
     options = point_options(None, build_config(None, ["concept=red"]))
     assert (options.concept, options.target_class) == ("red", "red")
+
+
+def test_cifar_config_reads_and_a_missing_model_is_one_clear_error(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "cifar10-class.yaml"
+    cfg = build_config(config)
+    assert (cfg.concept, cfg.method, cfg.steps, cfg.remain_weight, cfg.forget_cap) == (
+        "airplane", "rgd", 782, 5.0, "elementwise")
+    code = main(["unlearn", str(config), "--out", str(tmp_path / "run")])
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "model folder /models/ddpm-cifar10-cond does not exist" in capsys.readouterr().err

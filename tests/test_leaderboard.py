@@ -34,3 +34,29 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lb, "run_demo", refuse)
     assert run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False) == table
+
+    # Changed settings (here: lr) make the finished demos stale: each is redone (the demo itself then
+    # reuses every method folder whose config did not change).
+    calls = []
+
+    def record(concept, folder, methods, overrides, *args, **kwargs):
+        calls.append((folder.name, overrides[-3]))
+        return summaries[0]
+
+    monkeypatch.setattr(lb, "run_demo", record)
+    run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), [*small, "lr=1e-4"], progress=False)
+    assert calls == [("three-seed0", "lr=1e-4"), ("three-seed1", "lr=1e-4")]
+    assert not (out / "three-seed0" / "summary.json").exists()
+
+
+def test_same_config_treats_keys_added_later_as_their_defaults():
+    from diffunlearn.config import build_config
+    from diffunlearn.demo import same_config
+
+    cfg = build_config(None, ["method=rg", "steps=7"])
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("images", "remain_per_class", "remain_classes")}
+    assert same_config(old, cfg)                       # recorded before those keys existed
+    assert not same_config({**old, "steps": 8}, cfg)
+    assert not same_config({**old, "mystery": 1}, cfg)
+    changed = build_config(None, ["method=rg", "steps=7", "remain_per_class=9"])
+    assert not same_config(old, changed)               # the old run used the default 50

@@ -30,6 +30,7 @@ import torch
 
 from .class_track import class_training_data
 from .config import EMBEDDED_CLASS, UnlearnConfig, build_config, dump_config
+from .demo import same_config
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
 from .runner import check_out_dir, trainable_copy, training_summary
@@ -51,7 +52,7 @@ def _finished(folder: Path, cfg: UnlearnConfig) -> dict | None:
     import yaml
 
     results, config = folder / "results.json", folder / "config.yaml"
-    if results.is_file() and config.is_file() and yaml.safe_load(config.read_text()) == cfg.to_dict():
+    if results.is_file() and config.is_file() and same_config(yaml.safe_load(config.read_text()), cfg):
         return json.loads(results.read_text())
     return None
 

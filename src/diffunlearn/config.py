@@ -216,6 +216,13 @@ def model_kind(model: str) -> str:
     return "text"
 
 
+def _missing_path(model: str) -> bool:
+    """A local path (absolute, relative with ./ or ~, or nested deeper than a hub id's org/name) that
+    does not exist: its kind cannot be known, so only the loader's "does not exist" is reported."""
+    path_like = model.startswith(("/", ".", "~")) or model.count("/") > 1
+    return path_like and not Path(model).expanduser().exists()
+
+
 def validate(cfg: UnlearnConfig) -> list[str]:
     """Every problem with ``cfg`` (method and concept names are checked where they are resolved)."""
     from .methods import METHODS
@@ -255,7 +262,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
             if cfg.concept not in DIGITS:
                 errors.append(f"unknown class {cfg.concept!r}: the embedded class-conditional model's classes are "
                               f"{', '.join(DIGITS)}")
-    elif cfg.model != EMBEDDED:
+    elif cfg.model != EMBEDDED and not _missing_path(cfg.model):
+        # (A model path that does not exist is reported by the loader, which says what to pass instead.)
         from .data.templates import TEMPLATES
 
         if cfg.concept not in TEMPLATES:

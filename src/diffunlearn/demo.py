@@ -30,9 +30,19 @@ def finished_run(folder: Path, cfg: UnlearnConfig) -> dict | None:
     results, config = folder / "results.json", folder / "config.yaml"
     if not results.is_file() or not config.is_file() or not (folder / "model").is_dir():
         return None
-    if yaml.safe_load(config.read_text()) != cfg.to_dict():  # the first line is a comment
+    if not same_config(yaml.safe_load(config.read_text()), cfg):  # the first line is a comment
         return None
     return json.loads(results.read_text())
+
+
+def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
+    """Whether a run's recorded config equals ``cfg``. A key the record lacks was added to diffunlearn
+    after that run, which therefore ran with the key's default: it matches only that default."""
+    from .config import FIELDS
+
+    if not isinstance(recorded, dict) or set(recorded) - set(FIELDS):
+        return False
+    return all(recorded.get(key, FIELDS[key].default) == value for key, value in cfg.to_dict().items())
 
 
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,

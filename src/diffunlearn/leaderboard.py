@@ -41,6 +41,17 @@ def leaderboard_table(results: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def _current(summary: dict, concept: str, methods: tuple[str, ...], overrides: list[str]) -> bool:
+    """Whether a finished demo holds every method with exactly the configs this leaderboard asks for."""
+    from .config import build_config
+    from .demo import same_config
+
+    settings = summary.get("settings", {})
+    return all(m in settings and same_config(settings[m], build_config(None, overrides, base={"concept": concept,
+                                                                                               "method": m}))
+               for m in methods)
+
+
 def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, concepts: tuple[str, ...] = CONCEPTS,
                     seeds: tuple[int, ...] = (0, 1, 2), overrides: list[str] | None = None, force: bool = False,
                     progress: bool = True, command: str = "diffunlearn demo --all-methods") -> str:
@@ -54,11 +65,17 @@ def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, c
         for seed in seeds:
             folder = out / f"{concept}-seed{seed}"
             summary_path = folder / "summary.json"
-            if summary_path.is_file() and not force:
-                summary = json.loads(summary_path.read_text())
-            else:
-                summary = run_demo(concept, folder, methods, [*(overrides or []), f"seed={seed}", f"data_seed={seed}"],
-                                   force, progress, f"{command} (concept {concept}, seed {seed})")
+            run_overrides = [*(overrides or []), f"seed={seed}", f"data_seed={seed}"]
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() and not force else None
+            if summary is not None and not _current(summary, concept, methods, run_overrides):
+                # Made with other settings (e.g. a method's tuned defaults changed): redo the demo, which
+                # still reuses every method folder whose config is unchanged.
+                for marker in ("summary.json", "report.md"):
+                    (folder / marker).unlink(missing_ok=True)
+                summary = None
+            if summary is None:
+                summary = run_demo(concept, folder, methods, run_overrides, force, progress,
+                                   f"{command} (concept {concept}, seed {seed})")
             for name, values in summary["methods"].items():
                 results.setdefault(concept, {}).setdefault(name, []).append(values)
     table = leaderboard_table(results)

@@ -105,7 +105,10 @@ class ClassConditionalAdapter:
         null_class: ``K`` when the UNet has the extra "no class" embedding, else ``None``.
         num_train_timesteps: ``T`` of the training scheduler.
         image_size: ``unet.config.sample_size``; ``channels``: ``unet.config.in_channels``.
+        sampler_name: the solver ``sample`` uses (recorded in data and evaluation manifests).
     """
+
+    sampler_name = "DDIMScheduler"
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, class_names: Sequence[str]) -> None:
         """Raises:
