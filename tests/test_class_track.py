@@ -140,3 +140,21 @@ def test_cifar_config_reads_and_a_missing_model_is_one_clear_error(tmp_path, cap
     code = main(["unlearn", str(config), "--out", str(tmp_path / "run")])
     assert code == 2 and not (tmp_path / "run").exists()
     assert "model folder /models/ddpm-cifar10-cond does not exist" in capsys.readouterr().err
+
+
+def test_eval_of_a_class_run_with_the_zero_shot_classifier(class_world, tmp_path):
+    from diffunlearn.evaluate.clip import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip", seed=0)
+    run = tmp_path / "run"
+    assert main(["unlearn", f"model={class_world / 'model'}", f"images={class_world / 'data.npz'}", "concept=bee",
+                 "steps=1", "batch_size=4", "remain_per_class=3", "eval_steps=2", "--out", str(run), "--quiet"]) == 0
+    assert main(["eval", str(run), "--metrics", "classifier", "--prompts", "class:bee:3", "class:ant,cat:2",
+                 "--clip-model", str(clip), "--classes", ",".join(CLASSES), "--target-class", "bee",
+                 "--quiet"]) == 0   # the run's own sampler: eval_steps=2
+    results = json.loads((run / "eval" / "results.json").read_text())["metrics"]["classifier"]
+    assert 0.0 <= results["forget"]["ua"] <= 1.0 and 0.0 <= results["remain"]["ra"] <= 1.0
+    assert results["remain"]["scored"] == 4
+    manifest = json.loads((run / "eval" / "manifest.json").read_text())
+    assert manifest["sampler"]["name"] == "DDIMScheduler" and manifest["sampler"]["steps"] == 2
+    assert len((run / "eval" / "per_sample.jsonl").read_text().splitlines()) == 7
