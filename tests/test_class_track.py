@@ -158,3 +158,14 @@ def test_eval_of_a_class_run_with_the_zero_shot_classifier(class_world, tmp_path
     manifest = json.loads((run / "eval" / "manifest.json").read_text())
     assert manifest["sampler"]["name"] == "DDIMScheduler" and manifest["sampler"]["steps"] == 2
     assert len((run / "eval" / "per_sample.jsonl").read_text().splitlines()) == 7
+
+
+def test_train_class_base_writes_a_loadable_model(tmp_path):
+    from diffunlearn.worlds.class_digits import CLASS_NAMES, train_class_base
+
+    final = train_class_base(tmp_path / "base", steps=2, batch_size=8, eval_every=2, eval_per_class=1, progress=False)
+    assert final["step"] == 2 and 0.0 <= final["accuracy"] <= 1.0 and len(final["per_class"]) == 10
+    model, _ = load_adapter(str(tmp_path / "base"))
+    assert model.class_names == CLASS_NAMES and model.null_class == 10
+    record = json.loads((tmp_path / "base" / "training.json").read_text())
+    assert record["args"]["steps"] == 2 and record["evaluations"][-1]["accuracy"] == final["accuracy"]

@@ -11,7 +11,7 @@ from ..updates import gradient_ascent
 from .base import Method
 
 
-def _esd(name: str, selection: str, summary: str) -> Method:
+def _esd(name: str, selection: str, summary: str, lr: float) -> Method:
     return Method(
         name=name,
         summary=summary,
@@ -21,9 +21,12 @@ def _esd(name: str, selection: str, summary: str) -> Method:
         combine=lambda forget, remain, weight, gram=None: gradient_ascent(forget),
         forget_loss="esd",
         variant={"selection": selection},
-        defaults={"lr": 5e-5, "steps": 100},
+        # Tuned on training prompts with `scripts/tune-baselines.sh` (README "Tuning").
+        defaults={"lr": lr, "steps": 100, "esd_eta": 1.0},
     )
 
 
-ESD_U = _esd("esd-u", "non-cross-attention", "ESD-u (Gandikota et al. 2023): negative guidance, non-cross-attention")
-ESD_X = _esd("esd-x", "cross-attention", "ESD-x (Gandikota et al. 2023): negative guidance, cross-attention only")
+ESD_U = _esd("esd-u", "non-cross-attention", "ESD-u (Gandikota et al. 2023): negative guidance, non-cross-attention",
+             lr=8e-4)
+ESD_X = _esd("esd-x", "cross-attention", "ESD-x (Gandikota et al. 2023): negative guidance, cross-attention only",
+             lr=2e-4)

@@ -75,13 +75,14 @@ def class_accuracy(adapter, oracle, n_per_class: int = 50, seed: int = 0, steps:
 
 
 def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                     uncond_prob: float = 0.1, eval_every: int = 500, progress: bool = True) -> dict:
+                     uncond_prob: float = 0.1, eval_every: int = 500, eval_per_class: int = 50,
+                     progress: bool = True) -> dict:
     """Train the class-conditional base model on fresh renders (images never repeat).
 
     Labels are uniform over the ten digits; a fraction ``uncond_prob`` is replaced by the "no class"
     label so the model also learns the unconditional prediction guidance needs. Writes EMA weights
-    to ``out`` at every evaluation (oracle accuracy of 50 samples per class, seeds 900000+) and
-    returns the last evaluation.
+    to ``out`` at every evaluation (oracle accuracy of ``eval_per_class`` samples per class, seeds
+    900000+, which no other evaluation uses) and returns the last evaluation.
     """
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -121,7 +122,7 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
         if step % eval_every == 0 or step == steps:
             backup = [p.detach().clone() for p in unet.parameters()]
             ema.copy_to(unet.parameters())
-            accuracy = class_accuracy(model, oracle, n_per_class=50, seed=9)
+            accuracy = class_accuracy(model, oracle, n_per_class=eval_per_class, seed=9)
             entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60,
                      "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
             log.append(entry)
