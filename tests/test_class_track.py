@@ -169,3 +169,30 @@ def test_train_class_base_writes_a_loadable_model(tmp_path):
     assert model.class_names == CLASS_NAMES and model.null_class == 10
     record = json.loads((tmp_path / "base" / "training.json").read_text())
     assert record["args"]["steps"] == 2 and record["evaluations"][-1]["accuracy"] == final["accuracy"]
+
+
+def test_reduced_table1_on_the_embedded_class_model(tmp_path, monkeypatch):
+    import diffunlearn.class_demo as class_demo
+
+    out = tmp_path / "demo"
+    small = ["steps=2", "eval_prompts=18", "remain_per_class=5", "eval_steps=10", "batch_size=8"]
+    summary = class_demo.run_class_demo(out, ("three",), ("rg", "graddiff"), True, small, progress=False)
+    per = summary["per_class"]["three"]
+    assert set(per) == {"base", "rg", "graddiff", "rg-two-class"}
+    assert per["base"]["ua"] <= 0.2 and per["base"]["ra"] >= 0.8        # the base model draws its classes
+    for name in ("rg", "graddiff", "rg-two-class"):
+        assert 0.0 <= per[name]["ua"] <= 1.0 and 0.0 <= per[name]["ra"] <= 1.0 and per[name]["fd"] > 0
+    control = json.loads((out / "three" / "rg-two-class" / "data" / "selection.json").read_text())
+    assert {k: v for k, v in control["remain_per_class"].items() if v} == {"four": 23, "five": 22}
+    balanced = json.loads((out / "three" / "rg" / "data" / "selection.json").read_text())
+    assert balanced["remain_count"] == 45 and balanced["forget_count"] == 200
+    report = (out / "report.md").read_text()
+    assert "## Table 1" in report and "## Table 3" in report and (out / "grid.png").stat().st_size > 0
+    assert summary["table"]["rg"]["ua"] == pytest.approx(per["rg"]["ua"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(class_demo, "_run_one", refuse)   # resumable: every run is reused
+    again = class_demo.run_class_demo(out, ("three",), ("rg", "graddiff"), True, small, progress=False)
+    assert again["per_class"]["three"]["rg"]["ua"] == per["rg"]["ua"]

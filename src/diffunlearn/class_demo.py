@@ -16,7 +16,8 @@ Output folder::
     report.md           Table 1, Table 3, per-class rows and the pictures
     grid.png            samples of every class from the base model and each method (first target)
 
-Resumable: a run whose folder holds results.json made with the same config is reused.
+Resumable and extendable: a run whose folder holds results.json made with the same config is
+reused (``--force`` retrains), so rerunning with more ``--classes`` trains only the new runs.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 from .class_track import class_training_data
 from .config import EMBEDDED_CLASS, UnlearnConfig, build_config, dump_config
 from .demo import same_config
+from .errors import UserError
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
-from .runner import check_out_dir, trainable_copy, training_summary
+from .runner import trainable_copy, training_summary
 from .training import unlearn
 from .utils import atomic_write_text, environment, image_seeds
 
@@ -124,7 +126,11 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     # Every config is validated before any work starts (unknown class or method, bad override).
     configs = {(t, n): config(t, n) for t in targets for n in names}
     adapter, _ = load_adapter(EMBEDDED_CLASS)
-    check_out_dir(out, force, resume=True)
+    # A finished or interrupted demo in ``out`` is continued: finished runs with the same config are
+    # reused, so rerunning with more --classes only trains what is new.
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder path")
+    out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
     first = configs[(targets[0], names[0])] if names else build_config(None, overrides, {"model": EMBEDDED_CLASS})
     rows: dict[str, list[dict]] = {"base": []}
