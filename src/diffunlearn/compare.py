@@ -127,9 +127,9 @@ def compare(runs: list[Path], out: Path) -> str:
     points = {label: (pick_measure(v, FORGETTING), pick_measure(v, ALIGNMENT)) for label, v in values.items()}
     same_axes = len({(f[0], a[0]) for f, a in points.values() if f and a}) == 1
     if all(f and a for f, a in points.values()) and same_axes:
-        from .report import _matplotlib
+        from .report import matplotlib_pyplot
 
-        plt = _matplotlib()
+        plt = matplotlib_pyplot()
         fig, ax = plt.subplots(figsize=(5, 4))
         for label, (f, a) in points.items():
             ax.scatter(f[1], a[1])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def _matplotlib():
+def matplotlib_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Pat
     """One row per model, one column per prompt (same prompts and seeds in every row)."""
     import textwrap
 
-    plt = _matplotlib()
+    plt = matplotlib_pyplot()
     n_rows, n_cols = len(rows), len(captions)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols + 0.9, 1.45 * n_rows + 1.3), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
@@ -47,7 +47,7 @@ def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Pat
 
 def tradeoff_plot(points: dict[str, dict], path: Path, concept: str) -> None:
     """Forget score (x, lower is better) against alignment (y, higher is better)."""
-    plt = _matplotlib()
+    plt = matplotlib_pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     for name, m in points.items():
         ax.scatter(m["forget_score"], m["alignment"], s=60, zorder=3)

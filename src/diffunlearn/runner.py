@@ -120,7 +120,7 @@ def sample_batch(adapter, cfg: UnlearnConfig) -> int:
     return cfg.batch_size if hasattr(adapter, "vae") else 256
 
 
-def _text(prompts: list) -> list[str]:
+def prompt_texts(prompts: list) -> list[str]:
     return [getattr(p, "text", p) for p in prompts]
 
 
@@ -137,12 +137,12 @@ def build_training_data(adapter, model_folder: Path | None, cfg: UnlearnConfig, 
     model_id = model_identity(adapter, model_folder)  # hashes every weight file: once, not per image set
     sets = {}
     for name, prompts, offset in (("forget", forget_p, 0), ("remain", remain_p, 50000)):
-        sets[name] = generate_image_set(adapter, model_id, _text(prompts), image_seeds(cfg.data_seed, len(prompts),
-                                        offset=offset), data_dir / name, cfg.data_steps, cfg.data_guidance,
-                                        progress, resolution=cfg.resolution, batch_size=sample_batch(adapter, cfg),
-                                        replace=replace, parallel=parallel)
-    return (adapter.encode_images(sets["forget"]), adapter.encode_prompts(_text(forget_p)),
-            adapter.encode_images(sets["remain"]), adapter.encode_prompts(_text(remain_p)), forget_p, remain_p)
+        seeds = image_seeds(cfg.data_seed, len(prompts), offset=offset)
+        sets[name] = generate_image_set(adapter, model_id, prompt_texts(prompts), seeds, data_dir / name,
+                                        cfg.data_steps, cfg.data_guidance, progress, resolution=cfg.resolution,
+                                        batch_size=sample_batch(adapter, cfg), replace=replace, parallel=parallel)
+    return (adapter.encode_images(sets["forget"]), adapter.encode_prompts(prompt_texts(forget_p)),
+            adapter.encode_images(sets["remain"]), adapter.encode_prompts(prompt_texts(remain_p)), forget_p, remain_p)
 
 
 def trainable_copy(adapter):
@@ -193,7 +193,7 @@ def _preview(adapter, cfg: UnlearnConfig, folder: Path, model_id: str, progress:
     """Held-out (test-vocabulary) forget and remain prompts sampled with fixed seeds."""
     k = min(PREVIEW_PROMPTS, cfg.eval_prompts)
     forget_p, remain_p = training_prompts(cfg, split="test" if cfg.diversity == "diverse" else "train", n=k)
-    prompts = _text(forget_p) + _text(remain_p)
+    prompts = prompt_texts(forget_p) + prompt_texts(remain_p)
     images = generate_image_set(adapter, model_id, prompts, image_seeds(cfg.eval_seed, len(prompts)), folder,
                                 cfg.eval_steps, cfg.eval_guidance, progress, resolution=cfg.resolution,
                                 batch_size=sample_batch(adapter, cfg), parallel=parallel)

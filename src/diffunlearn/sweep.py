@@ -314,9 +314,9 @@ def format_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
 def pareto_plot(rows: list[dict[str, Any]], axes: tuple[str, str], path: Path) -> None:
     """Scatter of the scored rows, the Pareto front highlighted and joined, each point labelled with
     its varying values; written atomically (temporary file, then rename)."""
-    from .report import _matplotlib
+    from .report import matplotlib_pyplot
 
-    plt = _matplotlib()
+    plt = matplotlib_pyplot()
     scored = [r for r in rows if r["forgetting"] is not None and r["alignment"] is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     others = [r for r in scored if not r["pareto"]]

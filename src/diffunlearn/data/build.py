@@ -32,7 +32,7 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
     Raises:
         UserError: bad model, or ``out`` holds images made with other settings.
     """
-    from ..runner import _text, build_training_data, load_for_run, training_prompts
+    from ..runner import build_training_data, load_for_run, prompt_texts, training_prompts
 
     parallel = Parallel.from_environment()
     adapter, folder = load_for_run(cfg, parallel)
@@ -40,10 +40,10 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml", command)
         train_f, train_r = training_prompts(cfg)
-        prompts = {"train": {"forget": _text(train_f), "remain": _text(train_r)}}
+        prompts = {"train": {"forget": prompt_texts(train_f), "remain": prompt_texts(train_r)}}
         if cfg.diversity == "diverse":
             test_f, test_r = training_prompts(cfg, split="test", n=TEST_PROMPTS)
-            prompts["test"] = {"forget": _text(test_f), "remain": _text(test_r)}
+            prompts["test"] = {"forget": prompt_texts(test_f), "remain": prompt_texts(test_r)}
         atomic_write_text(out / "prompts.json", json.dumps(prompts, indent=1) + "\n")
     parallel.barrier()
     data = build_training_data(adapter, folder, cfg, out, progress, parallel, replace=False)
