@@ -185,7 +185,7 @@ def test_reduced_table1_on_the_embedded_class_model(tmp_path, monkeypatch):
     control = json.loads((out / "three" / "rg-two-class" / "data" / "selection.json").read_text())
     assert {k: v for k, v in control["remain_per_class"].items() if v} == {"four": 23, "five": 22}
     balanced = json.loads((out / "three" / "rg" / "data" / "selection.json").read_text())
-    assert balanced["remain_count"] == 45 and balanced["forget_count"] == 200
+    assert balanced["remain_count"] == 45 and balanced["forget_count"] == 250
     report = (out / "report.md").read_text()
     assert "## Table 1" in report and "## Table 3" in report and (out / "grid.png").stat().st_size > 0
     assert summary["table"]["rg"]["ua"] == pytest.approx(per["rg"]["ua"])

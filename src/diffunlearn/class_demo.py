@@ -126,6 +126,8 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     # Every config is validated before any work starts (unknown class or method, bad override).
     configs = {(t, n): config(t, n) for t in targets for n in names}
     adapter, _ = load_adapter(EMBEDDED_CLASS)
+    for cfg in configs.values():
+        class_training_data(adapter, cfg)  # every data selection is checked before any training
     # A finished or interrupted demo in ``out`` is continued: finished runs with the same config are
     # reused, so rerunning with more --classes only trains what is new.
     if out.exists() and not out.is_dir():

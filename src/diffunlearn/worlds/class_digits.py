@@ -33,8 +33,9 @@ UNET_SIZE = dict(sample_size=world.IMAGE_SIZE, channels=3, block_out_channels=(3
 SAMPLE_STEPS = 20
 GUIDANCE = 2.0
 # The embedded training set: this many renders per class, from the TRAIN glyphs (the analogue of
-# CIFAR-10's 5000 training images per class; 200 keeps the forget set a few batches long).
-IMAGES_PER_CLASS = 200
+# CIFAR-10's 5000 training images per class). 250 keeps the forget set a few batches long and lets
+# the two-class control draw its 450 remain images from two classes (225 each).
+IMAGES_PER_CLASS = 250
 
 
 def render_classes(labels: torch.Tensor, generator: torch.Generator, split: str = "train") -> torch.Tensor:
