@@ -8,6 +8,7 @@ a probe found makes the digit word far easier to learn than cross-attention alon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -45,6 +46,29 @@ def build_base(seed: int = 0, text_encoder: FrozenTextEncoder | None = None) -> 
     return PixelTextToImage(unet, DDPMScheduler(**SCHEDULER_CONFIG), text_encoder)
 
 
+def training_state(unet, lr: float, steps: int, warmup: int = 200):
+    """The base-model recipe's optimisation state: EMA of the weights, AdamW, and linear warm-up
+    followed by a cosine decay to 5% of ``lr`` (shared by the text and class-conditional recipes)."""
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    return ema, opt, sched
+
+
+@contextlib.contextmanager
+def ema_weights(unet, ema):
+    """Temporarily load the EMA weights into ``unet`` (to evaluate and save them), then restore."""
+    backup = [p.detach().clone() for p in unet.parameters()]
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(unet.parameters(), backup):
+                p.copy_(b)
+
+
 def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                pool_size: int = 8192, uncond_prob: float = 0.1, eval_every: int = 1000,
                init: Path | None = None, progress: bool = True) -> dict:
@@ -72,11 +96,7 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     states = states.half()
     null_states, null_mask = model.text_encoder.encode([""])
     model.text_encoder._cache.clear()
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    ema, opt, sched = training_state(unet, lr, steps)
     oracle = load_oracle()
     test_rng = random.Random(12345)
     test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(500)]
@@ -105,22 +125,18 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
         ema.step(unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % eval_every == 0 or step == steps:
-            backup = [p.detach().clone() for p in unet.parameters()]
-            ema.copy_to(unet.parameters())
-            _, pred_attr = sample_and_read(model, oracle, test_caps, seed=0, steps=SAMPLE_STEPS, guidance=GUIDANCE)
-            scores = alignment_scores(pred_attr, test_caps)
-            entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-            model.save(out)
-            (out / "training.json").write_text(json.dumps({
-                "recipe": "diffunlearn.worlds.base_model.train_base",
-                "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
-                         "uncond_prob": uncond_prob, "init": str(init) if init else None},
-                "evaluations": log}, indent=2) + "\n")
-            with torch.no_grad():
-                for p, b in zip(unet.parameters(), backup):
-                    p.copy_(b)
+            with ema_weights(unet, ema):
+                _, pred_attr = sample_and_read(model, oracle, test_caps, seed=0, steps=SAMPLE_STEPS, guidance=GUIDANCE)
+                scores = alignment_scores(pred_attr, test_caps)
+                entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores}
+                log.append(entry)
+                print(json.dumps(entry), flush=True)
+                model.save(out)
+                (out / "training.json").write_text(json.dumps({
+                    "recipe": "diffunlearn.worlds.base_model.train_base",
+                    "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
+                             "uncond_prob": uncond_prob, "init": str(init) if init else None},
+                    "evaluations": log}, indent=2) + "\n")
     return log[-1]
 
 

@@ -14,7 +14,6 @@ UA/RA, and its features are the Fréchet distance's feature space.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -85,20 +84,16 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
     to ``out`` at every evaluation (oracle accuracy of ``eval_per_class`` samples per class, seeds
     900000+, which no other evaluation uses) and returns the last evaluation.
     """
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from .base_model import ema_weights, training_state
     from .oracle import load_oracle
 
     out = Path(out)
     gen = torch.Generator().manual_seed(seed)
     model = build_class_base(seed)
     unet = model.unet
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    ema, opt, sched = training_state(unet, lr, steps)
     oracle = load_oracle()
     null = model.null_class
     log: list[dict] = []
@@ -121,22 +116,18 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
         ema.step(unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % eval_every == 0 or step == steps:
-            backup = [p.detach().clone() for p in unet.parameters()]
-            ema.copy_to(unet.parameters())
-            accuracy = class_accuracy(model, oracle, n_per_class=eval_per_class, seed=9)
-            entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60,
-                     "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
-            log.append(entry)
-            if progress:
-                print(json.dumps(entry), flush=True)
-            model.save(out)
-            (out / "training.json").write_text(json.dumps({
-                "recipe": "diffunlearn.worlds.class_digits.train_class_base",
-                "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                         "uncond_prob": uncond_prob},
-                "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
-                "evaluations": log}, indent=2) + "\n")
-            with torch.no_grad():
-                for p, b in zip(unet.parameters(), backup):
-                    p.copy_(b)
+            with ema_weights(unet, ema):
+                accuracy = class_accuracy(model, oracle, n_per_class=eval_per_class, seed=9)
+                entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60,
+                         "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
+                log.append(entry)
+                if progress:
+                    print(json.dumps(entry), flush=True)
+                model.save(out)
+                (out / "training.json").write_text(json.dumps({
+                    "recipe": "diffunlearn.worlds.class_digits.train_class_base",
+                    "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                             "uncond_prob": uncond_prob},
+                    "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
+                    "evaluations": log}, indent=2) + "\n")
     return log[-1]
