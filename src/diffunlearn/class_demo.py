@@ -179,7 +179,8 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
              "RA: oracle accuracy on the other classes' samples. FD: Fréchet distance of oracle features of those "
              "samples to real renders (compare across rows only). Seconds: unlearning time.", ""]
     if ablation and ABLATION in rows:
-        table3 = class_table({"rg (balanced: 50 × 9 classes)": rows.get("rg", []),
+        balanced = f"rg (balanced: {first.remain_per_class} × {len(CLASS_NAMES) - 1} classes)"
+        table3 = class_table({balanced: rows.get("rg", []),
                               "rg (two classes, same total)": rows[ABLATION]} if "rg" in rows else
                              {"rg (two classes, same total)": rows[ABLATION]})
         lines += ["## Table 3: remain-set diversity", "", table3, "",
