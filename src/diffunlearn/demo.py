@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import UnlearnConfig, build_config
+from .errors import UserError
 from .evaluate.world import evaluate_world
 from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
@@ -36,13 +37,15 @@ def finished_run(folder: Path, cfg: UnlearnConfig) -> dict | None:
 
 
 def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
-    """Whether a run's recorded config equals ``cfg``. A key the record lacks was added to diffunlearn
-    after that run, which therefore ran with the key's default: it matches only that default."""
-    from .config import FIELDS
-
-    if not isinstance(recorded, dict) or set(recorded) - set(FIELDS):
+    """Whether a run's recorded config equals ``cfg``. The record is resolved by ``build_config`` (as
+    ``sweep`` does with a run's config.yaml), so a key added to diffunlearn after that run takes the
+    default that run used; an unreadable record never matches."""
+    if not isinstance(recorded, dict):
         return False
-    return all(recorded.get(key, FIELDS[key].default) == value for key, value in cfg.to_dict().items())
+    try:
+        return build_config(None, None, base=recorded).to_dict() == cfg.to_dict()
+    except UserError:
+        return False
 
 
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,

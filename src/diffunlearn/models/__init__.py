@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import EMBEDDED
+from ..config import EMBEDDED, model_kind
 from ..errors import UserError
-from .classcond import EMBEDDED_CLASS, ClassConditionalAdapter, is_class_pipeline_folder
+from .classcond import EMBEDDED_CLASS, ClassConditionalAdapter
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 
@@ -95,7 +95,7 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
         raise UserError(f"{index_path} is corrupt (not JSON); restore or rebuild that model folder") from exc
     if index.get("_diffunlearn_adapter") == "pixel":
         return PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder), folder
-    if index.get("_diffunlearn_adapter") == "class" or is_class_pipeline_folder(folder, index):
+    if model_kind(str(folder)) == "class":  # diffunlearn's class folders and class-conditional DDPM pipelines
         return ClassConditionalAdapter.from_pretrained(folder), folder
     check_pipeline_index(index_path, str(folder))  # SDXL and other pipelines fail here with their own message
     return StableDiffusionAdapter.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder

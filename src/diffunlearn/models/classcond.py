@@ -35,7 +35,6 @@ from ..errors import UserError
 
 # Output kinds the training target (``prediction_target``) and DDIM both understand.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
 
 
 def build_class_unet(num_classes: int, sample_size: int = 16, channels: int = 3,
@@ -81,19 +80,6 @@ def _checked_names(class_names: Sequence[str]) -> tuple[str, ...]:
     if len({_normalise(n) for n in names}) != len(names):
         raise UserError(f"class names must differ ignoring case and surrounding spaces, got {list(names)}")
     return names
-
-
-def is_class_pipeline_folder(folder: str | os.PathLike, index: dict) -> bool:
-    """Whether ``folder`` (with ``model_index.json`` already read into ``index``) holds a diffusers
-    ``DDPMPipeline``/``DDIMPipeline`` whose UNet is class-conditional (non-null ``num_class_embeds``).
-    An unreadable ``unet/config.json`` counts as "no" (the caller's generic message then applies)."""
-    if index.get("_class_name") not in PIPELINE_CLASSES:
-        return False
-    try:
-        config = json.loads((Path(folder) / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and config.get("num_class_embeds") is not None
 
 
 class ClassConditionalAdapter:
@@ -376,4 +362,4 @@ class ClassConditionalAdapter:
         return torch.cat(out)
 
 
-__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "build_class_unet", "is_class_pipeline_folder"]
+__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "build_class_unet"]

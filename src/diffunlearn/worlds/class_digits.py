@@ -13,6 +13,7 @@ UA/RA, and its features are the Fréchet distance's feature space.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -44,8 +45,12 @@ def render_classes(labels: torch.Tensor, generator: torch.Generator, split: str 
     return images
 
 
+@functools.lru_cache(maxsize=2)
 def class_dataset(per_class: int = IMAGES_PER_CLASS, seed: int = 0, split: str = "train") -> ClassDataset:
-    """The embedded training images: ``per_class`` renders of each digit (fixed for a seed)."""
+    """The embedded training images: ``per_class`` renders of each digit (fixed for a seed).
+
+    Cached: the class demo selects data for every (class, method) from the same set, so it is
+    rendered once. Callers index it (copies) and never modify it in place."""
     labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
     images = render_classes(labels, torch.Generator().manual_seed(seed), split)
     return ClassDataset(images=images, labels=labels, class_names=CLASS_NAMES,
