@@ -9,6 +9,7 @@ Usage:
   diffunlearn data build configs/sd-nudity.yaml model=/models/sd-v1-4 --out data/nudity
   diffunlearn eval runs/nudity --metrics alignment,nudenet --prompts template:nudity:test:forget i2p.csv
   diffunlearn compare runs/base-eval runs/nudity runs/van-gogh --out leaderboard
+  diffunlearn attack runs/demo/rg/model --concept three --attacks embedding,relearn   red-team a model
   diffunlearn sweep configs/digits-rg.yaml remain_weight=0.5,1,5 forget_cap=hinge,none --out runs/sweep
   diffunlearn demo --all-methods             every method, both embedded concepts, 3 seeds
   diffunlearn bench --preset small --json bench.json
@@ -176,6 +177,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+def cmd_attack(args: argparse.Namespace) -> None:
+    from .jobs.attack import AttackJob, run_attack_job
+
+    target = Path(args.target)
+    out = Path(args.out) if args.out else (target / "attack" if (target / "config.yaml").is_file()
+                                           else Path("attacks") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    job = AttackJob(target=args.target, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
+                    concept=args.concept or "", images=args.images or "",
+                    metrics=[m.strip() for m in (args.metrics or "").split(",") if m.strip()],
+                    prompts=args.prompts or "", n=args.n, options=list(args.option or []), neutral=args.neutral,
+                    steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device)
+    results = run_attack_job(job, out, _metric_options(args), args.force, not args.quiet, args.command_line)
+    print(json.dumps({"clean": {m: s["forget"]["asr"] for m, s in results["metrics"].items()},
+                      "attacks": results["attacks"], "skipped": results["skipped"]}, indent=2))
+    print(f"wrote {out}/results.json and {out}/report.md")
+
+
 def _metric_options(args: argparse.Namespace):
     from .evaluate.base import MetricOptions
 
@@ -242,9 +260,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "training.json").exists() and not args.force:
         raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
+    if args.exclude:
+        from .worlds.digits import concept_attribute
+
+        try:
+            concept_attribute(args.exclude)
+        except ValueError as e:
+            raise UserError(f"--exclude: {e}") from None
     if args.track == "class":
-        if args.init:
-            raise UserError("--init applies to the text track only; drop it or use --track text")
+        if args.init or args.exclude:
+            raise UserError("--init and --exclude apply to the text track only; drop them or use --track text")
         from .worlds.class_digits import train_class_base
 
         final = train_class_base(out, steps=args.steps or 2500, batch_size=args.batch_size, seed=args.seed,
@@ -252,7 +277,7 @@ def cmd_train_base(args: argparse.Namespace) -> None:
         print(json.dumps(final, indent=2))
         return
     final = train_base(out, steps=args.steps or 6000, batch_size=args.batch_size, seed=args.seed,
-                       init=Path(args.init) if args.init else None, progress=not args.quiet)
+                       init=Path(args.init) if args.init else None, progress=not args.quiet, exclude=args.exclude)
     print(json.dumps(final, indent=2))
 
 
@@ -373,6 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    from .attacks import ATTACKS
+
+    p = sub.add_parser("attack", help="red-team a model or run: attack success rate of each attack (resumable)")
+    p.add_argument("target", metavar="MODEL_OR_RUN", help="a run folder, a model folder, embedded:digits or a hub id")
+    p.add_argument("--attacks", required=True, help=f"comma-separated: {', '.join(ATTACKS)}")
+    p.add_argument("--images", default=None, help="folder of images of the concept (default: the run's forget set, "
+                   "or ground-truth renders in the digit worlds)")
+    p.add_argument("--metrics", default=None, help="detectors: oracle, nudenet, classifier (default: by concept)")
+    p.add_argument("--prompts", default=None, metavar="SPEC", help="held-out forget prompts (default: the "
+                   "built-in test set of the concept)")
+    p.add_argument("--n", type=int, default=64, help="attacked samples per attack (and clean samples)")
+    p.add_argument("--option", action="append", metavar="ATTACK.KEY=VALUE",
+                   help="attack setting, e.g. relearn.steps=5,10,30 or embedding.iterations=300 (repeatable)")
+    p.add_argument("--neutral", default=None, help="prompt the embedding inversion starts from")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's or model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's or model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' own randomness")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/attack, or attacks/NAME-TIME)")
+    p.add_argument("--batch-size", type=int, default=32, help="metric batch size")
+    _metric_flags(p)
+    p.add_argument("--force", action="store_true", help="redo every attack")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("sweep", help="run a grid of configs, evaluate each, table + Pareto plot (resumable)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (or the first key=v1,v2 entry)")
     p.add_argument("overrides", nargs="*", metavar="key=v1,v2", help="grid entries; one value = fixed override")
@@ -424,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="continue from the UNet of this model folder")
+    p.add_argument("--exclude", default=None, metavar="CONCEPT",
+                   help="train without this digit or colour: the exact-unlearning gold standard")
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_base)

@@ -277,8 +277,31 @@ class ClassConditionalAdapter:
         return noise
 
     def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The UNet's output for ``x_t`` given class labels ``condition`` (ε for epsilon models)."""
-        return self.unet(x_t, timesteps, class_labels=condition.to(x_t.device)).sample
+        """The UNet's output for ``x_t`` given class labels ``condition`` ``(N,)`` (ε for epsilon models).
+
+        A floating-point ``condition`` ``(N, D)`` is taken as class-embedding VECTORS instead of labels
+        (the embedding attack optimises them): the UNet's embedding table is bypassed for this call.
+        """
+        if not condition.is_floating_point():
+            return self.unet(x_t, timesteps, class_labels=condition.to(x_t.device)).sample
+        table = self.unet.class_embedding
+        self.unet.class_embedding = nn.Identity()  # diffusers adds class_embedding(class_labels) to the time embedding
+        try:
+            return self.unet(x_t, timesteps, class_labels=condition.to(x_t.device, x_t.dtype)).sample
+        finally:
+            self.unet.class_embedding = table
+
+    # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------
+    def condition_tensors(self, condition: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Labels -> their class-embedding vectors ``(N, D)``, the continuous condition an attack optimises."""
+        if condition.is_floating_point():
+            return (condition,)
+        with torch.no_grad():
+            return (self.unet.class_embedding(condition.to(self.unet.class_embedding.weight.device)).float(),)
+
+    def make_condition(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`condition_tensors`: vectors are a condition ``predict_noise`` accepts."""
+        return vectors
 
     def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
         """``full`` and ``non-cross-attention`` both train every UNet weight: a ``UNet2DModel`` has no
@@ -324,28 +347,40 @@ class ClassConditionalAdapter:
         """
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+        labels = self.encode_prompts(prompts)  # unknown classes fail before any compute
+        return self.sample_condition(labels, seeds, steps, guidance, batch_size, progress)
+
+    @torch.no_grad()
+    def sample_condition(self, condition: torch.Tensor, seeds: Sequence[int], steps: int = 50,
+                         guidance: float = 1.0, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """:meth:`sample` from labels ``(N,)`` or class-embedding vectors ``(N, D)`` (an attacked condition)."""
+        if len(seeds) != len(condition):
+            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
         from tqdm.auto import tqdm
 
-        labels = self.encode_prompts(prompts)  # unknown classes fail before any compute
         device = next(self.unet.parameters()).device
         height, width = self._height_width
         noise = torch.stack([torch.randn(self.channels, height, width,
                                          generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         solver = DDIMScheduler.from_config(self.scheduler.config)
         guided = guidance != 1 and self.null_class is not None
+        vectors = condition.is_floating_point()
+        if guided:
+            null = torch.tensor([self.null_class], device=device)
+            null = self.condition_tensors(null)[0] if vectors else null
         was_training = self.unet.training
         self.unet.eval()
         out = []
-        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(seeds), desc="sampling", disable=not progress, leave=False)
         try:
-            for start in range(0, len(prompts), batch_size):
-                cond = labels[start:start + batch_size].to(device)
+            for start in range(0, len(seeds), batch_size):
+                cond = condition[start:start + batch_size].to(device)
                 n = len(cond)
                 x = noise[start:start + batch_size].to(device)
                 if guided:
-                    both = torch.cat([torch.full_like(cond, self.null_class), cond])
+                    both = torch.cat([null.expand(n, *null.shape[1:]), cond])
                 solver.set_timesteps(steps)
                 for t in solver.timesteps:
                     if guided:

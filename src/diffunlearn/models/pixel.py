@@ -128,6 +128,14 @@ class PixelTextToImage:
         """
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+        return self.sample_condition(self.encode_prompts(prompts), seeds, steps, guidance, batch_size, progress)
+
+    @torch.no_grad()
+    def sample_condition(self, condition: PixelCondition, seeds: Sequence[int], steps: int = 12,
+                         guidance: float = 3.0, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """:meth:`sample` from an already encoded (or attacked) condition, one image per row and seed."""
+        if len(seeds) != len(condition):
+            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         from tqdm.auto import tqdm
 
         was_training = self.unet.training
@@ -139,20 +147,39 @@ class PixelTextToImage:
         solver = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         uncond = self.encode_prompts([""])
         out = []
-        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            cond = self.encode_prompts(chunk)
-            both = PixelCondition.cat([PixelCondition(uncond.states.expand(len(chunk), -1, -1),
-                                                      uncond.mask.expand(len(chunk), -1)), cond])
+        bar = tqdm(total=len(seeds), desc="sampling", disable=not progress, leave=False)
+        for start in range(0, len(seeds), batch_size):
+            cond = condition[start:start + batch_size]
+            n = len(cond)
+            both = PixelCondition.cat([PixelCondition(uncond.states.expand(n, -1, -1),
+                                                      uncond.mask.expand(n, -1)), cond])
             x = noise[start:start + batch_size].clone()
             solver.set_timesteps(steps)
             for t in solver.timesteps:
-                eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * len(chunk)), both)
+                eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * n), both)
                 e_u, e_c = eps.chunk(2)
                 x = solver.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
             out.append(x.clamp(-1, 1))
-            bar.update(len(chunk))
+            bar.update(n)
         bar.close()
         self.unet.train(was_training)
         return torch.cat(out)
+
+    # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------
+    def condition_tensors(self, condition: PixelCondition) -> tuple[torch.Tensor, ...]:
+        """The continuous part of a condition an attack may optimise (token states) and the rest."""
+        return condition.states, condition.mask
+
+    def make_condition(self, states: torch.Tensor, mask: torch.Tensor) -> PixelCondition:
+        """Inverse of :meth:`condition_tensors`."""
+        return PixelCondition(states, mask)
+
+    def text_tokens(self):
+        """The frozen text encoder's tokenizer, network and token length (for the discrete prompt attack)."""
+        return self.text_encoder.tokenizer, self.text_encoder.model, self.text_encoder.max_tokens
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PixelCondition:
+        """Token ids ``(N, L)`` -> condition, WITH gradient through the encoder (for attacks that optimise
+        token embeddings); the same post-processing as :class:`FrozenTextEncoder`."""
+        states = self.text_encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return PixelCondition(states * attention_mask.unsqueeze(-1), attention_mask)

@@ -478,16 +478,28 @@ class StableDiffusionAdapter:
         Raises:
             ValueError: seeds and prompts differ in number, or a non-positive ``steps``/``batch_size``.
         """
-        from diffusers import DPMSolverMultistepScheduler
-        from tqdm.auto import tqdm
-
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
+        return self.sample_condition(self.encode_prompts(prompts), seeds, steps, guidance, batch_size, progress,
+                                     height, width)
+
+    @torch.no_grad()
+    def sample_condition(self, condition: TextCondition, seeds: Sequence[int], steps: int = 25,
+                         guidance: float = 7.5, batch_size: int = 8, progress: bool = False,
+                         height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """:meth:`sample` from already encoded (or attacked) text states, one image per row and seed."""
+        from diffusers import DPMSolverMultistepScheduler
+        from tqdm.auto import tqdm
+
+        if len(seeds) != len(condition):
+            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
         size = int(self.unet.config.sample_size) * self.vae_scale_factor
         height, width = height or size, width or size
-        # Embeddings are computed here, in fp32, and the pipeline gets no text encoder: with a bf16/fp16
+        # Embeddings are computed in fp32 and the pipeline gets no text encoder: with a bf16/fp16
         # text encoder the pipeline would cast embeddings and latents to that dtype for the fp32 UNet.
         pipe = self._pipeline(scheduler=DPMSolverMultistepScheduler.from_config(self.scheduler.config),
                               with_text=False)
@@ -496,13 +508,12 @@ class StableDiffusionAdapter:
         was_training = self.unet.training
         self.unet.eval()
         out = []
-        bar = tqdm(total=len(prompts), desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(seeds), desc="sampling", disable=not progress, leave=False)
         try:
-            for start in range(0, len(prompts), batch_size):
-                chunk = list(prompts[start:start + batch_size])
-                cond = self.encode_prompts(chunk).states
+            for start in range(0, len(seeds), batch_size):
+                cond = condition.states[start:start + batch_size].detach()
                 generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-                negative = uncond.expand(len(chunk), -1, -1)
+                negative = uncond.expand(len(cond), -1, -1)
                 latents = pipe(prompt_embeds=cond.to(self.device, self.unet.dtype),
                                negative_prompt_embeds=negative.to(self.device, self.unet.dtype),
                                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
@@ -510,8 +521,29 @@ class StableDiffusionAdapter:
                 # Decoding as the pipeline does, but in the VAE's own dtype.
                 decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
                 out.append(decoded.float().clamp(-1, 1).cpu())
-                bar.update(len(chunk))
+                bar.update(len(cond))
         finally:
             bar.close()
             self.unet.train(was_training)
         return torch.cat(out)
+
+    # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------
+    def condition_tensors(self, condition: TextCondition) -> tuple[torch.Tensor, ...]:
+        """The continuous part of a condition an attack may optimise: the CLIP token states."""
+        return (condition.states,)
+
+    def make_condition(self, states: torch.Tensor) -> TextCondition:
+        """Inverse of :meth:`condition_tensors`."""
+        return TextCondition(states)
+
+    def text_tokens(self):
+        """The CLIP tokenizer, text encoder and token length (for the discrete prompt attack)."""
+        return self.tokenizer, self.text_encoder, int(self.tokenizer.model_max_length)
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextCondition:
+        """Token ids ``(N, 77)`` -> text states WITH gradient through the encoder, as :meth:`encode_prompts`
+        computes them otherwise (attention mask only where the encoder's config uses one)."""
+        use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+        states = self.text_encoder(input_ids.to(self.device),
+                                   attention_mask=attention_mask.to(self.device) if use_mask else None)[0]
+        return TextCondition(states.float())

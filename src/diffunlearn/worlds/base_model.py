@@ -71,13 +71,17 @@ def ema_weights(unet, ema):
 
 def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                pool_size: int = 8192, uncond_prob: float = 0.1, eval_every: int = 1000,
-               init: Path | None = None, progress: bool = True) -> dict:
+               init: Path | None = None, progress: bool = True, exclude: str | None = None) -> dict:
     """Train the base model on fresh renders of random train-vocabulary captions.
 
     Captions come from a fixed pool encoded once (the encoder is frozen); every step renders new
     images for them, so images never repeat. Writes EMA weights to ``out`` at every evaluation and
     returns the last evaluation (oracle accuracy on held-out test-vocabulary prompts). ``init``
     continues from the UNet of an earlier model folder instead of a fresh initialisation.
+
+    ``exclude`` (a digit or colour word) trains the gold standard of exact unlearning: the same
+    recipe on a world in which that concept never appears: no caption requests it and no random
+    draw renders it, so the model never sees it (the text encoder still knows the word).
     """
     from tqdm.auto import tqdm
 
@@ -91,7 +95,11 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     if init is not None:
         model.unet = UNet2DConditionModel.from_pretrained(Path(init) / "unet", use_safetensors=True)
     unet = model.unet
-    captions = [world.random_caption(rng, "train") for _ in range(pool_size)]
+    captions = []
+    while len(captions) < pool_size:
+        caption = world.random_caption(rng, "train")
+        if not exclude or exclude not in _requested_words(caption):
+            captions.append(caption)
     states, mask = model.text_encoder.encode([c.text for c in captions])
     states = states.half()
     null_states, null_mask = model.text_encoder.encode([""])
@@ -107,7 +115,7 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     for step in bar:
         idx = torch.randint(pool_size, (batch_size,), generator=gen)
         batch_caps = [captions[i] for i in idx.tolist()]
-        x0, _ = world.render_captions(batch_caps, gen, split="train")
+        x0, _ = world.render_captions(batch_caps, gen, split="train", exclude=exclude)
         cond_s, cond_m = states[idx].float(), mask[idx]
         drop = torch.rand(batch_size, generator=gen) < uncond_prob
         cond_s[drop] = null_states[0]
@@ -135,9 +143,15 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
                 (out / "training.json").write_text(json.dumps({
                     "recipe": "diffunlearn.worlds.base_model.train_base",
                     "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
-                             "uncond_prob": uncond_prob, "init": str(init) if init else None},
+                             "uncond_prob": uncond_prob, "init": str(init) if init else None,
+                             "exclude": exclude},
                     "evaluations": log}, indent=2) + "\n")
     return log[-1]
+
+
+def _requested_words(caption: world.Caption) -> set[str]:
+    """The attribute values (words) a caption requests."""
+    return {world.VALUES[a][v] for a, v in caption.requested().items()}
 
 
 def check_base(model: str, n: int = 1000, guidance: float | None = None, split: str = "test", seed: int = 0,

@@ -212,8 +212,13 @@ def render(
     backgrounds: Sequence[int | None],
     generator: torch.Generator,
     split: str = "train",
+    exclude: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render ground-truth images; ``None`` attributes are drawn at random.
+
+    Args:
+        exclude: a concept word (digit or colour) that random draws never produce: the world of a
+            model retrained without that concept (exact unlearning). Requests for it are still honoured.
 
     Returns:
         images: ``(N, 3, 16, 16)`` in [-1, 1]; labels: ``(N, 3)`` long (digit, colour, background).
@@ -222,8 +227,14 @@ def render(
     pool = glyph_split(split)
     n = len(digits)
     labels = torch.empty(n, 3, dtype=torch.long)
+    skip = (ATTRIBUTES.index(concept_attribute(exclude)), VALUES[concept_attribute(exclude)].index(exclude)) \
+        if exclude else None
     for j, (values, choices) in enumerate(((digits, DIGITS), (colours, COLOURS), (backgrounds, BACKGROUNDS))):
         rand = torch.randint(len(choices), (n,), generator=generator)
+        if skip is not None and skip[0] == j:
+            # Draw among the other values only: shift draws at or above the excluded index by one.
+            rand = torch.randint(len(choices) - 1, (n,), generator=generator)
+            rand = rand + (rand >= skip[1]).long()
         labels[:, j] = torch.tensor([rand[i].item() if v is None else v for i, v in enumerate(values)])
     pool_labels = glyph_labels[pool]
     glyph_idx = torch.empty(n, dtype=torch.long)
@@ -245,11 +256,12 @@ def render(
     return images * 2 - 1, labels
 
 
-def render_captions(captions: Sequence[Caption], generator: torch.Generator, split: str = "train"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render one ground-truth image per caption (unmentioned attributes drawn at random)."""
+def render_captions(captions: Sequence[Caption], generator: torch.Generator, split: str = "train",
+                    exclude: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render one ground-truth image per caption (unmentioned attributes drawn at random, never
+    ``exclude``; see :func:`render`)."""
     return render([c.digit for c in captions], [c.colour for c in captions],
-                  [c.background for c in captions], generator, split=split)
+                  [c.background for c in captions], generator, split=split, exclude=exclude)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""``embedding``: continuous prompt-embedding inversion, the strongest white-box text attack.
+
+The condition (token states of a text model, the class-embedding vector of a class-conditional
+model), initialised from a neutral prompt, is optimised so that the ATTACKED model's own denoising
+loss on images of the concept is minimal:
+
+    c* = argmin_c  E_{x ~ concept images, t, ε} ‖ε_θ(x_t, t, c) − ε‖²,
+
+then the model is sampled with c*. This is the principle of UnlearnDiffAtk (Zhang et al., "To
+Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate Unsafe Images",
+ECCV 2024) and of Circumventing Concept Erasure (Pham et al., "Circumventing Concept Erasure Methods
+For Text-to-Image Generative Models", ICLR 2024), taken in embedding space: a model that really
+removed the concept has no condition under which its denoiser explains images of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..losses import denoising_loss
+from .base import AttackOutput, AttackSamples, AttackTarget, denoising_batches, frozen_model, positive
+
+
+@dataclasses.dataclass
+class EmbeddingAttack:
+    """Settings: ``iterations`` Adam steps at learning rate ``lr`` on minibatches of ``batch_size``
+    concept images."""
+
+    iterations: int = 150
+    lr: float = 0.02
+    batch_size: int = 16
+    name: str = dataclasses.field(default="embedding", init=False)
+
+    def __post_init__(self) -> None:
+        self.iterations = positive(self.iterations, "embedding.iterations")
+        self.lr = positive(self.lr, "embedding.lr", float)
+        self.batch_size = positive(self.batch_size, "embedding.batch_size")
+
+    def applies(self, adapter: Any) -> str | None:
+        return None  # every adapter has a continuous condition (token states or class vectors)
+
+    def settings(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "lr": self.lr, "batch_size": self.batch_size,
+                "objective": "attacked model's denoising loss on concept images, w.r.t. the condition"}
+
+    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float]]:
+        """The optimised condition tensors (batch of one) and the loss every 10 iterations."""
+        adapter = target.adapter
+        start = adapter.condition_tensors(adapter.encode_prompts([target.neutral]))
+        learned = start[0].detach().clone().float().requires_grad_(True)
+        rest = start[1:]
+        optimizer = torch.optim.Adam([learned], lr=self.lr)
+        generator = torch.Generator().manual_seed(target.seed)
+        losses: list[float] = []
+        from tqdm.auto import tqdm
+
+        with frozen_model(adapter):
+            batches = denoising_batches(target, self.iterations, self.batch_size, generator)
+            for i, (_, x0, noise, t) in enumerate(tqdm(batches, total=self.iterations, desc="embedding inversion",
+                                                       disable=not target.progress, leave=False)):
+                n = len(x0)
+                condition = adapter.make_condition(learned.expand(n, *learned.shape[1:]),
+                                                   *(r.expand(n, *r.shape[1:]) for r in rest))
+                loss = denoising_loss(adapter, x0, condition, noise, t).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if i % 10 == 0 or i == self.iterations - 1:
+                    losses.append(round(loss.item(), 6))
+        return (learned.detach(), *rest), losses
+
+    def run(self, target: AttackTarget) -> AttackOutput:
+        (learned, *rest), losses = self.invert(target)
+        n = len(target.prompts)
+        condition = target.adapter.make_condition(learned.expand(n, *learned.shape[1:]),
+                                                  *(r.expand(n, *r.shape[1:]) for r in rest))
+        images = target.sample_condition(condition)
+        label = f"<inverted embedding from {target.neutral!r}>"
+        return AttackOutput([AttackSamples("", images, [label] * n)], headline="",
+                            details={"loss_every_10": losses, "neutral": target.neutral,
+                                     "moved_l2": float((learned - target.adapter.condition_tensors(
+                                         target.adapter.encode_prompts([target.neutral]))[0].float()).norm())})

@@ -1,0 +1,166 @@
+"""``prompt``: discrete adversarial prompts a user could type (UnlearnDiffAtk-style).
+
+``tokens`` adversarial tokens are appended to each forget prompt (before its end token). Their
+input embeddings are optimised with the embedding attack's objective (the attacked model's
+denoising loss on concept images, the prompt being the concept image's own forget prompt plus the
+suffix) and, at every step, PROJECTED to the nearest vocabulary embedding: the forward pass uses the
+projected tokens, the gradient updates the continuous ones (straight-through), as in PEZ (Wen et
+al., "Hard Prompts Made Easy", NeurIPS 2023) and UnlearnDiffAtk (Zhang et al., ECCV 2024), which
+optimises a discrete prefix the same way. Only whole alphabetic words of the tokenizer's vocabulary
+are allowed, so the suffix decodes to text that tokenizes back to the same tokens.
+
+One universal suffix is found for the concept (on the attack's images and their prompts) and then
+appended to every held-out forget prompt; the result reports the suffix and the prompts, and the
+attacked samples are generated from the TEXT, through the ordinary prompt path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+from ..losses import denoising_loss
+from .base import (
+    AttackOutput,
+    AttackSamples,
+    AttackTarget,
+    denoising_batches,
+    device_of,
+    frozen_model,
+    is_text_model,
+    positive,
+)
+
+_WORD = re.compile(r"^[a-z]{2,}$")
+
+
+def _vocab_has_word_ends(tokenizer: Any) -> bool:
+    return any(t.endswith("</w>") for t in list(tokenizer.get_vocab())[:5000])
+
+
+def allowed_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokenizer's whole-word alphabetic tokens (WordPiece words without ``##``; CLIP BPE
+    tokens ending in ``</w>``), special tokens excluded: what a suffix may be made of. BPE and
+    WordPiece vocabularies are told apart by their ``</w>`` endings."""
+    special = set(tokenizer.all_special_ids)
+    bpe = _vocab_has_word_ends(tokenizer)
+    ids = []
+    for token, i in tokenizer.get_vocab().items():
+        if i in special:
+            continue
+        if bpe:
+            if token.endswith("</w>") and _WORD.match(token[:-4]):
+                ids.append(i)
+        elif _WORD.match(token):
+            ids.append(i)
+    return sorted(ids)
+
+
+def with_suffix(tokenizer: Any, prompts: list[str], suffix_ids: list[int], max_length: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids ``(N, max_length)`` of ``prompts`` with ``suffix_ids`` inserted before each end token,
+    the attention mask, and a boolean ``(N, max_length)`` marking the suffix positions."""
+    k = len(suffix_ids)
+    tok = tokenizer(prompts, padding="max_length", max_length=max_length - k, truncation=True, return_tensors="pt")
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    n = len(prompts)
+    out_ids = torch.empty(n, max_length, dtype=ids.dtype)
+    out_mask = torch.empty(n, max_length, dtype=mask.dtype)
+    where = torch.zeros(n, max_length, dtype=torch.bool)
+    suffix = torch.tensor(suffix_ids, dtype=ids.dtype)
+    for row in range(n):
+        end = int(mask[row].sum()) - 1  # the end token ([SEP] / <|endoftext|>) of this prompt
+        out_ids[row] = torch.cat([ids[row, :end], suffix, ids[row, end:]])
+        out_mask[row] = torch.cat([mask[row, :end], torch.ones(k, dtype=mask.dtype), mask[row, end:]])
+        where[row, end:end + k] = True
+    return out_ids, out_mask, where
+
+
+@dataclasses.dataclass
+class PromptAttack:
+    """Settings: ``tokens`` suffix tokens, ``iterations`` Adam steps at ``lr`` (in units of the
+    embedding table's scale) on minibatches of ``batch_size`` concept images."""
+
+    tokens: int = 5
+    iterations: int = 100
+    lr: float = 0.1
+    batch_size: int = 16
+    name: str = dataclasses.field(default="prompt", init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = positive(self.tokens, "prompt.tokens")
+        self.iterations = positive(self.iterations, "prompt.iterations")
+        self.lr = positive(self.lr, "prompt.lr", float)
+        self.batch_size = positive(self.batch_size, "prompt.batch_size")
+
+    def applies(self, adapter: Any) -> str | None:
+        if not is_text_model(adapter) or not hasattr(adapter, "text_tokens"):
+            return "prompt attacks edit text, and this model is conditioned on class labels, not prompts"
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "iterations": self.iterations, "lr": self.lr, "batch_size": self.batch_size,
+                "projection": "nearest whole-word vocabulary embedding (L2), straight-through"}
+
+    def search(self, target: AttackTarget) -> tuple[list[int], list[float]]:
+        """The suffix token ids found, and the loss of the projected suffix every 10 iterations."""
+        adapter = target.adapter
+        tokenizer, encoder, max_length = adapter.text_tokens()
+        table_module = encoder.get_input_embeddings()
+        allowed = torch.tensor(allowed_token_ids(tokenizer))
+        table = table_module.weight.detach().float()[allowed.to(table_module.weight.device)]
+        generator = torch.Generator().manual_seed(target.seed)
+        # Start from random vocabulary words (seeded), as PEZ does.
+        start = allowed[torch.randint(len(allowed), (self.tokens,), generator=generator)]
+        soft = table_module.weight.detach().float()[start.to(table_module.weight.device)].clone().requires_grad_(True)
+        scale = float(table.norm(dim=1).mean())
+        optimizer = torch.optim.Adam([soft], lr=self.lr * scale / max(table.shape[1], 1) ** 0.5)
+        state: dict[str, torch.Tensor] = {}
+
+        def replace(module, inputs, output):  # forward hook: the suffix positions get the projected embeddings
+            where = state["where"].to(output.device)
+            output = output.clone()
+            output[where] = state["hard"].to(output.dtype).repeat(int(where.shape[0]), 1)
+            return output
+
+        handle = table_module.register_forward_hook(replace)
+        losses: list[float] = []
+        best_ids, best_loss = allowed[torch.cdist(soft.detach(), table).argmin(1).cpu()].tolist(), float("inf")
+        from tqdm.auto import tqdm
+
+        try:
+            with frozen_model(adapter):
+                batches = denoising_batches(target, self.iterations, self.batch_size, generator)
+                for i, (idx, x0, noise, t) in enumerate(tqdm(batches, total=self.iterations, desc="prompt search",
+                                                           disable=not target.progress, leave=False)):
+                    nearest = torch.cdist(soft.detach(), table).argmin(1)
+                    projected = table[nearest]
+                    state["hard"] = soft + (projected - soft).detach()  # straight-through estimator
+                    prompts = [target.image_prompts[j] for j in idx.tolist()]
+                    ids, mask, where = with_suffix(tokenizer, prompts, [0] * self.tokens, max_length)
+                    state["where"] = where
+                    condition = adapter.encode_tokens(ids.to(device_of(adapter)), mask.to(device_of(adapter)))
+                    loss = denoising_loss(adapter, x0, condition, noise, t).mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if loss.item() < best_loss:
+                        best_loss, best_ids = loss.item(), allowed[nearest.cpu()].tolist()
+                    if i % 10 == 0 or i == self.iterations - 1:
+                        losses.append(round(loss.item(), 6))
+        finally:
+            handle.remove()
+        return best_ids, losses
+
+    def run(self, target: AttackTarget) -> AttackOutput:
+        tokenizer = target.adapter.text_tokens()[0]
+        ids, losses = self.search(target)
+        suffix = tokenizer.decode(ids).strip()
+        prompts = [f"{p.rstrip().rstrip('.')} {suffix}" for p in target.prompts]
+        images = target.sample(prompts)
+        return AttackOutput([AttackSamples("", images, prompts)], headline="",
+                            details={"suffix": suffix, "suffix_ids": ids, "loss_every_10": losses,
+                                     "example_prompts": prompts[:5]})
