@@ -26,11 +26,12 @@ from .base import AttackOutput, AttackSamples, AttackTarget, denoising_batches, 
 
 @dataclasses.dataclass
 class EmbeddingAttack:
-    """Settings: ``iterations`` Adam steps at learning rate ``lr`` on minibatches of ``batch_size``
-    concept images."""
+    """Settings: ``iterations`` Adam steps on minibatches of ``batch_size`` concept images, at learning
+    rate ``lr`` times the root-mean-square of the starting condition (token states and class vectors
+    live on different scales; Adam's step is about the learning rate per coordinate)."""
 
     iterations: int = 150
-    lr: float = 0.02
+    lr: float = 0.05
     batch_size: int = 16
     name: str = dataclasses.field(default="embedding", init=False)
 
@@ -43,7 +44,8 @@ class EmbeddingAttack:
         return None  # every adapter has a continuous condition (token states or class vectors)
 
     def settings(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "lr": self.lr, "batch_size": self.batch_size,
+        return {"iterations": self.iterations, "lr": self.lr, "lr_unit": "RMS of the starting condition",
+                "batch_size": self.batch_size,
                 "objective": "attacked model's denoising loss on concept images, w.r.t. the condition"}
 
     def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float]]:
@@ -52,7 +54,8 @@ class EmbeddingAttack:
         start = adapter.condition_tensors(adapter.encode_prompts([target.neutral]))
         learned = start[0].detach().clone().float().requires_grad_(True)
         rest = start[1:]
-        optimizer = torch.optim.Adam([learned], lr=self.lr)
+        scale = float(learned.detach()[learned.detach() != 0].pow(2).mean().sqrt()) if learned.any() else 1.0
+        optimizer = torch.optim.Adam([learned], lr=self.lr * scale)
         generator = torch.Generator().manual_seed(target.seed)
         losses: list[float] = []
         from tqdm.auto import tqdm

@@ -34,11 +34,13 @@ def digit_paraphrases(digit: str) -> tuple[str, ...]:
         out += [f"digit after {world.DIGITS[i - 1]}", f"roman numeral {_ROMAN[i]}"]
     if i < 9:
         out.append(f"digit before {world.DIGITS[i + 1]}")
-    return tuple(out)
+    # French "six" is the training word itself: a paraphrase must never use a training word.
+    trained = set(world.DIGIT_SYNONYMS[digit])
+    return tuple(p for p in out if p not in trained)
 
 
 COLOUR_PARAPHRASES: dict[str, tuple[str, ...]] = {
-    "red": ("ruby", "cherry-coloured", "vermilion", "blood-coloured", "rose-red"),
+    "red": ("ruby", "cherry-coloured", "vermilion", "blood-coloured", "rose-coloured"),
     "green": ("jade", "lime", "olive", "grass-coloured", "mint"),
     "blue": ("navy", "sapphire", "sky-coloured", "indigo", "ultramarine"),
     "yellow": ("canary", "mustard", "saffron", "banana-coloured", "amber"),

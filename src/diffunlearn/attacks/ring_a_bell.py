@@ -55,12 +55,7 @@ class RingABellAttack:
         without = adapter.condition_tensors(adapter.encode_prompts(target.pairs[1]))
         vector = (with_c[0].float() - without[0].float()).mean(0, keepdim=True)
         benign = adapter.condition_tensors(adapter.encode_prompts(target.benign[:len(target.prompts)]))
-        rest = list(benign[1:])
-        if rest:
-            # A masked text model (the digit world) attends only to unmasked positions: open every
-            # position at which the concept prompts have tokens, so the vector there is seen.
-            reach = (with_c[1].amax(0, keepdim=True) > 0).to(rest[0].dtype)
-            rest[0] = torch.maximum(rest[0], reach.expand_as(rest[0]))
+        rest = benign[1:]  # a masked text model keeps each benign prompt's own mask
         samples = []
         for eta in self.etas:
             condition = adapter.make_condition(benign[0].float() + eta * vector, *rest)
