@@ -60,3 +60,33 @@ def test_same_config_treats_keys_added_later_as_their_defaults():
     assert not same_config({**old, "mystery": 1}, cfg)
     changed = build_config(None, ["method=rg", "steps=7", "remain_per_class=9"])
     assert not same_config(old, changed)               # the old run used the default 50
+
+
+def test_asr_columns_are_mean_and_std_over_seeds():
+    runs = {"three": {"rg": [{"forget_score": 0.0, "alignment": 1.0, "quality_fd": 100.0, "seconds": 10.0,
+                              "asr": {"embedding": 0.5}},
+                             {"forget_score": 0.2, "alignment": 0.8, "quality_fd": 300.0, "seconds": 30.0,
+                              "asr": {"embedding": 0.7}}]}}
+    table = leaderboard_table(runs, ("embedding", "relearn"))
+    assert "| ASR embedding ↓ | ASR relearn ↓ | seeds |" in table
+    assert "| 20 ± 14 | 0.600 ± 0.141 | - | 2 |" in table
+
+
+def test_leaderboard_red_teams_every_model_and_reuses_the_reports(tmp_path, monkeypatch):
+    out = tmp_path / "board"
+    small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8"]
+    table = run_leaderboard(out, ("rg",), ("three",), (0,), small, progress=False, attacks=("paraphrase",))
+    saved = json.loads((out / "leaderboard.json").read_text())
+    for name in ("base", "rg"):
+        report = json.loads((out / "three-seed0" / "attacks" / name / "results.json").read_text())
+        assert saved["results"]["three"][name][0]["asr"]["paraphrase"] == report["attacks"]["paraphrase"]["asr"]["oracle"]
+    assert "ASR paraphrase ↓" in table
+    assert saved["attacks"] == ["paraphrase"]
+
+    import diffunlearn.jobs.attack as job
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished red-team report was run again")
+
+    monkeypatch.setattr(job, "run_attack_job", refuse)
+    assert run_leaderboard(out, ("rg",), ("three",), (0,), small, progress=False, attacks=("paraphrase",)) == table

@@ -1,8 +1,9 @@
 """``diffunlearn compare RUN_DIR...``: evaluations side by side, a leaderboard, a trade-off plot and a
 grid of the same prompts and seeds across models.
 
-A RUN_DIR is an evaluation folder (holds ``results.json`` with ``metrics``), a run folder with an
-``eval/`` inside, or a digit-world run folder (its ``results.json`` holds the oracle's numbers).
+A RUN_DIR is an evaluation or attack folder (holds ``results.json`` with ``metrics``), a run folder
+with an ``eval/`` inside, or a digit-world run folder (its ``results.json`` holds the oracle's
+numbers). A run folder's ``attack/`` report (``diffunlearn attack RUN``) adds its ASR columns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ALIGNMENT = [("alignment", "remain", "alignment"), ("oracle", "remain", "alignme
 
 
 def _eval_folder(run: Path) -> Path:
-    for candidate in (run, run / "eval"):
+    for candidate in (run, run / "eval", run / "attack"):
         results = candidate / "results.json"
         if results.is_file() and "metrics" in json.loads(results.read_text()):
             return candidate
@@ -34,8 +35,29 @@ def _eval_folder(run: Path) -> Path:
                     f"run `diffunlearn eval {run} ...` first")
 
 
+def _flat(data: dict) -> dict[str, float]:
+    flat = {}
+    for metric, sets in data["metrics"].items():
+        for set_name, aggregate in sets.items():
+            for key, value in aggregate.items():
+                if isinstance(value, (int, float)):
+                    flat[f"{metric}/{set_name}/{key}"] = float(value)
+    return flat
+
+
 def load_results(run: Path) -> dict[str, float]:
-    """Flat ``{"metric/set/key": value}`` of one run's evaluation."""
+    """Flat ``{"metric/set/key": value}`` of one run's evaluation, with its red-team report's attack
+    success rates (``RUN/attack``, sets ``attack:NAME``) when it has one."""
+    values = _load_evaluation(run)
+    report = run / "attack" / "results.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        if "metrics" in data:
+            values.update({k: v for k, v in _flat(data).items() if "/attack:" in k})
+    return values
+
+
+def _load_evaluation(run: Path) -> dict[str, float]:
     if not run.is_dir():
         raise UserError(f"{run} is not a folder; pass run or evaluation folders")
     try:
@@ -52,13 +74,7 @@ def load_results(run: Path) -> dict[str, float]:
         # A digit-world run not evaluated separately: the oracle's numbers from `unlearn`/`demo`.
         return {"oracle/forget/forget_score": plain["forget_score"], "oracle/remain/alignment": plain["alignment"],
                 "oracle/remain/quality_fd": plain["quality_fd"]}
-    data = json.loads((folder / "results.json").read_text())
-    flat = {}
-    for metric, sets in data["metrics"].items():
-        for set_name, aggregate in sets.items():
-            for key, value in aggregate.items():
-                if isinstance(value, (int, float)):
-                    flat[f"{metric}/{set_name}/{key}"] = float(value)
+    flat = _flat(json.loads((folder / "results.json").read_text()))
     if "classifier/forget/ua" in flat:
         flat["classifier/forget/ua_complement"] = 1.0 - flat["classifier/forget/ua"]
     return flat

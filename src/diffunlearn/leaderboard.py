@@ -6,6 +6,12 @@ demo folder in which all methods share the same data; the seed sets both the dat
 generated images) and the training noise. The table reports mean ± std over seeds of forget score,
 alignment and quality FD on the HELD-OUT prompts, plus the seconds each method took. Finished demo
 folders are reused, so an interrupted leaderboard resumes.
+
+With ``attacks``, every model (the base model included) is also red-teamed with ``diffunlearn
+attack`` (``DEMO/attacks/METHOD``, resumable) and the table gains each attack's success rate. Where
+the exact-unlearning gold standard exists for a concept (a model retrained without it,
+``embedded:digits-without-three``), it gets a row of its own: how far each method is from a model
+that never learned the concept.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import json
 import statistics
 from pathlib import Path
 
+from .config import build_config
 from .demo import run_demo
+from .errors import UserError
+from .evaluate.world import evaluate_world
 from .methods import METHODS
 from .utils import atomic_write_text, environment
 
@@ -30,20 +39,61 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def leaderboard_table(results: dict[str, dict[str, list[dict]]]) -> str:
-    """Markdown: one row per (concept, method), mean ± std over seeds."""
-    lines = ["| concept | method | " + " | ".join(title for _, title, _ in FIELDS) + " | seeds |",
-             "|---|---|" + "---|" * (len(FIELDS) + 1)]
+def leaderboard_table(results: dict[str, dict[str, list[dict]]], attacks: tuple[str, ...] = ()) -> str:
+    """Markdown: one row per (concept, method), mean ± std over seeds; one ASR column per attack."""
+    lines = ["| concept | method | " + " | ".join(title for _, title, _ in FIELDS)
+             + "".join(f" | ASR {a} ↓" for a in attacks) + " | seeds |",
+             "|---|---|" + "---|" * (len(FIELDS) + len(attacks) + 1)]
     for concept, methods in results.items():
         for name, runs in methods.items():
             cells = [_mean_std([r[key] for r in runs], digits) for key, _, digits in FIELDS]
+            for a in attacks:
+                values = [r["asr"][a] for r in runs if a in r.get("asr", {})]
+                cells.append(_mean_std(values, 3) if len(values) == len(runs) else "-")
             lines.append(f"| {concept} | {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
 
+def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
+             progress: bool, command: str) -> dict[str, float]:
+    """``{attack: oracle ASR}`` of one model; a finished report with these attacks is reused, and a
+    report with other attacks is completed (its finished attacks are reused)."""
+    from .jobs.attack import AttackJob, run_attack_job
+
+    results_path = out / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if all(a in results["attacks"] for a in attacks):
+            return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
+        results_path.unlink()
+    job = AttackJob(target=model, attacks=list(attacks), concept=concept, steps=steps, guidance=guidance)
+    results = run_attack_job(job, out, progress=progress, command=command)
+    return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
+
+
+def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progress: bool, command: str
+                  ) -> dict | None:
+    """The gold standard's row (clean scores on the demo's held-out prompts, and its ASRs), or ``None``
+    when no model retrained without ``concept`` is installed."""
+    from .models import load_adapter, retrained_name
+    from .worlds.oracle import load_oracle
+
+    name = retrained_name(concept)
+    try:
+        adapter, _ = load_adapter(name)
+    except UserError:
+        return None
+    evaluation = evaluate_world(adapter, load_oracle(), concept, cfg.eval_prompts, "test", cfg.eval_seed,
+                                cfg.eval_steps, cfg.eval_guidance, progress)
+    row = {**evaluation.metrics(), "seconds": 0.0}
+    if attacks:
+        row["asr"] = red_team(name, concept, out / f"retrained-{concept}", attacks, cfg.eval_steps,
+                              cfg.eval_guidance, progress, f"{command} (retrained without {concept})")
+    return row
+
+
 def _current(summary: dict, concept: str, methods: tuple[str, ...], overrides: list[str]) -> bool:
     """Whether a finished demo holds every method with exactly the configs this leaderboard asks for."""
-    from .config import build_config
     from .demo import same_config
 
     settings = summary.get("settings", {})
@@ -54,7 +104,8 @@ def _current(summary: dict, concept: str, methods: tuple[str, ...], overrides: l
 
 def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, concepts: tuple[str, ...] = CONCEPTS,
                     seeds: tuple[int, ...] = (0, 1, 2), overrides: list[str] | None = None, force: bool = False,
-                    progress: bool = True, command: str = "diffunlearn demo --all-methods") -> str:
+                    progress: bool = True, command: str = "diffunlearn demo --all-methods",
+                    attacks: tuple[str, ...] = ()) -> str:
     """Run (or reuse) one demo per (concept, seed); write ``leaderboard.json`` and ``leaderboard.md``.
 
     Returns:
@@ -77,9 +128,20 @@ def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, c
                 summary = run_demo(concept, folder, methods, run_overrides, force, progress,
                                    f"{command} (concept {concept}, seed {seed})")
             for name, values in summary["methods"].items():
+                if attacks:
+                    cfg = build_config(None, run_overrides, base={"concept": concept, "method": methods[0]})
+                    model = cfg.model if name == "base" else str(folder / name / "model")
+                    values = {**values, "asr": red_team(model, concept, folder / "attacks" / name, attacks,
+                                                        cfg.eval_steps, cfg.eval_guidance, progress,
+                                                        f"{command} (attack {name}, {concept}, seed {seed})")}
                 results.setdefault(concept, {}).setdefault(name, []).append(values)
-    table = leaderboard_table(results)
+        cfg = build_config(None, overrides, base={"concept": concept, "method": methods[0]})
+        gold = retrained_row(concept, out, attacks, cfg, progress, command)
+        if gold is not None:
+            results[concept]["retrained (gold)"] = [gold]
+    table = leaderboard_table(results, attacks)
     atomic_write_text(out / "leaderboard.json", json.dumps({"command": command, "seeds": list(seeds),
+                                                             "attacks": list(attacks),
                                                              "results": results, "environment": environment()},
                                                             indent=1) + "\n")
     text = "\n".join([
@@ -87,7 +149,11 @@ def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, c
         f"Held-out prompts of the digit world; mean ± std over seeds {', '.join(map(str, seeds))} (each seed "
         "draws its own training prompts, images and noise). Forget score: fraction of forget-prompt samples "
         "showing the concept. Alignment: fraction of remain-prompt samples with every requested attribute. "
-        "Quality FD: Fréchet distance of oracle features to real renders. Seconds: unlearning time.", "",
+        "Quality FD: Fréchet distance of oracle features to real renders. Seconds: unlearning time."
+        + (" ASR: attack success rate, the fraction of attacked samples showing the concept "
+           "(`diffunlearn attack`, reports in each demo folder's attacks/)." if attacks else "")
+        + " The retrained (gold) row, where present, is the model retrained from scratch without the concept "
+          "(exact unlearning; one model, so no spread over seeds).", "",
         table, ""])
     atomic_write_text(out / "leaderboard.md", text)
     return table

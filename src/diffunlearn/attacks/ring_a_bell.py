@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
 from ..errors import UserError
 from .base import AttackOutput, AttackSamples, AttackTarget, is_text_model, positive
 

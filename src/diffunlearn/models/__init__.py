@@ -5,6 +5,8 @@
 * ``embedded:digits``: the committed digit-world base model (``PixelTextToImage``);
 * ``embedded:digits-class``: the committed class-conditional digit model (``ClassConditionalAdapter``;
   built by ``diffunlearn world train-base --track class``);
+* ``embedded:digits-without-three``: the exact-unlearning gold standard, the digit-world base recipe
+  retrained from scratch on a world without threes (``world train-base --exclude three``);
 * a folder written by diffunlearn for the digit world (``model_index.json`` marked ``pixel``);
 * a class-conditional folder (``model_index.json`` marked ``class``, or a diffusers ``DDPMPipeline`` /
   ``DDIMPipeline`` folder whose UNet has ``num_class_embeds``) -> ``ClassConditionalAdapter``;
@@ -41,6 +43,14 @@ def embedded_class_folder() -> Path:
     return asset_path("digits-class")
 
 
+RETRAINED_PREFIX = "embedded:digits-without-"
+
+
+def retrained_name(concept: str) -> str:
+    """The embedded name of the digit-world model retrained without ``concept`` (exact unlearning)."""
+    return RETRAINED_PREFIX + concept
+
+
 def resolve_model_folder(model: str) -> Path:
     """``embedded:digits``, ``embedded:digits-class`` or a path -> the model folder.
 
@@ -54,6 +64,16 @@ def resolve_model_folder(model: str) -> Path:
         if not (folder / "model_index.json").is_file():
             raise UserError(f"the embedded class-conditional model ({EMBEDDED_CLASS}) is missing from this "
                             "installation; build it with `diffunlearn world train-base --track class`")
+        return folder
+    if model.startswith(RETRAINED_PREFIX):
+        from ..worlds.assets import asset_path
+
+        concept = model[len(RETRAINED_PREFIX):]
+        folder = asset_path(f"digits-without-{concept}")
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{model} (the digit world retrained without {concept!r}) is not part of this "
+                            f"installation; build it with `diffunlearn world train-base --exclude {concept} "
+                            f"--steps 4500 --out FOLDER` and pass FOLDER")
         return folder
     folder = Path(model).expanduser()
     if not folder.is_dir():
@@ -81,7 +101,8 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     Raises:
         UserError: missing, unknown (SDXL included) or corrupt model; a Hub id not in the local cache.
     """
-    if model not in (EMBEDDED, EMBEDDED_CLASS) and not Path(model).expanduser().exists() and looks_like_hub_id(model):
+    if (model not in (EMBEDDED, EMBEDDED_CLASS) and not model.startswith(RETRAINED_PREFIX)
+            and not Path(model).expanduser().exists() and looks_like_hub_id(model)):
         return StableDiffusionAdapter.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
     folder = resolve_model_folder(model)
     index_path = folder / "model_index.json"
