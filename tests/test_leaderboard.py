@@ -79,7 +79,8 @@ def test_leaderboard_red_teams_every_model_and_reuses_the_reports(tmp_path, monk
     saved = json.loads((out / "leaderboard.json").read_text())
     for name in ("base", "rg"):
         report = json.loads((out / "three-seed0" / "attacks" / name / "results.json").read_text())
-        assert saved["results"]["three"][name][0]["asr"]["paraphrase"] == report["attacks"]["paraphrase"]["asr"]["oracle"]
+        asr = report["attacks"]["paraphrase"]["asr"]["oracle"]
+        assert saved["results"]["three"][name][0]["asr"]["paraphrase"] == asr
     assert "ASR paraphrase ↓" in table
     assert saved["attacks"] == ["paraphrase"]
 
