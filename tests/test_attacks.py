@@ -239,3 +239,19 @@ def test_exclude_never_renders_the_excluded_concept():
     assert labels[:, 0].tolist() == [3] * 5  # an explicit request is still honoured
     _, labels = world.render([None] * 1000, [None] * 1000, [None] * 1000, gen, exclude="red")
     assert (labels[:, 1] == 0).sum() == 0
+
+
+def test_compare_shows_asr_columns_of_a_runs_attack_report(tmp_path):
+    from diffunlearn.compare import compare, load_results
+
+    run = tmp_path / "rg-three"
+    (run / "attack").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"forget_score": 0.01, "alignment": 0.99, "quality_fd": 3500.0}))
+    (run / "attack" / "results.json").write_text(json.dumps({"model": str(run), "metrics": {"oracle": {
+        "forget": {"asr": 0.01, "forget_score": 0.01},
+        "attack:embedding": {"asr": 0.58}, "attack:relearn": {"asr": 0.03, "asr@k=5": 0.0, "asr@k=30": 0.03}}}}))
+    values = load_results(run)
+    assert values["oracle/forget/forget_score"] == 0.01 and values["oracle/remain/alignment"] == 0.99
+    assert values["oracle/attack:embedding/asr"] == 0.58 and values["oracle/attack:relearn/asr@k=5"] == 0.0
+    table = compare([run], tmp_path / "board")
+    assert "oracle/attack:embedding/asr" in table.splitlines()[0] and "| 0.58 |" in table

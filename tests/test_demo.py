@@ -81,3 +81,21 @@ def test_a_demo_interrupted_after_some_methods_reuses_them(tmp_path, monkeypatch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["ga"]["forget_score"] == first["forget_score"]
     assert summary["methods"]["ga"]["quality_fd"] == first["quality_fd"]
+
+
+def test_demo_with_attacks_reports_each_models_asr(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--methods", "graddiff", "--attacks", "paraphrase", "--quiet",
+                 *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("base", "graddiff"):
+        report = json.loads((out / "attacks" / name / "results.json").read_text())
+        assert summary["methods"][name]["asr"] == {"paraphrase": report["attacks"]["paraphrase"]["asr"]["oracle"]}
+        assert report["metrics"]["oracle"]["forget"]["asr"] == report["metrics"]["oracle"]["forget"]["forget_score"]
+    assert "ASR paraphrase ↓ |" in (out / "report.md").read_text()
+
+
+def test_demo_refuses_an_unknown_attack_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--attacks", "magic", "--quiet"]) == 2
+    assert "unknown attack 'magic'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -66,9 +66,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         return _class_demo(args)
     if args.classes or args.no_ablation or args.keep_models:
         raise UserError("--classes, --no-ablation and --keep-models belong to the class track; add --track class")
-    if args.attacks and not args.all_methods:
-        raise UserError("--attacks belongs to the leaderboard (--all-methods); to red-team one model use "
-                        "`diffunlearn attack MODEL --attacks ...`")
+    attacks = tuple(a.strip() for a in (args.attacks or "").split(",") if a.strip())
+    if attacks:
+        from .attacks import build_attacks
+
+        build_attacks(list(attacks))  # unknown names fail before any training
     if args.all_methods:
         from .leaderboard import CONCEPTS, LEADERBOARD_METHODS, run_leaderboard
         from .worlds.digits import COLOURS, DIGITS
@@ -88,11 +90,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         for m in methods:
             get_method(m)
-        attacks = tuple(a.strip() for a in (args.attacks or "").split(",") if a.strip())
-        if attacks:
-            from .attacks import build_attacks
-
-            build_attacks(list(attacks))  # unknown names fail before any training
         out = Path(args.out) if args.out else Path("runs") / "leaderboard"
         print(run_leaderboard(out, methods, concepts, seeds, args.overrides, args.force, not args.quiet,
                               args.command_line, attacks))
@@ -105,7 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for m in methods:
         get_method(m)
     out = Path(args.out) if args.out else Path("runs") / f"demo-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, args.command_line)
+    summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, args.command_line,
+                       attacks)
     from .report import markdown_table
 
     print(markdown_table(summary["methods"]))
@@ -362,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the leaderboard: every method on both concepts over --seeds (default out runs/leaderboard)")
     p.add_argument("--seeds", default="0,1,2", help="with --all-methods: comma-separated seeds")
     p.add_argument("--concepts", default=None, help="with --all-methods: comma-separated (default three,red)")
-    p.add_argument("--attacks", default=None, help="with --all-methods: red-team every model with these attacks "
-                   "(e.g. embedding,relearn) and add their ASR columns")
+    p.add_argument("--attacks", default=None, help="red-team the base model and every result with these attacks "
+                   "(e.g. embedding,relearn; see `diffunlearn attack`) and add their ASR columns")
     p.add_argument("--track", choices=("text", "class"), default="text",
                    help="class: Table 1/3 on the class-conditional digits model (default out runs/class-demo)")
     p.add_argument("--classes", default=None, help="with --track class: target digits (default: all ten)")

@@ -27,7 +27,7 @@ ALIGNMENT = [("alignment", "remain", "alignment"), ("oracle", "remain", "alignme
 
 
 def _eval_folder(run: Path) -> Path:
-    for candidate in (run, run / "eval", run / "attack"):
+    for candidate in (run, run / "eval"):
         results = candidate / "results.json"
         if results.is_file() and "metrics" in json.loads(results.read_text()):
             return candidate
@@ -48,12 +48,16 @@ def _flat(data: dict) -> dict[str, float]:
 def load_results(run: Path) -> dict[str, float]:
     """Flat ``{"metric/set/key": value}`` of one run's evaluation, with its red-team report's attack
     success rates (``RUN/attack``, sets ``attack:NAME``) when it has one."""
-    values = _load_evaluation(run)
     report = run / "attack" / "results.json"
-    if report.is_file():
-        data = json.loads(report.read_text())
-        if "metrics" in data:
-            values.update({k: v for k, v in _flat(data).items() if "/attack:" in k})
+    attacked = json.loads(report.read_text()) if report.is_file() else {}
+    try:
+        values = _load_evaluation(run)
+    except UserError:
+        if "metrics" not in attacked:
+            raise
+        values = {}  # a run red-teamed but not evaluated: its clean forget score comes with the attacks
+    if "metrics" in attacked:
+        values.update({k: v for k, v in _flat(attacked).items() if "/attack:" in k or k not in values})
     return values
 
 

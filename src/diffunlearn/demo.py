@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import UnlearnConfig, build_config
 from .errors import UserError
 from .evaluate.world import evaluate_world
+from .jobs.attack import red_team
 from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
 from .runner import build_training_data, check_out_dir, run_method
@@ -49,11 +50,13 @@ def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
 
 
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,
-             force: bool = False, progress: bool = True, command: str = "diffunlearn demo") -> dict:
+             force: bool = False, progress: bool = True, command: str = "diffunlearn demo",
+             attacks: tuple[str, ...] = ()) -> dict:
     """Run the demo; returns the summary written to ``out/summary.json``.
 
     A method whose folder already holds a finished run with the same config is reused (an
-    interrupted demo resumes), unless ``force``.
+    interrupted demo resumes), unless ``force``. With ``attacks``, the base model and every result
+    are red-teamed (``out/attacks/<model>``, see ``diffunlearn attack``) and each gets ``asr``.
     """
     # Every config is validated (concept, method, overrides) before any work starts.
     configs = {m: build_config(None, overrides, base={"concept": concept, "method": m}) for m in methods}
@@ -86,6 +89,12 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
         summary["methods"][name]["training"] = results["training"]
         evaluations[name] = evaluation
 
+    for name in summary["methods"] if attacks else ():
+        model = base_cfg.model if name == "base" else str(out / name / "model")
+        summary["methods"][name]["asr"] = red_team(model, concept, out / "attacks" / name, attacks,
+                                                   base_cfg.eval_steps, base_cfg.eval_guidance, progress,
+                                                   f"{command} (attack {name})")
+
     k = min(GRID_COLUMNS, base_cfg.eval_prompts)
     image_grid({n: e.forget_images[:k] for n, e in evaluations.items()},
                [c.text for c in evaluations["base"].forget_captions[:k]], out / "grid_forget.png",
@@ -104,7 +113,9 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
         markdown_table(summary["methods"]), "",
         "Forget score: fraction of forget-prompt samples in which the oracle sees the concept. "
         "Alignment: fraction of remain-prompt samples with every requested attribute right. "
-        "Quality FD: Fréchet distance of oracle features to real renders. Seconds: unlearning time.", "",
+        "Quality FD: Fréchet distance of oracle features to real renders. Seconds: unlearning time."
+        + (" ASR: attack success rate, the fraction of attacked samples in which the oracle sees the concept "
+           "(reports with pictures in attacks/)." if attacks else ""), "",
         "![forgetting vs alignment](tradeoff.png)", "",
         "## Forget prompts", "", "![forget grid](grid_forget.png)", "",
         "## Remain prompts", "", "![remain grid](grid_remain.png)", "",

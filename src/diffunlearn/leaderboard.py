@@ -24,6 +24,7 @@ from .config import build_config
 from .demo import run_demo
 from .errors import UserError
 from .evaluate.world import evaluate_world
+from .jobs.attack import red_team
 from .methods import METHODS
 from .utils import atomic_write_text, environment
 
@@ -52,23 +53,6 @@ def leaderboard_table(results: dict[str, dict[str, list[dict]]], attacks: tuple[
                 cells.append(_mean_std(values, 3) if len(values) == len(runs) else "-")
             lines.append(f"| {concept} | {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
-
-
-def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
-             progress: bool, command: str) -> dict[str, float]:
-    """``{attack: oracle ASR}`` of one model; a finished report with these attacks is reused, and a
-    report with other attacks is completed (its finished attacks are reused)."""
-    from .jobs.attack import AttackJob, run_attack_job
-
-    results_path = out / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if all(a in results["attacks"] for a in attacks):
-            return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
-        results_path.unlink()
-    job = AttackJob(target=model, attacks=list(attacks), concept=concept, steps=steps, guidance=guidance)
-    results = run_attack_job(job, out, progress=progress, command=command)
-    return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
 
 
 def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progress: bool, command: str

@@ -64,13 +64,17 @@ def tradeoff_plot(points: dict[str, dict], path: Path, concept: str) -> None:
 
 
 def markdown_table(methods: dict[str, dict]) -> str:
-    """The demo's result table in Markdown."""
-    lines = ["| model | forget score ↓ | alignment ↑ | digit | colour | background | quality FD ↓ | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The demo's result table in Markdown (with one ASR column per attack when the models were red-teamed)."""
+    attacks = list(dict.fromkeys(a for m in methods.values() for a in m.get("asr", {})))
+    lines = ["| model | forget score ↓ | alignment ↑ | digit | colour | background | quality FD ↓ | seconds |"
+             + "".join(f" ASR {a} ↓ |" for a in attacks),
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(attacks)]
     for name, m in methods.items():
         per = m.get("alignment_per_attribute", {})
+        asr = m.get("asr", {})
         lines.append(
             f"| {name} | {m['forget_score']:.3f} | {m['alignment']:.3f} | {per.get('digit', float('nan')):.3f} | "
             f"{per.get('colour', float('nan')):.3f} | {per.get('background', float('nan')):.3f} | "
-            f"{m['quality_fd']:.2f} | {m['seconds']:.1f} |")
+            f"{m['quality_fd']:.2f} | {m['seconds']:.1f} |"
+            + "".join(f" {asr[a]:.3f} |" if a in asr else " - |" for a in attacks))
     return "\n".join(lines)

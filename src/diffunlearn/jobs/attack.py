@@ -407,3 +407,18 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
         if suffix:
             lines += [f"Adversarial suffix found: `{suffix}`", ""]
     return "\n".join(lines)
+
+
+def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
+             progress: bool, command: str) -> dict[str, float]:
+    """``{attack: oracle ASR}`` of one model; a finished report with these attacks is reused, and a
+    report with other attacks is completed (its finished attacks are reused)."""
+    results_path = out / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if all(a in results["attacks"] for a in attacks):
+            return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
+        results_path.unlink()
+    job = AttackJob(target=model, attacks=list(attacks), concept=concept, steps=steps, guidance=guidance)
+    results = run_attack_job(job, out, progress=progress, command=command)
+    return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
