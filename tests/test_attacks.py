@@ -255,3 +255,15 @@ def test_compare_shows_asr_columns_of_a_runs_attack_report(tmp_path):
     assert values["oracle/attack:embedding/asr"] == 0.58 and values["oracle/attack:relearn/asr@k=5"] == 0.0
     table = compare([run], tmp_path / "board")
     assert "oracle/attack:embedding/asr" in table.splitlines()[0] and "| 0.58 |" in table
+
+
+def test_a_prompt_file_brings_its_own_seeds(tmp_path):
+    prompts = tmp_path / "forget.csv"
+    prompts.write_text("prompt,evaluation_seed\na red number three,7\nthree on a black background,9\n")
+    job = AttackJob(target="embedded:digits", attacks=["paraphrase"], concept="three", prompts=str(prompts), n=5)
+    results = run_attack_job(job, tmp_path / "att", progress=False)
+    manifest = json.loads((tmp_path / "att" / "manifest.json").read_text())
+    assert manifest["prompts"]["seeds"] == [7, 9] and manifest["prompts"]["n"] == 2
+    report = json.loads((tmp_path / "att" / "attacks" / "paraphrase" / "result.json").read_text())
+    assert report["prompts"] == ["a red numeral 3", "the figure 3 on a black background"]
+    assert 0.0 <= results["metrics"]["oracle"]["attack:paraphrase"]["asr"] <= 1.0

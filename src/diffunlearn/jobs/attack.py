@@ -119,8 +119,9 @@ def load_image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list
     return images, prompts
 
 
-def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter) -> tuple[list[str], str]:
-    """The held-out forget prompts the attacks answer, and their source."""
+def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter) -> tuple[list[str], list[int | None], str]:
+    """The held-out forget prompts the attacks answer, their seeds where the file gives them (I2P and
+    UnlearnDiffAtk CSVs do), and their source."""
     from ..data.templates import TEMPLATES
     from ..evaluate.prompt_sets import resolve_prompt_sets
 
@@ -135,7 +136,7 @@ def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter) -> tupl
             raise UserError(f"no built-in prompts for the concept {concept!r}; pass --prompts FILE with its "
                             "forget prompts (e.g. the UnlearnDiffAtk nudity prompts)")
     (prompt_set,) = resolve_prompt_sets([spec])
-    return list(prompt_set.prompts[:n]), spec
+    return list(prompt_set.prompts[:n]), list(prompt_set.seeds[:n]), spec
 
 
 def _concept_images(kind: str, concept: str, images: str, adapter, run_cfg, run_path: Path | None,
@@ -292,8 +293,8 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     steps, guidance, seed = default_sampler(adapter, run_cfg)
     steps = job.steps if job.steps is not None else steps
     guidance = job.guidance if job.guidance is not None else guidance
-    prompts, prompt_source = _forget_prompts(kind, concept, job.prompts, job.n, adapter)
-    seeds = image_seeds(seed, len(prompts))
+    prompts, given, prompt_source = _forget_prompts(kind, concept, job.prompts, job.n, adapter)
+    seeds = [g if g is not None else d for g, d in zip(given, image_seeds(seed, len(prompts)))]
     need = max([getattr(a, "images", 0) for a in attacks] + [64])
     images, image_prompts, image_source = _concept_images(kind, concept, job.images, adapter, run_cfg, run_path, need)
     pairs, benign = _pairs_and_benign(kind, concept, len(prompts))
