@@ -267,3 +267,29 @@ def test_a_prompt_file_brings_its_own_seeds(tmp_path):
     report = json.loads((tmp_path / "att" / "attacks" / "paraphrase" / "result.json").read_text())
     assert report["prompts"] == ["a red numeral 3", "the figure 3 on a black background"]
     assert 0.0 <= results["metrics"]["oracle"]["attack:paraphrase"]["asr"] <= 1.0
+
+
+def test_every_adapter_offers_what_the_attacks_need(base, tiny_sd_folder):
+    from diffunlearn.models import load_adapter
+    from diffunlearn.models.base import DiffusionAdapter, TextTokenAdapter
+
+    sd, _ = load_adapter(str(tiny_sd_folder), device="cpu")
+    classes, _ = load_adapter("embedded:digits-class")
+    for adapter in (base, sd, classes):
+        assert isinstance(adapter, DiffusionAdapter)
+    assert isinstance(base, TextTokenAdapter) and isinstance(sd, TextTokenAdapter)
+    assert not isinstance(classes, TextTokenAdapter)
+    # Sampling a condition is sampling its prompts: the refactor changed no pixel.
+    prompts = ["a red three", "a blue seven on a white background"]
+    condition = base.make_condition(*base.condition_tensors(base.encode_prompts(prompts)))
+    assert torch.equal(base.sample_condition(condition, [3, 4], steps=4, guidance=4.0),
+                       base.sample(prompts, [3, 4], steps=4, guidance=4.0))
+    tok = base.text_encoder.tokenizer(prompts, padding="max_length", max_length=24, truncation=True,
+                                      return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(base.encode_tokens(tok["input_ids"], tok["attention_mask"]).states,
+                              base.encode_prompts(prompts).states, atol=1e-5)
+        ids = sd.tokenizer(prompts, padding="max_length", max_length=sd.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        assert torch.allclose(sd.encode_tokens(ids.input_ids, ids.attention_mask).states,
+                              sd.encode_prompts(prompts).states, atol=1e-5)

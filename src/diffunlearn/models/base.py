@@ -56,3 +56,27 @@ class DiffusionAdapter(Protocol):
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write the model in its native (diffusers) folder layout."""
+
+    # ---- what the red-team attacks need (diffunlearn.attacks) ---------------------------------------
+    def sample_condition(self, condition: Condition, seeds: Sequence[int], steps: int, guidance: float,
+                         batch_size: int, progress: bool) -> torch.Tensor:
+        """``sample`` from an already encoded (possibly attacked) condition, one image per row and seed."""
+
+    def condition_tensors(self, condition: Condition) -> tuple[torch.Tensor, ...]:
+        """The condition as tensors: first the continuous part an attack may optimise (token states,
+        class-embedding vectors), then whatever else it carries (an attention mask)."""
+
+    def make_condition(self, *tensors: torch.Tensor) -> Condition:
+        """Inverse of ``condition_tensors``."""
+
+
+@runtime_checkable
+class TextTokenAdapter(Protocol):
+    """What a text-conditioned adapter adds for attacks on token embeddings (the ``prompt`` attack)."""
+
+    def text_tokens(self) -> tuple[object, nn.Module, int]:
+        """``(tokenizer, frozen text encoder, token length)``; the encoder's ``get_input_embeddings()``
+        is the table an attack reads and hooks."""
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Condition:
+        """Token ids ``(N, L)`` -> condition, with gradient flowing through the (frozen) encoder."""
