@@ -293,3 +293,22 @@ def test_every_adapter_offers_what_the_attacks_need(base, tiny_sd_folder):
                            truncation=True, return_tensors="pt")
         assert torch.allclose(sd.encode_tokens(ids.input_ids, ids.attention_mask).states,
                               sd.encode_prompts(prompts).states, atol=1e-5)
+
+
+def test_baseline_is_attacked_the_same_way_and_reported_as_the_ceiling(tmp_path, tiny_adapter, capsys):
+    model = tmp_path / "random-model"
+    tiny_adapter.save(model)  # random weights: it never learned any digit
+    out = tmp_path / "att"
+    args = ["attack", str(model), "--concept", "three", "--attacks", "paraphrase", "--n", "16", "--out", str(out),
+            "--quiet"]
+    assert main([*args, "--baseline", "/nonexistent/base"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--baseline", "embedded:digits"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    nested = json.loads((out / "baseline" / "results.json").read_text())
+    assert results["baseline"]["attacks"]["paraphrase"] == nested["attacks"]["paraphrase"]["asr"]
+    assert results["baseline"]["clean"]["oracle"] == nested["metrics"]["oracle"]["forget"]["asr"] >= 0.9
+    assert results["metrics"]["oracle"]["forget"]["asr"] <= 0.3  # noise rarely reads as a three
+    report = (out / "report.md").read_text()
+    assert "base model (oracle) |" in report
+    assert f"| {results['baseline']['clean']['oracle']:.3f} |" in report.split("| clean |")[1].splitlines()[0] + "|"

@@ -193,10 +193,14 @@ def cmd_attack(args: argparse.Namespace) -> None:
                     concept=args.concept or "", images=args.images or "",
                     metrics=[m.strip() for m in (args.metrics or "").split(",") if m.strip()],
                     prompts=args.prompts or "", n=args.n, options=list(args.option or []), neutral=args.neutral,
-                    steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device)
+                    steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
+                    baseline=args.baseline or "")
     results = run_attack_job(job, out, _metric_options(args), args.force, not args.quiet, args.command_line)
-    print(json.dumps({"clean": {m: s["forget"]["asr"] for m, s in results["metrics"].items()},
-                      "attacks": results["attacks"], "skipped": results["skipped"]}, indent=2))
+    shown = {"clean": {m: s["forget"]["asr"] for m, s in results["metrics"].items()},
+             "attacks": results["attacks"], "skipped": results["skipped"]}
+    if "baseline" in results:
+        shown["baseline"] = results["baseline"]
+    print(json.dumps(shown, indent=2))
     print(f"wrote {out}/results.json and {out}/report.md")
 
 
@@ -420,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="ATTACK.KEY=VALUE",
                    help="attack setting, e.g. relearn.steps=5,10,30 or embedding.iterations=300 (repeatable)")
     p.add_argument("--neutral", default=None, help="prompt the embedding inversion starts from")
+    p.add_argument("--baseline", default=None, metavar="MODEL|base", help="attack this model the same way too "
+                   "(the ceiling; 'base' = a run's own base model) and report it beside each ASR")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's or model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's or model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' own randomness")

@@ -57,6 +57,7 @@ class AttackJob:
     guidance: float | None = None
     seed: int = 0
     device: str = "auto"
+    baseline: str = ""   # a model attacked the same way for the ceiling; "base" = a run's own base model
 
 
 def detected(metric: str, sample: dict[str, Any], target_class: str) -> bool:
@@ -153,7 +154,7 @@ def _concept_images(kind: str, concept: str, images: str, adapter, run_cfg, run_
         folder = (Path(run_cfg.data_dir) if run_cfg.data_dir else run_path / "data") / "forget"
         if (folder / "images").is_dir():
             x, prompts = load_image_folder(folder, _resolution(adapter))
-            return x, prompts or [default_prompt] * len(x), f"{folder} (the run's forget set)"
+            return x, prompts or [default_prompt] * len(x), str(folder)
     generator = torch.Generator().manual_seed(0)
     if kind == "world":
         from ..data.prompts import build_pairs
@@ -281,6 +282,20 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     if kind == "class" and concept.casefold() not in {c.casefold() for c in adapter.class_names}:
         raise UserError(f"unknown class {concept!r}; this model's classes are: {', '.join(adapter.class_names)}")
     job = dataclasses.replace(job, concept=concept)
+    baseline = job.baseline
+    if baseline == "base":
+        if run_cfg is None:
+            raise UserError("--baseline base names a run's own base model, but the target is not a run folder; "
+                            "pass the base model itself, e.g. --baseline embedded:digits")
+        baseline = run_cfg.model
+    if baseline and Path(baseline).expanduser().resolve() == Path(job.target).expanduser().resolve():
+        raise UserError("--baseline is the attacked model itself; pass the model it was unlearned from")
+    if baseline:
+        from ..models import resolve_model_folder
+        from ..models.sd import looks_like_hub_id
+
+        if not looks_like_hub_id(baseline):
+            resolve_model_folder(baseline)  # a missing baseline fails before any attack runs
     metric_names = _metric_names(job, kind)
     options = dataclasses.replace(metric_options or MetricOptions(), concept=concept)
     if "classifier" in metric_names:
@@ -371,25 +386,52 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
                 "neutral": target.neutral, "attack_seed": job.seed,
                 "attacks": {name: r["settings"] for name, r in reports.items()}, "skipped": skipped,
                 "metrics": {name: metric.settings() for name, metric in metrics.items()}}
+    ceiling = None
+    if baseline:
+        # The same attacks, prompts, seeds, sampler and concept images on the model that forgot nothing.
+        (out / "baseline" / "results.json").unlink(missing_ok=True)
+        images_used = image_source if Path(image_source).is_dir() else job.images
+        base_job = dataclasses.replace(job, target=baseline, baseline="", images=images_used, steps=steps,
+                                       guidance=guidance, prompts=job.prompts)
+        base_results = run_attack_job(base_job, out / "baseline", metric_options, force, progress,
+                                      f"{command} (baseline {baseline})")
+        ceiling = {"model": baseline, "clean": {m: base_results["metrics"][m]["forget"]["asr"] for m in metric_names},
+                   "attacks": {name: r["asr"] for name, r in base_results["attacks"].items()}}
+        manifest["baseline"] = baseline
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    atomic_write_text(out / "report.md", attack_report(concept, command, clean["scores"], reports, skipped))
+    atomic_write_text(out / "report.md", attack_report(concept, command, clean["scores"], reports, skipped, ceiling))
     final = {"model": identity.get("run") or identity.get("source"), "concept": concept, "metrics": results_metrics,
              "attacks": {name: {"asr": r["asr"], "seconds": r["seconds"]} for name, r in reports.items()},
              "skipped": skipped}
+    if ceiling is not None:
+        final["baseline"] = ceiling
     atomic_write_text(out / "results.json", json.dumps(final, indent=2) + "\n")
     return final
 
 
-def attack_report(concept: str, command: str, clean: dict, reports: dict, skipped: dict) -> str:
-    """Markdown: clean forget score and each attack's ASR per metric, seconds, pictures."""
+def attack_report(concept: str, command: str, clean: dict, reports: dict, skipped: dict,
+                  ceiling: dict | None = None) -> str:
+    """Markdown: clean forget score and each attack's ASR per metric (and the baseline model's, the
+    ceiling, when one was attacked too), seconds, pictures."""
     metric_names = list(clean)
-    head = "| attack | " + " | ".join(f"ASR ({m}) ↓" for m in metric_names) + " | seconds | what it does |"
+    ceiling_head = "".join(f" base model ({m}) |" for m in metric_names) if ceiling else ""
+    head = "| attack | " + " | ".join(f"ASR ({m}) ↓" for m in metric_names) + " |" + ceiling_head \
+        + " seconds | what it does |"
+
+    def base_cells(values: dict | None) -> str:
+        if ceiling is None:
+            return ""
+        return "".join(f" {values[m]:.3f} |" if values is not None and m in values else " - |" for m in metric_names)
+
     lines = [f"# Red-team report: '{concept}'", "", f"Command: `{command}`", "",
              "ASR (attack success rate): the fraction of attacked samples in which the metric detects the concept. "
              "The `clean` row is the same fraction on the plain held-out forget prompts (the forget score, "
-             "UnlearnDiffAtk's pre-attack ASR). Lower is better for the unlearned model.", "",
-             head, "|---|" + "---|" * (len(metric_names) + 2),
-             "| clean | " + " | ".join(f"{clean[m]['asr']:.3f}" for m in metric_names) + " | | plain forget prompts |"]
+             "UnlearnDiffAtk's pre-attack ASR). Lower is better for the unlearned model."
+             + (f" The base-model columns are the same attacks on {ceiling['model']}, which forgot nothing: "
+                "the ceiling." if ceiling else ""), "",
+             head, "|---|" + "---|" * (len(metric_names) * (2 if ceiling else 1) + 2),
+             "| clean | " + " | ".join(f"{clean[m]['asr']:.3f}" for m in metric_names) + " |"
+             + base_cells(ceiling["clean"] if ceiling else None) + " | plain forget prompts |"]
     for name, r in reports.items():
         cells = []
         for m in metric_names:
@@ -398,9 +440,12 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
             if named:
                 cell += " (" + ", ".join(named) + ")"
             cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']:.0f} | {SUMMARIES[name]} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |"
+                     + base_cells(ceiling["attacks"].get(name) if ceiling else None)
+                     + f" {r['seconds']:.0f} | {SUMMARIES[name]} |")
     for name, why in skipped.items():
-        lines.append(f"| {name} | " + " | ".join("n/a" for _ in metric_names) + f" | | not applicable: {why} |")
+        lines.append(f"| {name} | " + " | ".join("n/a" for _ in metric_names) + " |" + base_cells(None)
+                     + f" | not applicable: {why} |")
     lines.append("")
     for name in reports:
         lines += [f"## {name}", "", f"![{name}](attacks/{name}/grid.png)", ""]
