@@ -5,6 +5,7 @@ untouched, and the ``attack`` command resumes and refuses bad input."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -312,3 +313,27 @@ def test_baseline_is_attacked_the_same_way_and_reported_as_the_ceiling(tmp_path,
     report = (out / "report.md").read_text()
     assert "base model (oracle) |" in report
     assert f"| {results['baseline']['clean']['oracle']:.3f} |" in report.split("| clean |")[1].splitlines()[0] + "|"
+
+
+def test_the_gold_standard_never_learned_three_but_draws_every_other_digit(text_encoder):
+    """The model retrained without threes (exact unlearning) is the floor every method is read against."""
+    from diffunlearn.models import load_adapter
+
+    gold, folder = load_adapter("embedded:digits-without-three", text_encoder=text_encoder)
+    assert folder.name == "digits-without-three"
+    assert json.loads((folder / "training.json").read_text())["args"]["exclude"] == "three"
+    forget, _ = eval_sets("three", 32, "test")
+    prompts = [c.text for c in forget]
+    assert asr(gold.sample(prompts, image_seeds(1, 32), steps=12, guidance=4.0), prompts) <= 0.05
+    others = [world.compose_caption(random.Random(i), i % 10, None, None, "test").text
+              for i in range(40) if i % 10 != 3]
+    images = gold.sample(others, image_seeds(2, len(others)), steps=12, guidance=4.0)
+    result = OracleMetric(MetricOptions()).score(images, others, "remain")
+    assert result.aggregate["alignment_digit"] >= 0.9
+
+
+def test_a_missing_gold_standard_says_how_to_build_it():
+    from diffunlearn.models import load_adapter
+
+    with pytest.raises(UserError, match="world train-base --exclude seven"):
+        load_adapter("embedded:digits-without-seven")
