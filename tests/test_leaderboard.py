@@ -24,7 +24,12 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
     assert f"{statistics.fmean(fs):.3f} ± {statistics.stdev(fs):.3f}" in table.split("| three | rg |")[1]
     assert summaries[0]["settings"]["rg"]["seed"] == 0 and summaries[1]["settings"]["rg"]["data_seed"] == 1
     saved = json.loads((out / "leaderboard.json").read_text())
-    assert set(saved["results"]["three"]) == {"base", "ga", "rg"} and len(saved["results"]["three"]["rg"]) == 2
+    assert set(saved["results"]["three"]) == {"base", "ga", "rg", "retrained (gold)"}
+    assert len(saved["results"]["three"]["rg"]) == 2
+    # The gold standard (retrained without threes) is evaluated once on the same held-out prompts.
+    (gold,) = saved["results"]["three"]["retrained (gold)"]
+    assert gold["forget_score"] <= 0.125 and gold["alignment"] >= 0.75
+    assert "| three | retrained (gold) |" in table
     assert "Embedded leaderboard" in (out / "leaderboard.md").read_text()
 
     import diffunlearn.leaderboard as lb
