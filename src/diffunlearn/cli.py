@@ -171,6 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if None in (args.steps, args.guidance, args.seed):
             raise UserError("--steps, --guidance and --seed go together; pass all three or none "
                             "(none = the run's own evaluation settings or the model's defaults)")
+    _check_sampler_flags(args)
     if args.steps is not None:
         sampler = SamplerSettings(args.steps, args.guidance, args.seed, args.resolution, args.batch_size)
     target = Path(args.target)
@@ -186,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_attack(args: argparse.Namespace) -> None:
     from .jobs.attack import AttackJob, run_attack_job
 
+    _check_sampler_flags(args)
     target = Path(args.target)
     out = Path(args.out) if args.out else (target / "attack" if (target / "config.yaml").is_file()
                                            else Path("attacks") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -202,6 +204,24 @@ def cmd_attack(args: argparse.Namespace) -> None:
         shown["baseline"] = results["baseline"]
     print(json.dumps(shown, indent=2))
     print(f"wrote {out}/results.json and {out}/report.md")
+
+
+def _check_sampler_flags(args: argparse.Namespace) -> None:
+    """Refuse sampler and batch flags that would give a result that lies (0 steps, NaN guidance, ...)."""
+    import math
+
+    problems = []
+    if getattr(args, "steps", None) is not None and args.steps < 1:
+        problems.append(f"--steps must be a positive integer (sampler steps), got {args.steps}")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and (not math.isfinite(guidance) or guidance < 0):
+        problems.append(f"--guidance must be a finite number >= 0, got {guidance}")
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        problems.append(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if getattr(args, "resolution", 0) < 0:
+        problems.append(f"--resolution must be 0 (the model's default) or a positive side, got {args.resolution}")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def _metric_options(args: argparse.Namespace):
@@ -267,6 +287,19 @@ def cmd_model_init(args: argparse.Namespace) -> None:
 def cmd_train_base(args: argparse.Namespace) -> None:
     from .worlds.base_model import train_base
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}; omit it for the default")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.init and args.track == "text":
+        index = Path(args.init) / "model_index.json"
+        try:
+            kind = json.loads(index.read_text()).get("_diffunlearn_adapter")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != "pixel" or not (Path(args.init) / "unet" / "config.json").is_file():
+            raise UserError(f"--init {args.init} is not a digit-world model folder; pass one written by "
+                            "`diffunlearn world train-base` or a digit-world run's model/")
     out = Path(args.out)
     if (out / "training.json").exists() and not args.force:
         raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
@@ -282,17 +315,22 @@ def cmd_train_base(args: argparse.Namespace) -> None:
             raise UserError("--init and --exclude apply to the text track only; drop them or use --track text")
         from .worlds.class_digits import train_class_base
 
-        final = train_class_base(out, steps=args.steps or 2500, batch_size=args.batch_size, seed=args.seed,
+        steps = 2500 if args.steps is None else args.steps
+        final = train_class_base(out, steps=steps, batch_size=args.batch_size, seed=args.seed,
                                  progress=not args.quiet)
         print(json.dumps(final, indent=2))
         return
-    final = train_base(out, steps=args.steps or 6000, batch_size=args.batch_size, seed=args.seed,
+    steps = 6000 if args.steps is None else args.steps
+    final = train_base(out, steps=steps, batch_size=args.batch_size, seed=args.seed,
                        init=Path(args.init) if args.init else None, progress=not args.quiet, exclude=args.exclude)
     print(json.dumps(final, indent=2))
 
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
     from .worlds.oracle import heldout_accuracy, save_oracle, train_oracle
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}")
 
     model = train_oracle(steps=args.steps, seed=args.seed, progress=not args.quiet)
     acc = heldout_accuracy(model)

@@ -4,6 +4,7 @@ overrides on top, every problem reported at once (torchtune's ``validate`` idea)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,11 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     from .methods import METHODS
 
     errors = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        # NaN passes every `< 0` test and inf every `> 0` test, then poisons the weights mid-run.
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"`{field.name}` must be a finite number, got {value}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             errors.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
