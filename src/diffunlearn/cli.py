@@ -62,7 +62,15 @@ def _class_demo(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DEMO_METHODS, run_demo
 
+    for override in args.overrides:
+        key = override.partition("=")[0].strip()
+        if key in ("concept", "method"):
+            flag = "--concept" if key == "concept" else "--methods"
+            raise UserError(f"the demo sets `{key}` for every model itself; use {flag} instead of {override!r}")
     if args.track == "class":
+        if args.concept != "three" or args.all_methods or args.attacks:
+            raise UserError("--concept, --all-methods and --attacks belong to the text track; the class track "
+                            "takes its targets from --classes (e.g. --classes three,seven)")
         return _class_demo(args)
     if args.classes or args.no_ablation or args.keep_models:
         raise UserError("--classes, --no-ablation and --keep-models belong to the class track; add --track class")
@@ -224,6 +232,22 @@ def _check_sampler_flags(args: argparse.Namespace) -> None:
         raise UserError("; ".join(problems))
 
 
+def _check_output_file(path: Path, force: bool) -> None:
+    """Before hours of work: the folder of an output file exists, and the file is not overwritten silently."""
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file path such as {path / 'result.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"the folder {path.parent} of --out {path} does not exist; create it first or choose "
+                        "another path")
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; choose another --out or pass --force to replace it")
+
+
+def _check_output_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder path")
+
+
 def _metric_options(args: argparse.Namespace):
     from .evaluate.base import MetricOptions
 
@@ -250,6 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
     out = Path(args.out)
+    _check_output_folder(out)
     print(compare([Path(r) for r in args.runs], out))
     print(f"\nwrote {out}/leaderboard.md")
 
@@ -258,6 +283,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import BENCH_METHODS, bench_model_folder, bench_table, run_bench, temporary_workdir
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else BENCH_METHODS
+    if args.json:
+        _check_output_file(Path(args.json), force=True)
     with temporary_workdir() as work:
         model = bench_model_folder(args.preset, args.model, Path(work))
         results = run_bench(model, methods, args.batch_size, args.steps, args.warmup, args.mixed_precision,
@@ -278,6 +305,9 @@ def cmd_model_init(args: argparse.Namespace) -> None:
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     out = Path(args.out)
+    _check_output_folder(out)
+    if (out / "config.yaml").is_file() or (out / "summary.json").is_file():
+        raise UserError(f"{out} is a run or demo folder; write the model to a folder of its own")
     if (out / "model_index.json").exists() and not args.force:
         raise UserError(f"{out} already holds a model; choose another --out or pass --force")
     init_pipeline(args.preset, out, seed=args.seed)
@@ -331,6 +361,7 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
 
     if args.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    _check_output_file(Path(args.out), args.force)
 
     model = train_oracle(steps=args.steps, seed=args.seed, progress=not args.quiet)
     acc = heldout_accuracy(model)
@@ -352,7 +383,15 @@ def cmd_world_render(args: argparse.Namespace) -> None:
     if args.concept not in DIGITS + COLOURS:
         raise UserError(f"unknown concept {args.concept!r}: the digit world has the digits {', '.join(DIGITS)} and "
                         f"the colours {', '.join(COLOURS)}")
-    count = write_reference_renders(args.concept, Path(args.out), args.n, args.split, args.seed, args.copies)
+    out = Path(args.out)
+    _check_output_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} is not empty; mixing these renders with its images would give a mixed fid/kid "
+                        "reference; choose an empty --out or pass --force to replace its images")
+    if args.force and out.is_dir():
+        for old in out.glob("*.png"):
+            old.unlink()
+    count = write_reference_renders(args.concept, out, args.n, args.split, args.seed, args.copies)
     print(f"wrote {count} renders to {args.out}; use them with `diffunlearn eval ... --metrics fid --feature oracle "
           f"--reference {args.out}`")
 
@@ -384,12 +423,30 @@ def _metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (``--all-method`` must not silently mean ``--all-methods``); subcommand
+    parsers are made by ``type(parser)``, so they inherit this."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("diffunlearn")
+    except md.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import EMBEDDED
 
-    parser = argparse.ArgumentParser(prog="diffunlearn", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="diffunlearn", description=__doc__.split("\n\n")[0],
+                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"diffunlearn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the main job on the embedded digit world")
@@ -532,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_base)
     p = wsub.add_parser("train-oracle", help="train the oracle attribute classifier")
     p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -550,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="replace the renders in a non-empty --out")
     p.set_defaults(func=cmd_world_render)
 
     p = sub.add_parser("methods", help="list the unlearning methods")
@@ -577,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
     args.command_line = _command_line(argv)
     try:
