@@ -112,3 +112,13 @@ def test_cli_conventions(capsys):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--all-method"])  # no abbreviations: this must not start the 45-minute leaderboard
     assert info.value.code == 2 and "unrecognized arguments: --all-method" in capsys.readouterr().err
+
+
+def test_overrides_may_come_after_flags(capsys):
+    # The override is read (and refused by name), not rejected as an unknown argument.
+    assert main(["unlearn", "--quiet", "steps=0", "--force", "batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "`steps` must be a positive integer" in err and "`batch_size` must be a positive integer" in err
+    with pytest.raises(SystemExit) as info:
+        main(["unlearn", "--quiet", "--bogus"])
+    assert info.value.code == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -639,7 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides may come anywhere on the line (`unlearn CONFIG --quiet steps=1`).
+        if hasattr(args, "overrides") and all(re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", e) for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # argparse's own message and exit code 2 for what it cannot place
     args.command_line = _command_line(argv)
     try:
         args.func(args)
