@@ -49,6 +49,16 @@ def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
         return False
 
 
+def red_team_demo(summary: dict, out: Path, cfg: UnlearnConfig, attacks: tuple[str, ...], progress: bool,
+                  command: str) -> None:
+    """Give every model of a demo (the base model and each method's ``out/<method>/model``) its ``asr``
+    under ``attacks``, with the demo's sampler settings; reports go to ``out/attacks/<model>``."""
+    for name, values in summary["methods"].items():
+        model = cfg.model if name == "base" else str(out / name / "model")
+        values["asr"] = red_team(model, summary["concept"], out / "attacks" / name, attacks, cfg.eval_steps,
+                                 cfg.eval_guidance, progress, f"{command} (attack {name})")
+
+
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,
              force: bool = False, progress: bool = True, command: str = "diffunlearn demo",
              attacks: tuple[str, ...] = ()) -> dict:
@@ -89,11 +99,8 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
         summary["methods"][name]["training"] = results["training"]
         evaluations[name] = evaluation
 
-    for name in summary["methods"] if attacks else ():
-        model = base_cfg.model if name == "base" else str(out / name / "model")
-        summary["methods"][name]["asr"] = red_team(model, concept, out / "attacks" / name, attacks,
-                                                   base_cfg.eval_steps, base_cfg.eval_guidance, progress,
-                                                   f"{command} (attack {name})")
+    if attacks:
+        red_team_demo(summary, out, base_cfg, attacks, progress, command)
 
     k = min(GRID_COLUMNS, base_cfg.eval_prompts)
     image_grid({n: e.forget_images[:k] for n, e in evaluations.items()},

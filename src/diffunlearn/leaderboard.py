@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from .config import build_config
-from .demo import run_demo
+from .demo import red_team_demo, run_demo
 from .errors import UserError
 from .evaluate.world import evaluate_world
 from .jobs.attack import red_team
@@ -111,13 +111,10 @@ def run_leaderboard(out: Path, methods: tuple[str, ...] = LEADERBOARD_METHODS, c
             if summary is None:
                 summary = run_demo(concept, folder, methods, run_overrides, force, progress,
                                    f"{command} (concept {concept}, seed {seed})")
+            if attacks:
+                cfg = build_config(None, run_overrides, base={"concept": concept, "method": methods[0]})
+                red_team_demo(summary, folder, cfg, attacks, progress, f"{command} ({concept}, seed {seed})")
             for name, values in summary["methods"].items():
-                if attacks:
-                    cfg = build_config(None, run_overrides, base={"concept": concept, "method": methods[0]})
-                    model = cfg.model if name == "base" else str(folder / name / "model")
-                    values = {**values, "asr": red_team(model, concept, folder / "attacks" / name, attacks,
-                                                        cfg.eval_steps, cfg.eval_guidance, progress,
-                                                        f"{command} (attack {name}, {concept}, seed {seed})")}
                 results.setdefault(concept, {}).setdefault(name, []).append(values)
         cfg = build_config(None, overrides, base={"concept": concept, "method": methods[0]})
         gold = retrained_row(concept, out, attacks, cfg, progress, command)

@@ -48,8 +48,9 @@ class EmbeddingAttack:
                 "batch_size": self.batch_size,
                 "objective": "attacked model's denoising loss on concept images, w.r.t. the condition"}
 
-    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float]]:
-        """The optimised condition tensors (batch of one) and the loss every 10 iterations."""
+    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float], float]:
+        """The optimised condition tensors (batch of one), the loss every 10 iterations, and how far
+        (L2) the optimised part moved from the neutral start."""
         adapter = target.adapter
         start = adapter.condition_tensors(adapter.encode_prompts([target.neutral]))
         learned = start[0].detach().clone().float().requires_grad_(True)
@@ -64,25 +65,25 @@ class EmbeddingAttack:
             batches = denoising_batches(target, self.iterations, self.batch_size, generator)
             for i, (_, x0, noise, t) in enumerate(tqdm(batches, total=self.iterations, desc="embedding inversion",
                                                        disable=not target.progress, leave=False)):
-                n = len(x0)
-                condition = adapter.make_condition(learned.expand(n, *learned.shape[1:]),
-                                                   *(r.expand(n, *r.shape[1:]) for r in rest))
+                condition = _repeated(adapter, (learned, *rest), len(x0))
                 loss = denoising_loss(adapter, x0, condition, noise, t).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if i % 10 == 0 or i == self.iterations - 1:
                     losses.append(round(loss.item(), 6))
-        return (learned.detach(), *rest), losses
+        moved = float((learned.detach() - start[0].float()).norm())
+        return (learned.detach(), *rest), losses, moved
 
     def run(self, target: AttackTarget) -> AttackOutput:
-        (learned, *rest), losses = self.invert(target)
+        tensors, losses, moved = self.invert(target)
         n = len(target.prompts)
-        condition = target.adapter.make_condition(learned.expand(n, *learned.shape[1:]),
-                                                  *(r.expand(n, *r.shape[1:]) for r in rest))
-        images = target.sample_condition(condition)
+        images = target.sample_condition(_repeated(target.adapter, tensors, n))
         label = f"<inverted embedding from {target.neutral!r}>"
         return AttackOutput([AttackSamples("", images, [label] * n)], headline="",
-                            details={"loss_every_10": losses, "neutral": target.neutral,
-                                     "moved_l2": float((learned - target.adapter.condition_tensors(
-                                         target.adapter.encode_prompts([target.neutral]))[0].float()).norm())})
+                            details={"loss_every_10": losses, "neutral": target.neutral, "moved_l2": moved})
+
+
+def _repeated(adapter: Any, tensors: tuple[torch.Tensor, ...], n: int) -> Any:
+    """The condition of a batch of ``n`` rows, each the single-row condition ``tensors``."""
+    return adapter.make_condition(*(t.expand(n, *t.shape[1:]) for t in tensors))

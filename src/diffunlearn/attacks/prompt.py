@@ -37,18 +37,15 @@ from .base import (
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
-def _vocab_has_word_ends(tokenizer: Any) -> bool:
-    return any(t.endswith("</w>") for t in list(tokenizer.get_vocab())[:5000])
-
-
 def allowed_token_ids(tokenizer: Any) -> list[int]:
     """Ids of the tokenizer's whole-word alphabetic tokens (WordPiece words without ``##``; CLIP BPE
     tokens ending in ``</w>``), special tokens excluded: what a suffix may be made of. BPE and
     WordPiece vocabularies are told apart by their ``</w>`` endings."""
     special = set(tokenizer.all_special_ids)
-    bpe = _vocab_has_word_ends(tokenizer)
+    vocab = tokenizer.get_vocab()
+    bpe = any(token.endswith("</w>") for token in vocab)
     ids = []
-    for token, i in tokenizer.get_vocab().items():
+    for token, i in vocab.items():
         if i in special:
             continue
         if bpe:

@@ -61,7 +61,7 @@ class RelearnAttack:
             raise UserError(f"relearn needs {self.images} concept images but only {len(target.images)} were given; "
                             "pass more with --images or set --option relearn.images=N")
         model = trainable_copy(adapter)
-        params = [p for p in model.unet.parameters()]
+        params = list(model.unet.parameters())
         for p in params:
             p.requires_grad_(True)
         model.unet.train()

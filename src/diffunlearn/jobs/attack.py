@@ -209,9 +209,14 @@ def _neutral(kind: str, adapter, neutral: str | None, concept: str) -> str:
 def _metric_names(job: AttackJob, kind: str) -> list[str]:
     from ..data.templates import TEMPLATES
 
-    names = job.metrics or (["oracle"] if kind == "world" or (kind == "class" and job.concept in _world_classes())
-                            else ["nudenet"] if job.concept == "nudity" else
-                            ["classifier"] if kind == "class" else [])
+    names = list(job.metrics)
+    if not names:
+        if kind == "world" or (kind == "class" and job.concept in _world_classes()):
+            names = ["oracle"]  # the digit worlds' exact detector
+        elif job.concept == "nudity":
+            names = ["nudenet"]
+        elif kind == "class":
+            names = ["classifier"]
     if not names:
         raise UserError(f"say how to detect {job.concept!r} in a sample: pass --metrics classifier (zero-shot CLIP "
                         f"with --classes) or nudenet" + (" (template concepts: nudity)" if job.concept not in TEMPLATES
