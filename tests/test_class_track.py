@@ -58,7 +58,7 @@ def test_ua_ra_arithmetic_on_hand_made_predictions():
 def test_config_detects_class_models_and_applies_their_recipe(class_world):
     folder = str(class_world / "model")
     assert model_kind(folder) == "class" and model_kind(EMBEDDED_CLASS) == "class"
-    assert model_kind("embedded:digits") == "text"
+    assert model_kind("embedded:digits") == "pixel" and model_kind("no/such/folder") == "text"
     cfg = build_config(None, [f"model={folder}", "concept=bee"])
     assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.remain_weight) == (1e-5, 64, 782, 5.0)
     assert (cfg.forget_cap, cfg.alpha) == ("elementwise", 0.1) == (CLASS_DEFAULTS["forget_cap"], 0.1)

@@ -122,3 +122,8 @@ def test_overrides_may_come_after_flags(capsys):
     with pytest.raises(SystemExit) as info:
         main(["unlearn", "--quiet", "--bogus"])
     assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: diffunlearn unlearn" in err and "unrecognized arguments: --bogus" in err  # the subcommand's usage
+    with pytest.raises(SystemExit):
+        main(["world", "train-base", "--out", "x", "--bogus"])
+    assert "usage: diffunlearn world train-base" in capsys.readouterr().err

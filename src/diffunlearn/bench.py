@@ -30,11 +30,10 @@ BENCH_METHODS = ("ga", "graddiff", "rg", "rg-flat")
 
 def _worker(spec: dict) -> dict:
     """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
-    from .config import build_config
-    from .data.templates import template_pairs
+    from .config import build_config, model_kind
     from .methods import get_method
     from .parallel import Parallel
-    from .runner import load_for_run
+    from .runner import load_for_run, prompt_texts, training_prompts
     from .training import unlearn
 
     torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
@@ -42,10 +41,12 @@ def _worker(spec: dict) -> dict:
                               f"batch_size={spec['batch_size']}", f"steps={spec['warmup'] + spec['steps']}",
                               f"mixed_precision={spec['mixed_precision']}", f"device={spec['device']}",
                               f"gradient_checkpointing={spec['gradient_checkpointing']}", "forget_cap=none",
-                              "diagnose=false", "lr=1e-6", "concept=nudity"])
+                              "diagnose=false", "lr=1e-6",
+                              # a concept the model knows: a digit for digit-world models, else nudity
+                              "concept=" + ("three" if model_kind(spec["model"]) == "pixel" else "nudity")])
     adapter, _ = load_for_run(cfg, Parallel())
     n = cfg.batch_size * cfg.steps
-    forget_p, remain_p = template_pairs("nudity", n, "diverse", "train", 0)
+    forget_p, remain_p = (prompt_texts(p) for p in training_prompts(cfg, n=n))
     # The bench needs latents of the model's shape, not pictures: random ones cost no VAE pass.
     unet_config = adapter.unet.config
     shape = (n, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
@@ -76,10 +77,14 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
     Raises:
         UserError: bad arguments, or a worker process failed (its last error line is quoted).
     """
+    from .config import model_kind
     from .methods import get_method
 
     for m in methods:
         get_method(m)
+    if model_kind(model) == "class":
+        raise UserError(f"{model} is a class-conditional model; bench measures text-to-image models (a Stable "
+                        "Diffusion folder, a preset or embedded:digits)")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
     results: dict[str, dict] = {}
@@ -113,8 +118,10 @@ def bench_table(results: dict[str, dict], baseline: str = "graddiff") -> str:
 
 def bench_model_folder(preset: str | None, model: str | None, workdir: Path) -> str:
     """The model to benchmark: ``model`` as given, or a random-weight ``preset`` built into ``workdir``."""
-    if (preset is None) == (model is None):
-        raise UserError("pass exactly one of --model FOLDER and --preset NAME")
+    if preset is not None and model is not None:
+        raise UserError("pass one of --model FOLDER and --preset NAME, not both")
+    if preset is None and model is None:
+        preset = "tiny"  # `diffunlearn bench` alone: the seconds-long tiny preset
     if model is not None:
         return model
     from .models.presets import init_pipeline

@@ -29,7 +29,7 @@ from .errors import UserError
 PREFIX = "step-"
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -42,7 +42,7 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                           meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
@@ -63,7 +63,7 @@ def save_checkpoint(root: Path, step: int, named_params: list[tuple[str, torch.n
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    opt_tensors, opt_meta = optimizer_to_files(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"generator": generator.get_state(), "order": order.contiguous()}, str(tmp / "rng.safetensors"))
     state = {"step": step, "cursor": cursor, "optimizer": opt_meta, **extra}
@@ -104,7 +104,76 @@ def load_checkpoint(folder: Path, named_params: list[tuple[str, torch.nn.Paramet
     with torch.no_grad():
         for name, p in named_params:
             p.copy_(weights[name].to(p.device, p.dtype))
-    _optimizer_from_files(optimizer, opt, state["optimizer"])
+    optimizer_from_files(optimizer, opt, state["optimizer"])
     generator.set_state(rng["generator"])
     state["order"] = rng["order"]
+    return state
+
+
+# --- the digit worlds' base-model recipes (``world train-base``): an hour-long job, resumable ---
+
+RECIPE_DIR = "checkpoint"
+
+
+def save_recipe_checkpoint(out: Path, step: int, unet: torch.nn.Module, ema, optimizer: torch.optim.Optimizer,
+                           scheduler, generator: torch.Generator, state: dict[str, Any]) -> Path:
+    """Write ``out/checkpoint`` (weights, EMA shadow, AdamW, lr schedule, generator, ``state``)
+    atomically: a temporary folder renamed over the old one, so an interruption keeps the last one.
+
+    diffusers' EMAModel and torch's schedulers only offer pickled ``state_dict``s; this splits them
+    into safetensors and JSON so a resume never unpickles anything.
+    """
+    final, tmp = out / RECIPE_DIR, out / (RECIPE_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in unet.named_parameters()}, str(tmp / "unet.safetensors"))
+    ema_state = ema.state_dict()
+    save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+              str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"step": step, "optimizer": opt_meta, "ema": ema_state, "scheduler": sched, **state}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    old = out / (RECIPE_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_recipe_state(out: Path) -> dict[str, Any] | None:
+    """``out/checkpoint/state.json`` (the recipe's arguments, step and log), or None without a checkpoint."""
+    path = out / RECIPE_DIR / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is damaged; delete {out / RECIPE_DIR} and start over with --force") from exc
+
+
+def load_recipe_checkpoint(out: Path, unet: torch.nn.Module, ema, optimizer: torch.optim.Optimizer, scheduler,
+                           generator: torch.Generator) -> dict[str, Any]:
+    """Restore what :func:`save_recipe_checkpoint` wrote, in place; returns its state.json."""
+    folder = out / RECIPE_DIR
+    state = read_recipe_state(out)
+    try:
+        weights = load_file(str(folder / "unet.safetensors"))
+        shadow = load_file(str(folder / "ema.safetensors"))
+        opt = load_file(str(folder / "optimizer.safetensors"))
+        rng = load_file(str(folder / "rng.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {folder} is damaged ({type(exc).__name__}); delete it and start over with "
+                        "--force") from exc
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            p.copy_(weights[name])
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    optimizer_from_files(optimizer, opt, state["optimizer"])
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    generator.set_state(rng["generator"])
     return state

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
             results, model = (None if force else _finished(folder, cfg)), None
             if results is None:
                 if progress:
-                    print(f"demo (class track): forgetting {target} with {name}", flush=True)
+                    print(f"demo (class track): forgetting {target} with {name}", file=sys.stderr, flush=True)
                 results, model = _run_one(adapter, oracle, cfg, folder, f"{command} (class {target}, {name})",
                                           keep_models, progress)
             elif (folder / "model").is_dir():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED_CLASS, UnlearnConfig, dump_config
+from .config import EMBEDDED_CLASS, UnlearnConfig
 from .data.classes import ClassDataset, load_class_images, pair_indices, resolve_class, select_sets, selection_record
 from .errors import UserError
 from .evaluate.classes import evaluate_classes
@@ -29,7 +29,7 @@ from .methods import get_method
 from .modelcard import write_model_card
 from .parallel import Parallel
 from .training import unlearn
-from .utils import atomic_write_text, environment, image_seeds
+from .utils import atomic_write_text, image_seeds
 
 SAMPLES_PER_CLASS = 4  # columns per class in samples.png
 
@@ -111,18 +111,18 @@ def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: st
                          resume: bool = False) -> dict:
     """``diffunlearn unlearn`` with a class-conditional model."""
     from .models import load_adapter
-    from .runner import check_out_dir, save_model, training_summary
+    from .runner import check_out_dir, save_model, training_summary, apply_process_settings, write_run_header
 
     parallel = Parallel.from_environment()
     adapter, folder = load_adapter(cfg.model)
+    apply_process_settings(cfg, next(adapter.unet.parameters()).device, parallel)
     fx, fc, rx, rc, target, record = class_training_data(adapter, cfg)  # bad data fails before anything is written
     if parallel.is_main:
         check_out_dir(out, force, resume)
         (out / "data").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "data" / "selection.json", json.dumps(record, indent=2) + "\n")
         if not resume:
-            dump_config(cfg, out / "config.yaml", command)
-            atomic_write_text(out / "environment.json", json.dumps(environment(), indent=2) + "\n")
+            write_run_header(cfg, out, command, parallel, adapter)
     parallel.barrier()
     before = class_samples(adapter, cfg) if parallel.is_main else None
     torch.manual_seed(cfg.seed)
@@ -141,7 +141,8 @@ def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: st
             metrics = evaluation.metrics()
         samples_picture(before, class_samples(adapter, cfg), adapter.class_names, target, cfg.method,
                         out / "samples.png")
-        results = {"concept": cfg.concept, "target_class": target, "method": cfg.method, "seconds": seconds,
+        results = {"concept": cfg.concept, "target_class": target, "method": cfg.method,
+                   "seconds": training["seconds"],
                    **(metrics or {}), "training": training}
         fmt = save_model(adapter, cfg, out)
         data_info = {"images": record["source"], "forget_images": record["forget_count"],

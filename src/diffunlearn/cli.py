@@ -18,6 +18,7 @@ Usage:
   diffunlearn demo --track class --classes three,seven   forget digits of the class-conditional model
   diffunlearn world train-base --track class --out my-class-base
   diffunlearn world check [MODEL]           oracle accuracy of a model on held-out prompts
+  diffunlearn config model=/models/sd-v1-4   every config key: value and meaning (a YAML to start from)
   diffunlearn methods                       list the methods
   diffunlearn env                           versions, for bug reports
 """
@@ -34,6 +35,23 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+
+
+def _main_process() -> bool:
+    """False on the other processes of an ``accelerate launch`` job, which print nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _emit(text: str) -> None:
+    """The command's result on stdout (JSON or a table, nothing else, so it can be piped)."""
+    if _main_process():
+        print(text)
+
+
+def _note(text: str) -> None:
+    """Human notes ("wrote X") on stderr, so stdout stays machine-readable."""
+    if _main_process():
+        print(text, file=sys.stderr)
 
 
 def _command_line(argv: list[str]) -> str:
@@ -56,8 +74,8 @@ def _class_demo(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / "class-demo"
     summary = run_class_demo(out, classes, methods, not args.no_ablation, args.overrides, args.force,
                              args.keep_models, not args.quiet, args.command_line)
-    print((out / "report.md").read_text().split("## Per class")[0].rstrip())
-    print(f"\nwrote {out}/summary.json and {out}/report.md ({len(summary['classes'])} classes)")
+    _emit((out / "report.md").read_text().split("## Per class")[0].rstrip())
+    _note(f"wrote {out}/summary.json and {out}/report.md ({len(summary['classes'])} classes)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -100,9 +118,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         for m in methods:
             get_method(m)
         out = Path(args.out) if args.out else Path("runs") / "leaderboard"
-        print(run_leaderboard(out, methods, concepts, seeds, args.overrides, args.force, not args.quiet,
+        _emit(run_leaderboard(out, methods, concepts, seeds, args.overrides, args.force, not args.quiet,
                               args.command_line, attacks))
-        print(f"\nwrote {out}/leaderboard.md")
+        _note(f"wrote {out}/leaderboard.md")
         return
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEMO_METHODS
@@ -115,8 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
                        attacks)
     from .report import markdown_table
 
-    print(markdown_table(summary["methods"]))
-    print(f"\nwrote {out}/summary.json and {out}/report.md")
+    _emit(markdown_table(summary["methods"]))
+    _note(f"wrote {out}/summary.json and {out}/report.md")
 
 
 def _config_args(args: argparse.Namespace):
@@ -137,18 +155,24 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
             raise UserError("--resume RUN takes the run's own config.yaml; drop the config, key=value and --out "
                             "arguments (or start a new run without --resume)")
         out = Path(args.resume)
-        if not (out / "config.yaml").is_file():
-            raise UserError(f"{out} has no config.yaml, so it is not a run folder to resume; pass the --out folder "
-                            "of the interrupted run")
+        if (out / "prompts.json").is_file() and not (out / "environment.json").is_file():
+            raise UserError(f"{out} is a `data build` folder, not a run; start a run on it with "
+                            f"`diffunlearn unlearn data_dir={out} --out RUN`")
+        if not (out / "config.yaml").is_file() or not (out / "environment.json").is_file():
+            raise UserError(f"{out} is not a run folder (it lacks config.yaml or environment.json); pass the --out "
+                            "folder of the interrupted run")
         cfg = build_config(out / "config.yaml")
     else:
         cfg = _config_args(args)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{stamp}"
+    args.resume_hint = _command_line(["unlearn", "--resume", str(out)])
+    if not cfg.checkpoint_every:
+        args.resume_hint += " (no checkpoints: it reuses the finished training images, but training starts over)"
     results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet, resume=bool(args.resume))
     shown = ("forget_score", "alignment", "quality_fd", "seconds")
-    print(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]}, indent=2))
-    print(f"wrote {out}")
+    _emit(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]}, indent=2))
+    _note(f"wrote {out}")
 
 
 def cmd_data_build(args: argparse.Namespace) -> None:
@@ -158,8 +182,8 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("data") / f"{cfg.concept}-{cfg.diversity}"
     summary = build_data(cfg, out, not args.quiet, args.command_line)
     if summary:
-        print(json.dumps(summary, indent=2))
-        print(f"wrote {out}; train with data_dir={out}")
+        _emit(json.dumps(summary, indent=2))
+        _note(f"wrote {out}; train with data_dir={out}")
 
 
 def _device(name: str) -> str:
@@ -189,8 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = evaluate(args.target, metrics, args.prompts, out, options, sampler, args.force, not args.quiet,
                        args.command_line, args.device)
     if results:
-        print(json.dumps(results["metrics"], indent=2))
-        print(f"wrote {out}")
+        _emit(json.dumps(results["metrics"], indent=2))
+        _note(f"wrote {out}")
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
@@ -211,8 +235,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
              "attacks": results["attacks"], "skipped": results["skipped"]}
     if "baseline" in results:
         shown["baseline"] = results["baseline"]
-    print(json.dumps(shown, indent=2))
-    print(f"wrote {out}/results.json and {out}/report.md")
+    _emit(json.dumps(shown, indent=2))
+    _note(f"wrote {out}/results.json and {out}/report.md")
 
 
 def _check_sampler_flags(args: argparse.Namespace) -> None:
@@ -267,8 +291,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     run_sweep(args.config, list(args.overrides), out, args.force, not args.quiet, args.command_line, metrics,
               args.prompts, _metric_options(args) if metrics else None)
-    print((out / "sweep.md").read_text())
-    print(f"wrote {out}/sweep.json, sweep.md and pareto.png")
+    _emit((out / "sweep.md").read_text())
+    _note(f"wrote {out}/sweep.json, sweep.md and pareto.png")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -276,8 +300,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _check_output_folder(out)
-    print(compare([Path(r) for r in args.runs], out))
-    print(f"\nwrote {out}/leaderboard.md")
+    _emit(compare([Path(r) for r in args.runs], out))
+    _note(f"wrote {out}/leaderboard.md")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -290,14 +314,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model = bench_model_folder(args.preset, args.model, Path(work))
         results = run_bench(model, methods, args.batch_size, args.steps, args.warmup, args.mixed_precision,
                             args.selection, args.device, args.gradient_checkpointing, not args.quiet)
-    print(bench_table(results))
+    _emit(bench_table(results))
     if args.json:
         from .utils import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(
             {m: {"step_seconds": r["step_seconds"], "peak_memory_mb": r["peak_memory_mb"]} for m, r in results.items()},
             indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _note(f"wrote {args.json}")
 
 
 def cmd_model_init(args: argparse.Namespace) -> None:
@@ -312,7 +336,7 @@ def cmd_model_init(args: argparse.Namespace) -> None:
     if (out / "model_index.json").exists() and not args.force:
         raise UserError(f"{out} already holds a model; choose another --out or pass --force")
     init_pipeline(args.preset, out, seed=args.seed)
-    print(f"wrote a random-weight {args.preset} Stable Diffusion pipeline to {out}")
+    _note(f"wrote a random-weight {args.preset} Stable Diffusion pipeline to {out}")
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
@@ -332,8 +356,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
             raise UserError(f"--init {args.init} is not a digit-world model folder; pass one written by "
                             "`diffunlearn world train-base` or a digit-world run's model/")
     out = Path(args.out)
+    _check_output_folder(out)
+    if (out / "config.yaml").is_file() or (out / "summary.json").is_file():
+        raise UserError(f"{out} is a run or demo folder; write the model to a folder of its own")
+    if args.resume:
+        return _resume_train_base(args, out)
     if (out / "training.json").exists() and not args.force:
         raise UserError(f"{out} already holds a trained base model; choose another --out or pass --force")
+    if (out / "checkpoint").exists() and not args.force:
+        raise UserError(f"{out} holds an interrupted training; continue it with `diffunlearn world train-base "
+                        f"--out {out} --resume` or pass --force to start over")
     if args.exclude:
         from .worlds.digits import concept_attribute
 
@@ -347,14 +379,49 @@ def cmd_train_base(args: argparse.Namespace) -> None:
         from .worlds.class_digits import train_class_base
 
         steps = 2500 if args.steps is None else args.steps
+        args.resume_hint = _command_line(["world", "train-base", "--track", "class", "--out", str(out), "--resume"])
         final = train_class_base(out, steps=steps, batch_size=args.batch_size, seed=args.seed,
                                  progress=not args.quiet)
-        print(json.dumps(final, indent=2))
+        _emit(json.dumps(final, indent=2))
         return
     steps = 6000 if args.steps is None else args.steps
+    args.resume_hint = _command_line(["world", "train-base", "--out", str(out), "--resume"])
     final = train_base(out, steps=steps, batch_size=args.batch_size, seed=args.seed,
                        init=Path(args.init) if args.init else None, progress=not args.quiet, exclude=args.exclude)
-    print(json.dumps(final, indent=2))
+    _emit(json.dumps(final, indent=2))
+
+
+def _resume_train_base(args: argparse.Namespace, out: Path) -> None:
+    """``world train-base --out OUT --resume``: the recipe's arguments come from the checkpoint."""
+    from .checkpoints import read_recipe_state
+
+    if args.steps is not None or args.init or args.exclude or args.force:
+        raise UserError("--resume continues with the interrupted training's own settings; drop --steps, --init, "
+                        "--exclude and --force")
+    state = read_recipe_state(out)
+    if state is None:
+        done = " (it finished: its model is there)" if (out / "training.json").is_file() else ""
+        raise UserError(f"{out} has no checkpoint to resume{done}; start a training with `diffunlearn world "
+                        "train-base --out FOLDER`")
+    if state.get("track", "text") != args.track:
+        raise UserError(f"{out} holds an interrupted {state.get('track')}-track training; add "
+                        f"--track {state.get('track')}")
+    args.resume_hint = _command_line(["world", "train-base", *(["--track", "class"] if args.track == "class" else []),
+                                      "--out", str(out), "--resume"])
+    a = state["args"]
+    if args.track == "class":
+        from .worlds.class_digits import train_class_base
+
+        final = train_class_base(out, steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], seed=a["seed"],
+                                 uncond_prob=a["uncond_prob"], progress=not args.quiet, resume=True)
+    else:
+        from .worlds.base_model import train_base
+
+        final = train_base(out, steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], seed=a["seed"],
+                           pool_size=a["pool_size"], uncond_prob=a["uncond_prob"],
+                           init=Path(a["init"]) if a["init"] else None, progress=not args.quiet,
+                           exclude=a["exclude"], resume=True)
+    _emit(json.dumps(final, indent=2))
 
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
@@ -367,13 +434,13 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
     model = train_oracle(steps=args.steps, seed=args.seed, progress=not args.quiet)
     acc = heldout_accuracy(model)
     save_oracle(model, args.out)
-    print(json.dumps({"heldout_accuracy": acc, "path": str(args.out)}, indent=2))
+    _emit(json.dumps({"heldout_accuracy": acc, "path": str(args.out)}, indent=2))
 
 
 def cmd_check(args: argparse.Namespace) -> None:
     from .worlds.base_model import check_base
 
-    print(json.dumps(check_base(args.model, n=args.n, guidance=args.guidance, split=args.split,
+    _emit(json.dumps(check_base(args.model, n=args.n, guidance=args.guidance, split=args.split,
                                 progress=not args.quiet), indent=2))
 
 
@@ -393,27 +460,34 @@ def cmd_world_render(args: argparse.Namespace) -> None:
         for old in out.glob("*.png"):
             old.unlink()
     count = write_reference_renders(args.concept, out, args.n, args.split, args.seed, args.copies)
-    print(f"wrote {count} renders to {args.out}; use them with `diffunlearn eval ... --metrics fid --feature oracle "
+    _note(f"wrote {count} renders to {args.out}; use them with `diffunlearn eval ... --metrics fid --feature oracle "
           f"--reference {args.out}`")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from .config import commented_yaml
+
+    _emit(commented_yaml(_config_args(args)).rstrip())
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
     from .methods import METHODS
 
     for m in METHODS.values():
-        print(f"{m.name:10s} {m.summary}")
+        _emit(f"{m.name:10s} {m.summary}")
 
 
 def cmd_env(args: argparse.Namespace) -> None:
     from .utils import environment
 
-    print(json.dumps(environment(), indent=2))
+    _emit(json.dumps(environment(), indent=2))
 
 
 def _metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", default="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
                    help="CLIP folder or hub id for alignment/classifier/clip features")
-    p.add_argument("--nudenet-threshold", type=float, default=0.6)
+    p.add_argument("--nudenet-threshold", type=float, default=0.6,
+                   help="NudeNet detection score above which an exposed class counts (the paper's 0.6)")
     p.add_argument("--feature", choices=("clip", "oracle", "inception"), default="clip", help="fid/kid features")
     p.add_argument("--reference", default=None, help="folder of real images for fid/kid")
     p.add_argument("--classes", default=None, help="comma-separated class names for the classifier metric")
@@ -421,15 +495,30 @@ def _metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None, help="image-classifier folder (default: zero-shot CLIP)")
     p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/diffunlearn)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where models and metrics run; auto = CUDA when present")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, unless the default is empty or already said.
+    (argparse's ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)".)"""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """No abbreviated flags (``--all-method`` must not silently mean ``--all-methods``); subcommand
-    parsers are made by ``type(parser)``, so they inherit this."""
+    """No abbreviated flags (``--all-method`` must not silently mean ``--all-methods``); defaults in
+    the help. Subcommand parsers are made by ``type(parser)``, so they inherit this."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
 
@@ -446,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import EMBEDDED
 
     parser = _Parser(prog="diffunlearn", description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--version", action="version", version=f"diffunlearn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -493,17 +582,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL_OR_RUN", help="a run folder, a model folder or a hub id")
     p.add_argument("--metrics", required=True, help="comma-separated: alignment, nudenet, fid, kid, classifier, oracle")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SPEC",
-                   help="prompt files (.json, .txt, .csv in the I2P layout) or template:CONCEPT[:SPLIT[:forget|remain"
-                        "[:N]]] or world:CONCEPT[:SPLIT[:forget|remain[:N]]]")
+                   help="prompt files (.json, .txt, .csv in the I2P layout), template:CONCEPT[:SPLIT[:forget|remain"
+                        "[:N]]] (Stable Diffusion), world:CONCEPT[:SPLIT[:forget|remain[:N]]] (digit world), "
+                        "class:NAME[,NAME...][:N] (class-conditional models), or NAME=SPEC for any of these under "
+                        "another set name (e.g. remain-train=template:nudity:train:remain:800)")
     p.add_argument("--out", default=None, help="evaluation folder (default: RUN/eval, or evals/NAME-TIME)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (with --guidance and --seed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed*100000+i unless the file gives seeds")
     p.add_argument("--resolution", type=int, default=0, help="image side; 0 = the model's default")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampler and metric call")
     _metric_flags(p)
     p.add_argument("--force", action="store_true", help="redo a finished evaluation (finished images are reused)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
     from .attacks import ATTACKS
@@ -529,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="metric batch size")
     _metric_flags(p)
     p.add_argument("--force", action="store_true", help="redo every attack")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("sweep", help="run a grid of configs, evaluate each, table + Pareto plot (resumable)")
@@ -541,27 +632,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="metric batch size")
     _metric_flags(p)
     p.add_argument("--force", action="store_true", help="rerun finished points")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="evaluations side by side: table, leaderboard.md, plot, image grid")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run, eval or attack folders (a run's eval/ and "
+                   "attack/ are found by themselves)")
     p.add_argument("--out", default="leaderboard", help="folder for leaderboard.md, tradeoff.png, grid.png")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="per-step time and peak memory of ga, graddiff, rg and rg-flat")
-    p.add_argument("--model", default=None, help="model folder to benchmark")
-    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21")
+    p.add_argument("--model", default=None, help="model folder (Stable Diffusion or digit world) to benchmark")
+    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21 "
+                   "(neither flag: tiny)")
     p.add_argument("--methods", default=None, help="comma-separated (default: ga,graddiff,rg,rg-flat)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="paired images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    p.add_argument("--selection", default="full")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
+    p.add_argument("--selection", default="full", help="trainable parameters: full, cross-attention, "
+                   "non-cross-attention or lora")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--json", default=None, metavar="FILE", help="also write {method: {step_seconds, peak_memory_mb}}")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("model", help="make model folders")
@@ -569,8 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("init", help="a Stable Diffusion pipeline with random weights from a preset config")
     p.add_argument("--preset", required=True, help="tiny, small, sd15 or sd21")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_model_init)
 
     w = sub.add_parser("world", help="the embedded digit world: train or check its models")
@@ -580,37 +674,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", choices=("text", "class"), default="text",
                    help="class: the class-conditional digits model (embedded:digits-class)")
     p.add_argument("--steps", type=int, default=None, help="default 6000 (text) or 2500 (class)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="fresh renders per step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, captions and renders")
     p.add_argument("--init", default=None, help="continue from the UNet of this model folder")
     p.add_argument("--exclude", default=None, metavar="CONCEPT",
                    help="train without this digit or colour: the exact-unlearning gold standard")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted training in --out from its "
+                   "checkpoint (written every 250 steps), with its own settings")
+    p.add_argument("--force", action="store_true", help="replace a trained model or an interrupted training in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_base)
     p = wsub.add_parser("train-oracle", help="train the oracle attribute classifier")
     p.add_argument("--out", required=True, help="safetensors file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--steps", type=int, default=4000, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and renders")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_oracle)
     p = wsub.add_parser("check", help="oracle accuracy of a model's samples on held-out prompts")
-    p.add_argument("model", nargs="?", default=EMBEDDED)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("model", nargs="?", default=EMBEDDED, help=f"model folder or embedded name (default: {EMBEDDED})")
+    p.add_argument("--n", type=int, default=1000, help="random prompts to sample and read")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the world's 4.0)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="prompt vocabulary: held-out or tuning")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check)
     p = wsub.add_parser("render", help="ground-truth renders of held-out remain captions (an fid/kid reference)")
-    p.add_argument("--concept", default="three")
+    p.add_argument("--concept", default="three", help="the forgotten concept (its captions are left out)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("--n", type=int, default=100, help="captions (each rendered --copies times)")
-    p.add_argument("--copies", type=int, default=4)
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--copies", type=int, default=4, help="renders per caption")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="caption vocabulary")
+    p.add_argument("--seed", type=int, default=1, help="seed of the captions and renders")
     p.add_argument("--force", action="store_true", help="replace the renders in a non-empty --out")
     p.set_defaults(func=cmd_world_render)
+
+    p = sub.add_parser("config", help="every config key with its value and meaning, as a YAML file to start from",
+                       description="Print the resolved config (defaults, then the model's and method's recipe, then "
+                       "CONFIG, then key=value) as YAML with each key's meaning. Save it and edit it: "
+                       "`diffunlearn config method=graddiff > my.yaml`.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config to resolve (omit for the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("methods", help="list the unlearning methods")
     p.set_defaults(func=cmd_methods)
@@ -619,6 +723,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
+def _innermost_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)subcommand parser named by ``argv`` (``world train-base`` -> its parser)."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or token not in subs[0].choices:
+            if token.startswith("-") or not subs:
+                continue
+            break
+        parser = subs[0].choices[token]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all(re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", e) for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.parse_args(argv)  # argparse's own message and exit code 2 for what it cannot place
+            # argparse's own message and exit code 2, with the usage of the subcommand that was typed
+            _innermost_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = _command_line(argv)
     try:
         args.func(args)
@@ -654,8 +771,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the unfinished run folder has no results.json/summary.json, so it never looks complete",
-              file=sys.stderr)
+        hint = getattr(args, "resume_hint", None)
+        if _main_process():
+            print("\ninterrupted: the unfinished folder has no final results file, so it never looks complete; "
+                  + (f"continue with: {hint}" if hint else "rerun the same command to continue (finished work is "
+                     "reused)"), file=sys.stderr)
         return 130
     return 0
 

@@ -4,6 +4,7 @@ overrides on top, every problem reported at once (torchtune's ``validate`` idea)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from pathlib import Path
@@ -43,7 +44,7 @@ class UnlearnConfig:
     sample_batch_size: int = 0     # images per sampler call; 0 = auto (256 for digit-world models, else batch_size)
     # --- optimisation (PAPER.md §2) ---
     steps: int = 100               # optimizer steps; each sees one paired forget/remain batch
-    batch_size: int = 16
+    batch_size: int = 16           # paired forget/remain images per step
     micro_batches: int = 1         # N sequential chunks per batch (gradient accumulation): same update, less memory
     lr: float = 5e-5               # Adam learning rate
     remain_weight: float = 1.6     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha; 1.6 there)
@@ -60,14 +61,15 @@ class UnlearnConfig:
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     optimizer: str = "adam"        # "adam" or "adam8bit" (bitsandbytes, the `8bit` extra)
     device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
+    threads: int = 0               # torch CPU threads of this process; 0 = torch's default (one per core)
     checkpoint_every: int = 0      # write a resumable checkpoint every N steps; 0 = never
     diagnose: bool = True          # log each step's realised loss change (two extra forward passes)
     save: str = "auto"             # "pipeline", "unet", "lora" or "auto" (lora for selection lora, else pipeline)
     # --- evaluation ---
     eval_prompts: int = 100        # held-out prompts per set (forget and remain)
     eval_seed: int = 1             # image i of an evaluation set uses eval_seed * 100000 + i
-    eval_steps: int = 12
-    eval_guidance: float = 4.0
+    eval_steps: int = 12            # sampler steps of the evaluation images
+    eval_guidance: float = 4.0     # classifier-free guidance of the evaluation images
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,8 +106,12 @@ CHOICES = {
 }
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
                 "micro_batches", "remain_per_class")
-NON_NEGATIVE = ("remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
+NON_NEGATIVE = ("threads", "remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
                 "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+PATH_KEYS = ("model", "data_dir", "images")  # local paths among the keys (a hub id or embedded name stays as given)
 
 
 def _coerce(name: str, value: Any, errors: list[str]) -> Any:
@@ -160,6 +166,13 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
             loaded = {}
         if not isinstance(loaded, dict):
             raise UserError(f"config file {p} must be a mapping of keys to values, got a {type(loaded).__name__}")
+        for key in PATH_KEYS:
+            # A config.yaml written before paths were stored resolved: a relative path that is not
+            # there from the current directory is read relative to the file's own folder.
+            value = loaded.get(key)
+            if (isinstance(value, str) and value and not value.startswith(("embedded:", "~", "/"))
+                    and not Path(value).exists() and (p.parent / value).exists()):
+                loaded[key] = str((p.parent / value).resolve())
         values.update(loaded)
     for item in overrides or []:
         if "=" not in item:
@@ -179,15 +192,23 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     if kind == "class":
         recipe = CLASS_WORLD_DEFAULTS if str(values.get("model")) == EMBEDDED_CLASS else CLASS_DEFAULTS
         values = {**recipe, **variant, **values}
-    elif str(values.get("model", UnlearnConfig.model)) != EMBEDDED:
+    elif kind == "text":
         values = {**SD_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         values = {**METHODS[method].defaults, **variant, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
-        errors.append(f"unknown key `{key}` (known keys: {', '.join(FIELDS)})")
+        close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+        errors.append(f"unknown key `{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    if unknown:
+        errors.append("`diffunlearn config` lists every key with its default")
     kwargs = {k: _coerce(k, v, errors) for k, v in values.items() if k in FIELDS}
+    for key in PATH_KEYS:
+        # Stored resolved, so the run's config.yaml means the same from any directory (eval, --resume).
+        value = kwargs.get(key)
+        if isinstance(value, str) and value and not value.startswith("embedded:") and Path(value).expanduser().exists():
+            kwargs[key] = str(Path(value).expanduser().resolve())
     cfg = UnlearnConfig(**kwargs)
     errors.extend(validate(cfg))
     if errors:
@@ -196,24 +217,43 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
 
 
 def model_kind(model: str) -> str:
-    """``"class"`` for a class-conditional model (the embedded one, a folder saved by its adapter, or
-    a diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings), ``"text"`` otherwise.
-    Read from the folder's JSON files only; a missing or unreadable folder counts as ``"text"`` (the
-    loader reports it)."""
+    """What kind of model ``model`` names, read from the folder's JSON files only:
+
+    * ``"pixel"``: a digit-world text-to-image model (``embedded:digits``, the retrained gold standards,
+      or a folder from ``world train-base`` or a digit-world run's ``model/``);
+    * ``"class"``: a class-conditional model (the embedded one, a folder saved by its adapter, or a
+      diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings);
+    * ``"text"``: anything else (a Stable Diffusion folder or hub id; a missing folder counts as
+      ``"text"`` and the loader reports it).
+
+    Raises:
+        UserError: the folder's ``model_index.json`` (or its UNet config) is not valid JSON, so its kind
+            cannot be known (reported as such instead of as a wrong concept or model family).
+    """
     import json
 
     if model == EMBEDDED_CLASS:
         return "class"
+    if model == EMBEDDED or model.startswith(EMBEDDED + "-without-"):
+        return "pixel"
     folder = Path(model).expanduser()
+    index_path = folder / "model_index.json"
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-        if index.get("_diffunlearn_adapter") == "class":
-            return "class"
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            raise ValueError
+        if index.get("_diffunlearn_adapter") in ("pixel", "class"):
+            return index["_diffunlearn_adapter"]
         if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            return "class" if unet.get("num_class_embeds") else "text"
-    except (OSError, ValueError, AttributeError):
+            unet_path = folder / "unet" / "config.json"
+            index_path = unet_path
+            unet = json.loads(unet_path.read_text())
+            return "class" if isinstance(unet, dict) and unet.get("num_class_embeds") else "text"
+    except OSError:
         pass
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{index_path} is corrupt (not a JSON object), so the kind of model in {folder} cannot "
+                        "be told; restore or rebuild that model folder") from None
     return "text"
 
 
@@ -234,6 +274,9 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         # NaN passes every `< 0` test and inf every `> 0` test, then poisons the weights mid-run.
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"`{field.name}` must be a finite number, got {value}")
+        elif isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            # Finite in Python, inf once it meets float32 weights (Adam itself fails on lr=1e39).
+            errors.append(f"`{field.name}` must be within the float32 range (|x| < 3.4e38), got {value}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             errors.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -247,7 +290,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         errors.append(f"`saliency_fraction` must be in (0, 1], got {cfg.saliency_fraction}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
-    if cfg.model == EMBEDDED:
+    kind = model_kind(cfg.model)
+    if kind == "pixel":
         from .worlds.digits import COLOURS, DIGITS
 
         if cfg.selection == "lora":
@@ -256,7 +300,6 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.concept not in DIGITS + COLOURS:
             errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
                           f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
-    kind = model_kind(cfg.model)
     if kind == "class":
         # Class names come from the model (checked when its data is built); the selection can be checked now.
         if cfg.selection in ("lora", "cross-attention"):
@@ -268,7 +311,7 @@ def validate(cfg: UnlearnConfig) -> list[str]:
             if cfg.concept not in DIGITS:
                 errors.append(f"unknown class {cfg.concept!r}: the embedded class-conditional model's classes are "
                               f"{', '.join(DIGITS)}")
-    elif cfg.model != EMBEDDED and not _missing_path(cfg.model):
+    elif kind == "text" and not _missing_path(cfg.model):
         # (A model path that does not exist is reported by the loader, which says what to pass instead.)
         from .data.templates import TEMPLATES
 
@@ -289,6 +332,38 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     if cfg.method not in METHODS:
         errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     return errors
+
+
+def field_comments() -> dict[str, str]:
+    """The comment beside each field in :class:`UnlearnConfig`'s source (its documentation), plus
+    ``"# --- section ---"`` lines keyed by the first field after them as ``"§" + field``."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    section = None
+    for line in inspect.getsource(UnlearnConfig).splitlines():
+        if m := re.match(r"\s+# --- (.+) ---", line):
+            section = m.group(1)
+        elif m := re.match(r"\s+(\w+): \w+ = .*?#\s?(.*)$", line):
+            comments[m.group(1)] = m.group(2).strip()
+            if section:
+                comments["§" + m.group(1)] = section
+                section = None
+    return comments
+
+
+def commented_yaml(cfg: UnlearnConfig) -> str:
+    """``cfg`` as YAML with each key's documentation beside it (``diffunlearn config``): a valid config
+    file to start from."""
+    comments = field_comments()
+    lines = []
+    for name, value in cfg.to_dict().items():
+        if "§" + name in comments:
+            lines.append(f"{'' if not lines else chr(10)}# --- {comments['§' + name]} ---")
+        text = yaml.safe_dump({name: value}, default_flow_style=False).strip()
+        lines.append(f"{text:40s} # {comments.get(name, '')}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def dump_config(cfg: UnlearnConfig, path: str | os.PathLike, command: str) -> None:

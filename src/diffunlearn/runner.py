@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +61,22 @@ def check_out_dir(out: Path, force: bool, resume: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def write_run_header(cfg: UnlearnConfig, out: Path, command: str, parallel: Parallel, adapter=None) -> None:
+    """``config.yaml`` and ``environment.json``: the first files of a run folder, written before any
+    data or training, so a run interrupted at any point can be resumed and says where it ran."""
+    dump_config(cfg, out / "config.yaml", command)
+    env = environment()
+    env["world_size"] = parallel.world_size
+    if adapter is not None:
+        env["device"] = str(next(adapter.unet.parameters()).device)  # where the trained weights really are
+    else:
+        env["device"] = str(resolve_device(cfg, parallel))
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    env["torch_threads"] = torch.get_num_threads()
+    atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
+
+
 def resolve_device(cfg: UnlearnConfig, parallel: Parallel) -> torch.device:
     """``auto`` = this process's GPU when there is one, else the CPU.
 
@@ -73,6 +90,17 @@ def resolve_device(cfg: UnlearnConfig, parallel: Parallel) -> torch.device:
     return parallel.device if parallel.device.type == "cuda" else torch.device("cuda")
 
 
+def apply_process_settings(cfg: UnlearnConfig, device: torch.device, parallel: Parallel) -> None:
+    """Half-precision autocast on a CPU is legal but very slow: say so before the run starts. (Also
+    applies ``threads``, the other per-process CPU setting.)"""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.mixed_precision != "no" and device.type == "cpu" and parallel.is_main:
+        print(f"warning: mixed_precision={cfg.mixed_precision} on the CPU is much slower than fp32 (27x measured "
+              "on the digit world: CPUs lack fast half-precision kernels); use mixed_precision=no here",
+              file=sys.stderr)
+
+
 def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
     """The base model's adapter placed and configured for ``cfg`` (device, frozen dtype, LoRA,
     gradient checkpointing); returns ``(adapter, folder or None)``."""
@@ -80,6 +108,7 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
     device = resolve_device(cfg, parallel)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     # Frozen parts (VAE, text encoder) run in half precision on GPUs; CPUs keep fp32 (slow half kernels).
+    apply_process_settings(cfg, device, parallel)
     adapter, folder = load_adapter(cfg.model, device=device, frozen_dtype=amp if device.type == "cuda" else None)
     if cfg.selection == "lora":
         if not hasattr(adapter, "configure_lora"):
@@ -176,6 +205,10 @@ def save_model(adapter, cfg: UnlearnConfig, out: Path) -> str:
 
 
 def training_summary(history: list[dict], seconds: float) -> dict:
+    """Per-run training facts; ``seconds`` is this session's time, replaced by the training time summed
+    over every session when the steps recorded it (a resumed run)."""
+    elapsed = [h["elapsed_seconds"] for h in history if "elapsed_seconds" in h]
+    seconds = elapsed[-1] if elapsed else seconds
     done = [h for h in history if not h.get("skipped")]
     with_remain = [h for h in done if "conflict" in h]
     diagnosed = [h for h in done if "forget_loss_change" in h]
@@ -214,10 +247,11 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
         (results dict as written to results.json, the digit-world evaluation or None)
     """
     parallel = parallel or Parallel()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     if parallel.is_main and not resume:
-        dump_config(cfg, out / "config.yaml", command)
-        atomic_write_text(out / "environment.json", json.dumps(environment(), indent=2) + "\n")
+        write_run_header(cfg, out, command, parallel, base_adapter)
     method = get_method(cfg.method)
     adapter = trainable_copy(base_adapter) if copy_model else base_adapter
     forget_x0, forget_cond, remain_x0, remain_cond = data[:4]
@@ -249,7 +283,7 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
                        f"held-out prompts WITH '{cfg.concept}': same prompts and seeds in both rows")
             image_grid({"base": before[1][k:], cfg.method: after[k:]}, prompts[k:], out / "samples_remain.png",
                        "held-out prompts WITHOUT the concept: same prompts and seeds in both rows")
-    results = {"concept": cfg.concept, "method": cfg.method, "seconds": seconds, **(metrics or {}),
+    results = {"concept": cfg.concept, "method": cfg.method, "seconds": training["seconds"], **(metrics or {}),
                "training": training}
     if parallel.is_main:
         fmt = save_model(adapter, cfg, out)
@@ -272,6 +306,8 @@ def run_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, pro
     adapter, folder = load_for_run(cfg, parallel)  # a bad model folder fails before anything is written
     if parallel.is_main:
         check_out_dir(out, force, resume)
+        if not resume:
+            write_run_header(cfg, out, command, parallel, adapter)
     parallel.barrier()
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     data = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=not cfg.data_dir)

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,14 +301,26 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         masks = saliency_masks(GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 7919),
                                               parallel, None, amp_dtype, cfg.micro_batches),
                                forget_x0, forget_cond, cfg)
-    if resume and checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
+    elapsed_before = 0.0  # training seconds of the earlier sessions of a resumed run
+    found = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if found is not None:
         state = load_checkpoint(found, named, optimizer, gen)
         order, cursor, first_step = state["order"], state["cursor"], state["step"] + 1
         scaler.scale, scaler.good_steps = state["loss_scale"], state["good_steps"]
+        elapsed_before = float(state.get("elapsed_seconds", 0.0))
         if metrics_path is not None and parallel.is_main:
             history = _truncate_metrics(metrics_path, state["step"])
-    elif metrics_path is not None and parallel.is_main:
-        metrics_path.unlink(missing_ok=True)
+        if parallel.is_main:
+            print(f"resuming from the checkpoint of step {state['step']} ({found}); continuing at step {first_step} "
+                  f"of {cfg.steps}", file=sys.stderr)
+    else:
+        if resume and parallel.is_main:
+            where = checkpoint_dir if checkpoint_dir is not None else "this run"
+            print(f"no checkpoint in {where}, so training starts over at step 1 of {cfg.steps} (set "
+                  "checkpoint_every to keep progress)", file=sys.stderr)
+        if metrics_path is not None and parallel.is_main:
+            metrics_path.unlink(missing_ok=True)
+    session_start = time.perf_counter()
 
     if parallel.world_size > cfg.batch_size:
         raise UserError(f"{parallel.world_size} processes cannot share a batch of {cfg.batch_size}; use batch_size >= "
@@ -392,11 +405,21 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             del direction
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not _finite(params):
+                # Finite gradients can still overflow the weights (a huge lr or remain_weight): stop before
+                # the model or a checkpoint takes them.
+                last = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+                kept = f"; the last good checkpoint is {last}" if last else ""
+                raise TrainingDiverged(f"step {step}: the update made weights NaN/inf; lower `lr` (now {cfg.lr}) or "
+                                       f"`remain_weight` (now {cfg.remain_weight}), or set `max_grad_norm`, then "
+                                       f"rerun with --force{kept}")
             scaler.update(True)
             if cfg.diagnose:
                 record["forget_loss_change"] = engine.mean_loss(f_chunks) - record["forget_loss"]
                 record["remain_loss_change"] = engine.mean_loss(r_chunks) - record["remain_loss"]
             record["seconds"] = time.perf_counter() - started
+            # Training time so far, summed over the sessions of a resumed run (results.json reports the last).
+            record["elapsed_seconds"] = elapsed_before + time.perf_counter() - session_start
             history.append(record)
             if log:
                 log.write(json.dumps(record) + "\n")
@@ -404,7 +427,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 if parallel.is_main:
                     save_checkpoint(checkpoint_dir, step, named, optimizer, gen, order, cursor,
-                                    {"loss_scale": scaler.scale, "good_steps": scaler.good_steps})
+                                    {"loss_scale": scaler.scale, "good_steps": scaler.good_steps,
+                                     "elapsed_seconds": record["elapsed_seconds"]})
                 parallel.barrier()
             bar.set_postfix(forget=f"{record['forget_loss']:.3f}", remain=f"{record['remain_loss']:.3f}")
     finally:

@@ -58,13 +58,14 @@ class AttackTarget:
     def sample(self, prompts: list[str]) -> torch.Tensor:
         """Samples of the attacked model for ``prompts`` (one per seed of :attr:`seeds`, in order)."""
         return self.adapter.sample(prompts, self.seeds[:len(prompts)], steps=self.steps, guidance=self.guidance,
-                                   batch_size=self.batch_size, progress=self.progress)
+                                   batch_size=self.batch_size,
+                                   progress=self.progress and f"sampling attacked model: {len(prompts)} prompts")
 
     def sample_condition(self, condition: Any) -> torch.Tensor:
         """Samples for an attacked condition (one row per seed)."""
         return self.adapter.sample_condition(condition, self.seeds[:len(condition)], steps=self.steps,
                                              guidance=self.guidance, batch_size=self.batch_size,
-                                             progress=self.progress)
+                                             progress=self.progress and "sampling attacked model: attacked conditions")
 
 
 @dataclasses.dataclass

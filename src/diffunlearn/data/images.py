@@ -102,8 +102,8 @@ def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Se
     missing = [i for i in mine if _read(_png(folder, i)) is None]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc=f"images {folder.name}", leave=False,
-               disable=not progress)
+    label = "images " + "/".join(folder.parts[-3:])  # e.g. "images rg/data/forget": which run and set
+    bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc=label, leave=False, disable=not progress)
     extra = {"height": resolution, "width": resolution} if resolution else {}
     scale = want.get("guidances") or [float(guidance)] * len(prompts)
     batches = [(g, [i for i in missing if scale[i] == g]) for g in dict.fromkeys(scale[i] for i in missing)]

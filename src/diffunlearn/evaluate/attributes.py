@@ -47,5 +47,5 @@ def sample_and_read(adapter, oracle: Oracle, captions: Sequence[Caption], seed: 
                     guidance: float, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one image per caption with a seeded generator and read it with the oracle."""
     images = adapter.sample([c.text for c in captions], image_seeds(seed, len(captions)), steps=steps,
-                            guidance=guidance, progress=progress)
+                            guidance=guidance, progress=progress and f"sampling {len(captions)} checking prompts")
     return images, oracle.predict(images)

@@ -62,7 +62,8 @@ def evaluate_classes(adapter, oracle: Oracle, target: int, n: int = 100, seed: i
     names = adapter.class_names
     labels = torch.cat([torch.full((n,), target), remain_labels(target, len(names), n)])
     images = adapter.sample([names[i] for i in labels.tolist()], image_seeds(seed, len(labels)), steps=steps,
-                            guidance=guidance, progress=progress)
+                            guidance=guidance,
+                            progress=progress and f"sampling evaluation: every class ({names[target]} forgotten)")
     predicted = oracle.predict(images)[:, 0]
     per_class = {name: float((predicted[labels == i] == i).float().mean()) for i, name in enumerate(names)
                  if bool((labels == i).any())}

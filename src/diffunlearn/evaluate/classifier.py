@@ -187,6 +187,11 @@ class ClassifierMetric:
                          **load_clip(self.options.clip_model, self.options.device).settings(self.options.clip_model)})
         return info
 
+    def check(self, set_names: list[str]) -> None:
+        """Before any image is made: the forget set needs the target class."""
+        if "forget" in set_names and not self.options.target_class:
+            raise UserError("the classifier metric on the forget set needs the forgotten class; pass --target-class")
+
     def score(self, images: torch.Tensor, prompts: list[str], set_name: str) -> MetricResult:
         """UA when ``set_name == "forget"``, RA otherwise.
 

@@ -108,6 +108,11 @@ class OracleMetric:
                               antialias=True)
         return self.oracle.predict(x, batch_size=max(self.options.batch_size, 1)).cpu()
 
+    def check(self, set_names: list[str]) -> None:
+        """Before any image is made: the forget set needs the concept."""
+        if "forget" in set_names and not self.options.concept:
+            raise UserError("the oracle metric on the forget set needs the forgotten concept; pass --concept")
+
     def score(self, images: torch.Tensor, prompts: list[str], set_name: str) -> MetricResult:
         """Score one set (see the class docstring).
 

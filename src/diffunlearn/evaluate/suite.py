@@ -98,6 +98,21 @@ def default_sampler(adapter, run_cfg) -> tuple[int, float, int]:
     return SAMPLE_STEPS, GUIDANCE, 1
 
 
+def _check_prompts_fit_model(adapter, specs: list[str]) -> None:
+    """Refuse built-in prompt sets of another world: a digit model prompted with nudity templates
+    would be scored (forget score 0.25 once) on prompts it cannot draw."""
+    from ..models.pixel import PixelTextToImage
+
+    is_world = isinstance(adapter, PixelTextToImage)
+    for spec in specs:
+        if is_world and spec.startswith("template:"):
+            raise UserError(f"--prompts {spec} is a Stable Diffusion prompt set, but this is a digit-world model; "
+                            "use world:CONCEPT, e.g. world:three:test:forget")
+        if not is_world and spec.startswith("world:"):
+            raise UserError(f"--prompts {spec} is a digit-world prompt set, but this model is not a digit-world "
+                            "model; use template:CONCEPT or a prompt file")
+
+
 def evaluate(target: str, metric_names: list[str], prompt_specs: list[str], out: Path, options,
              sampler: SamplerSettings | None = None, force: bool = False, progress: bool = True,
              command: str = "diffunlearn eval", device: str = "auto") -> dict:
@@ -118,6 +133,7 @@ def evaluate(target: str, metric_names: list[str], prompt_specs: list[str], out:
     metrics = [build_metric(name, options) for name in metric_names]
     parallel = Parallel.from_environment()
     adapter, identity, run_cfg = load_model_or_run(target, device)
+    _check_prompts_fit_model(adapter, prompt_specs)
     if sampler is None:
         steps, guidance, seed = default_sampler(adapter, run_cfg)
         sampler = SamplerSettings(steps, guidance, seed)
@@ -129,6 +145,13 @@ def evaluate(target: str, metric_names: list[str], prompt_specs: list[str], out:
             (out / "results.json").unlink()
         out.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
+    # Every metric's resources (CLIP folder, oracle, classifier, reference images) and required
+    # options are checked before a single image is generated, not after an hour of sampling.
+    set_names = [ps.name for ps in prompt_sets]
+    for metric in metrics:
+        if hasattr(metric, "check"):
+            metric.check(set_names)
+    settings = {metric.name: metric.settings() for metric in metrics} if parallel.is_main else {}
     model_id = json.dumps(identity, sort_keys=True)
     sets_info, generated = [], {}
     for ps in prompt_sets:
@@ -148,14 +171,12 @@ def evaluate(target: str, metric_names: list[str], prompt_specs: list[str], out:
     rows = {name: [{"set": name, "index": i, "prompt": p, "seed": s, "guidance": g}
                    for i, (p, s, g) in enumerate(zip(ps.prompts, seeds, guidances))]
             for name, (ps, seeds, guidances, _) in generated.items()}
-    settings = {}
     for metric in metrics:
         for name, (ps, _, _, images) in generated.items():
             result = metric.score(images, ps.prompts, name)
             results.setdefault(metric.name, {})[name] = result.aggregate
             for row, values in zip(rows[name], result.per_sample):
                 row[metric.name] = values
-        settings[metric.name] = metric.settings()
     manifest = {"command": command, "environment": environment(), "model": identity,
                 "sampler": {**dataclasses.asdict(sampler), "name": getattr(adapter, "sampler_name",
                                                                             "DPMSolverMultistepScheduler")},

@@ -56,7 +56,8 @@ def evaluate_world(adapter, oracle: Oracle, concept: str, n: int = 100, split: s
     forget_caps, remain_caps = eval_sets(concept, n, split=split)
     prompts = [c.text for c in forget_caps + remain_caps]
     seeds = image_seeds(seed, len(prompts))
-    images = adapter.sample(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
+    images = adapter.sample(prompts, seeds, steps=steps, guidance=guidance,
+                            progress=progress and f"sampling evaluation: forget {concept!r} + remain ({split})")
     f_img, r_img = images[:n], images[n:]
     pred = oracle.predict(images)
     align = alignment_scores(pred[n:], remain_caps)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
         if kind == "class" and not options.classes:
             options = dataclasses.replace(options, classes=tuple(adapter.class_names))
     metrics = {name: build_metric(name, options) for name in metric_names}
+    metric_settings = {name: metric.settings() for name, metric in metrics.items()}  # resources load before any work
     skipped = {a.name: a.applies(adapter) for a in attacks if a.applies(adapter)}
     attacks = [a for a in attacks if a.name not in skipped]
     steps, guidance, seed = default_sampler(adapter, run_cfg)
@@ -346,7 +348,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
         if previous is not None and previous.get("inputs") == inputs and previous.get("settings") == settings:
             reports[attack.name] = previous
             if progress:
-                print(f"{attack.name}: finished earlier, reused ({folder})", flush=True)
+                print(f"{attack.name}: finished earlier, reused ({folder})", file=sys.stderr, flush=True)
             continue
         started = time.perf_counter()
         output = attack.run(target)
@@ -371,7 +373,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
         reports[attack.name] = report
         if progress:
             print(f"{attack.name}: ASR {', '.join(f'{m} {v:.3f}' for m, v in headline.items())} "
-                  f"({seconds:.0f} s)", flush=True)
+                  f"({seconds:.0f} s)", file=sys.stderr, flush=True)
 
     results_metrics: dict[str, dict[str, dict]] = {}
     for m in metric_names:
@@ -390,7 +392,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
                 "concept_images": {"source": image_source, "n": len(images)},
                 "neutral": target.neutral, "attack_seed": job.seed,
                 "attacks": {name: r["settings"] for name, r in reports.items()}, "skipped": skipped,
-                "metrics": {name: metric.settings() for name, metric in metrics.items()}}
+                "metrics": metric_settings}
     ceiling = None
     if baseline:
         # The same attacks, prompts, seeds, sampler and concept images on the model that forgot nothing.

@@ -147,7 +147,8 @@ class PixelTextToImage:
         solver = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         uncond = self.encode_prompts([""])
         out = []
-        bar = tqdm(total=len(seeds), desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
+                   leave=False)  # a string `progress` labels the bar (which model and set)
         for start in range(0, len(seeds), batch_size):
             cond = condition[start:start + batch_size]
             n = len(cond)

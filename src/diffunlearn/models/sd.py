@@ -508,7 +508,8 @@ class StableDiffusionAdapter:
         was_training = self.unet.training
         self.unet.eval()
         out = []
-        bar = tqdm(total=len(seeds), desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
+                   leave=False)  # a string `progress` labels the bar (which model and set)
         try:
             for start in range(0, len(seeds), batch_size):
                 cond = condition.states[start:start + batch_size].detach()

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from ..checkpoints import load_recipe_checkpoint, read_recipe_state, save_recipe_checkpoint
 from ..models.pixel import PixelTextToImage
 from ..models.text import FrozenTextEncoder
 from . import digits as world
@@ -69,9 +72,24 @@ def ema_weights(unet, ema):
                 p.copy_(b)
 
 
+def report(entry: dict, bar) -> None:
+    """An evaluation line during training, on stderr above the bar (stdout gets only the final JSON)."""
+    bar.write(json.dumps(entry), file=sys.stderr)
+
+
+def resume_step(out: Path, ckpt_state: dict | None, steps: int, progress: bool) -> int:
+    """The first step to run (1 without a checkpoint), said on stderr."""
+    if ckpt_state is None:
+        return 1
+    print(f"resuming from the checkpoint of step {ckpt_state['step']} in {out / 'checkpoint'}; continuing at "
+          f"step {ckpt_state['step'] + 1} of {steps}", file=sys.stderr)
+    return ckpt_state["step"] + 1
+
+
 def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                pool_size: int = 8192, uncond_prob: float = 0.1, eval_every: int = 1000,
-               init: Path | None = None, progress: bool = True, exclude: str | None = None) -> dict:
+               init: Path | None = None, progress: bool = True, exclude: str | None = None,
+               checkpoint_every: int = 250, resume: bool = False, eval_prompts: int = 500) -> dict:
     """Train the base model on fresh renders of random train-vocabulary captions.
 
     Captions come from a fixed pool encoded once (the encoder is frozen); every step renders new
@@ -82,6 +100,10 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     ``exclude`` (a digit or colour word) trains the gold standard of exact unlearning: the same
     recipe on a world in which that concept never appears: no caption requests it and no random
     draw renders it, so the model never sees it (the text encoder still knows the word).
+
+    Every ``checkpoint_every`` steps the whole training state goes to ``out/checkpoint``;
+    ``resume`` continues from it to the same weights an uninterrupted run reaches (the checkpoint
+    is removed when training finishes).
     """
     from tqdm.auto import tqdm
 
@@ -89,6 +111,8 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     from .oracle import load_oracle
 
     out = Path(out)
+    args = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
+            "uncond_prob": uncond_prob, "init": str(init) if init else None, "exclude": exclude}
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_base(seed)
@@ -100,18 +124,27 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
         caption = world.random_caption(rng, "train")
         if not exclude or exclude not in _requested_words(caption):
             captions.append(caption)
-    states, mask = model.text_encoder.encode([c.text for c in captions])
-    states = states.half()
+    # The frozen encoder's pass over the caption pool is most of the setup time: show it.
+    chunk = 512
+    parts = [model.text_encoder.encode([c.text for c in captions[i:i + chunk]])
+             for i in tqdm(range(0, pool_size, chunk), desc="train-base: encode captions", disable=not progress)]
+    states, mask = torch.cat([p[0] for p in parts]).half(), torch.cat([p[1] for p in parts])
+    del parts
     null_states, null_mask = model.text_encoder.encode([""])
     model.text_encoder._cache.clear()
     ema, opt, sched = training_state(unet, lr, steps)
     oracle = load_oracle()
     test_rng = random.Random(12345)
-    test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(500)]
+    test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(eval_prompts)]
     log = []
+    ckpt = read_recipe_state(out) if resume else None
+    if ckpt is not None:
+        ckpt = load_recipe_checkpoint(out, unet, ema, opt, sched, gen)
+        log = ckpt["log"]
+    first = resume_step(out, ckpt, steps, progress)
     unet.train()
-    started = time.time()
-    bar = tqdm(range(1, steps + 1), desc="train-base", disable=not progress)
+    started = time.time() - (ckpt["minutes"] * 60 if ckpt else 0.0)
+    bar = tqdm(range(first, steps + 1), desc="train-base", disable=not progress, initial=first - 1, total=steps)
     for step in bar:
         idx = torch.randint(pool_size, (batch_size,), generator=gen)
         batch_caps = [captions[i] for i in idx.tolist()]
@@ -138,14 +171,17 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
                 scores = alignment_scores(pred_attr, test_caps)
                 entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores}
                 log.append(entry)
-                print(json.dumps(entry), flush=True)
+                report(entry, bar)
                 model.save(out)
                 (out / "training.json").write_text(json.dumps({
-                    "recipe": "diffunlearn.worlds.base_model.train_base",
-                    "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pool_size": pool_size,
-                             "uncond_prob": uncond_prob, "init": str(init) if init else None,
-                             "exclude": exclude},
+                    "recipe": "diffunlearn.worlds.base_model.train_base", "args": args,
                     "evaluations": log}, indent=2) + "\n")
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            save_recipe_checkpoint(out, step, unet, ema, opt, sched, gen,
+                                   {"args": args, "log": log, "minutes": (time.time() - started) / 60,
+                                    "track": "text"})
+    bar.close()
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the model and training.json are the result
     return log[-1]
 
 

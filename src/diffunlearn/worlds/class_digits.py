@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -81,20 +82,23 @@ def class_accuracy(adapter, oracle, n_per_class: int = 50, seed: int = 0, steps:
 
 def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                      uncond_prob: float = 0.1, eval_every: int = 500, eval_per_class: int = 50,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, checkpoint_every: int = 250, resume: bool = False) -> dict:
     """Train the class-conditional base model on fresh renders (images never repeat).
 
     Labels are uniform over the ten digits; a fraction ``uncond_prob`` is replaced by the "no class"
     label so the model also learns the unconditional prediction guidance needs. Writes EMA weights
     to ``out`` at every evaluation (oracle accuracy of ``eval_per_class`` samples per class, seeds
-    900000+, which no other evaluation uses) and returns the last evaluation.
+    900000+, which no other evaluation uses) and returns the last evaluation. Checkpoints and
+    ``resume`` work as in :func:`~diffunlearn.worlds.base_model.train_base`.
     """
     from tqdm.auto import tqdm
 
-    from .base_model import ema_weights, training_state
+    from ..checkpoints import load_recipe_checkpoint, read_recipe_state, save_recipe_checkpoint
+    from .base_model import ema_weights, report, resume_step, training_state
     from .oracle import load_oracle
 
     out = Path(out)
+    args = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "uncond_prob": uncond_prob}
     gen = torch.Generator().manual_seed(seed)
     model = build_class_base(seed)
     unet = model.unet
@@ -102,9 +106,15 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
     oracle = load_oracle()
     null = model.null_class
     log: list[dict] = []
+    ckpt = read_recipe_state(out) if resume else None
+    if ckpt is not None:
+        ckpt = load_recipe_checkpoint(out, unet, ema, opt, sched, gen)
+        log = ckpt["log"]
+    first = resume_step(out, ckpt, steps, progress)
     unet.train()
-    started = time.time()
-    bar = tqdm(range(1, steps + 1), desc="train-base (class)", disable=not progress)
+    started = time.time() - (ckpt["minutes"] * 60 if ckpt else 0.0)
+    bar = tqdm(range(first, steps + 1), desc="train-base (class)", disable=not progress, initial=first - 1,
+               total=steps)
     for step in bar:
         labels = torch.randint(len(CLASS_NAMES), (batch_size,), generator=gen)
         x0 = render_classes(labels, gen)
@@ -127,12 +137,16 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
                          "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
                 log.append(entry)
                 if progress:
-                    print(json.dumps(entry), flush=True)
+                    report(entry, bar)
                 model.save(out)
                 (out / "training.json").write_text(json.dumps({
-                    "recipe": "diffunlearn.worlds.class_digits.train_class_base",
-                    "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                             "uncond_prob": uncond_prob},
+                    "recipe": "diffunlearn.worlds.class_digits.train_class_base", "args": args,
                     "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
                     "evaluations": log}, indent=2) + "\n")
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            save_recipe_checkpoint(out, step, unet, ema, opt, sched, gen,
+                                   {"args": args, "log": log, "minutes": (time.time() - started) / 60,
+                                    "track": "class"})
+    bar.close()
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the model and training.json are the result
     return log[-1]
