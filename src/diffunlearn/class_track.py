@@ -111,7 +111,7 @@ def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: st
                          resume: bool = False) -> dict:
     """``diffunlearn unlearn`` with a class-conditional model."""
     from .models import load_adapter
-    from .runner import check_out_dir, save_model, training_summary, apply_process_settings, write_run_header
+    from .runner import apply_process_settings, check_out_dir, save_model, training_summary, write_run_header
 
     parallel = Parallel.from_environment()
     adapter, folder = load_adapter(cfg.model)
