@@ -30,8 +30,8 @@ def pixel_folder(tiny_adapter, tmp_path):
 def test_a_digit_world_folder_is_unlearned_as_a_digit_world_model(pixel_folder, tmp_path, capsys):
     assert model_kind(str(pixel_folder)) == "pixel"
     cfg = build_config(None, [f"model={pixel_folder}", "concept=three"])
-    embedded = build_config(None, ["concept=three"])
-    assert (cfg.lr, cfg.remain_weight, cfg.steps) == (embedded.lr, embedded.remain_weight, embedded.steps)  # world recipe
+    embedded = build_config(None, ["concept=three"])  # the digit world's recipe
+    assert (cfg.lr, cfg.remain_weight, cfg.steps) == (embedded.lr, embedded.remain_weight, embedded.steps)
     out = tmp_path / "run"
     assert main(["unlearn", f"model={pixel_folder}", *QUICK, "--out", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
