@@ -319,3 +319,18 @@ def test_a_data_build_folder_config_is_not_mistaken(pixel_folder, tmp_path):
     assert main(["data", "build", f"model={pixel_folder}", *QUICK, "--out", str(data), "--quiet"]) == 0
     loaded = yaml.safe_load((data / "config.yaml").read_text())
     assert os.path.isabs(loaded["model"])
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "embedded:digits", "--metrics", "oracle", "--concept", "three", "--prompts", "world:three:test:forget:2"],
+    ["attack", "embedded:digits", "--concept", "three", "--attacks", "paraphrase"],
+    ["data", "build", "steps=1"],
+    ["sweep", "steps=1,2"],
+])
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
+    target = tmp_path / "a-file"
+    target.write_text("precious")
+    assert main([*args, "--out", str(target), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
+    assert target.read_text() == "precious"

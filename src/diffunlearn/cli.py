@@ -180,6 +180,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 
     cfg = _config_args(args)
     out = Path(args.out) if args.out else Path("data") / f"{cfg.concept}-{cfg.diversity}"
+    _check_output_folder(out)
     summary = build_data(cfg, out, not args.quiet, args.command_line)
     if summary:
         _emit(json.dumps(summary, indent=2))
@@ -210,6 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     target = Path(args.target)
     out = Path(args.out) if args.out else (target / "eval" if (target / "config.yaml").is_file()
                                            else Path("evals") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_output_folder(out)
     results = evaluate(args.target, metrics, args.prompts, out, options, sampler, args.force, not args.quiet,
                        args.command_line, args.device)
     if results:
@@ -224,6 +226,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
     target = Path(args.target)
     out = Path(args.out) if args.out else (target / "attack" if (target / "config.yaml").is_file()
                                            else Path("attacks") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_output_folder(out)
     job = AttackJob(target=args.target, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
                     concept=args.concept or "", images=args.images or "",
                     metrics=[m.strip() for m in (args.metrics or "").split(",") if m.strip()],
