@@ -11,6 +11,7 @@ Usage:
   diffunlearn compare runs/base-eval runs/nudity runs/van-gogh --out leaderboard
   diffunlearn attack runs/demo/rg/model --concept three --attacks embedding,relearn   red-team a model
   diffunlearn sweep configs/digits-rg.yaml remain_weight=0.5,1,5 forget_cap=hinge,none --out runs/sweep
+  diffunlearn study --methods rg,graddiff --concept three --trials 12 --attack embedding   fair method study
   diffunlearn demo --all-methods             every method, both embedded concepts, 3 seeds
   diffunlearn bench --preset small --json bench.json
   diffunlearn model init --preset tiny --out tiny-sd
@@ -296,6 +297,29 @@ def cmd_sweep(args: argparse.Namespace) -> None:
               args.prompts, _metric_options(args) if metrics else None)
     _emit((out / "sweep.md").read_text())
     _note(f"wrote {out}/sweep.json, sweep.md and pareto.png")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from .study import StudySpec, run_study
+
+    def items(text: str | None) -> tuple[str, ...]:
+        return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+    try:
+        seeds = tuple(int(s) for s in items(args.seeds))
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    spec = StudySpec(methods=items(args.methods), concept=args.concept, overrides=tuple(args.overrides),
+                     space=tuple(args.space or ()), sampler=args.sampler, trials=args.trials, seeds=seeds,
+                     front=args.front, objectives=items(args.objectives), attack=args.attack or "",
+                     storage=args.storage or "", workers=args.workers, sampler_seed=args.sampler_seed)
+    out = Path(args.out) if args.out else Path("runs") / f"study-{args.concept}"
+    _check_output_folder(out)
+    args.resume_hint = " ".join(shlex.quote(a) for a in ["diffunlearn", *args.argv]) + "   (finished trials are kept)"
+    result = run_study(spec, out, args.command_line, not args.quiet, worker=args.worker, argv=args.argv)
+    if result:
+        _emit(result["table"])
+        _note(f"wrote {out}/study.md, study.json and front.png (storage {out}/study.db)")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -638,6 +662,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
+    from .study import SAMPLERS
+
+    p = sub.add_parser("study", help="compare methods fairly: search each method's knobs (Optuna) on training "
+                       "prompts, re-run each front on held-out prompts over seeds (resumable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config values for every run "
+                   "(e.g. steps=100); a fixed key is not searched")
+    p.add_argument("--methods", default="rg,rgd,graddiff,ga", help="comma-separated methods to compare")
+    p.add_argument("--concept", default="three", help="digit or colour word to forget")
+    p.add_argument("--space", action="append", metavar="[METHOD.]KEY=LOW:HIGH[:log][:int]|a,b",
+                   help="search this key (for every method, or one) instead of or beside the defaults "
+                        "(lr, remain_weight, margin, esd_eta, saliency_fraction); repeatable")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (grid needs lists of values)")
+    p.add_argument("--trials", type=int, default=12, help="finished search trials per method")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds of the held-out re-runs")
+    p.add_argument("--front", type=int, default=3, help="front points per method re-run on held-out prompts")
+    p.add_argument("--objectives", default="forget,alignment", help="forget,alignment or forget,alignment,attack")
+    p.add_argument("--attack", default=None, help="attack every held-out run with this attack (e.g. embedding) "
+                   "and report its success rate; with --objectives ...,attack also a search objective")
+    p.add_argument("--storage", default=None, help="Optuna RDB URL shared by workers on several machines "
+                   "(default: sqlite in --out)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the search (one thread each)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--out", default=None, help="study folder (default: runs/study-CONCEPT)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("compare", help="evaluations side by side: table, leaderboard.md, plot, image grid")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run, eval or attack folders (a run's eval/ and "
                    "attack/ are found by themselves)")
@@ -768,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             # argparse's own message and exit code 2, with the usage of the subcommand that was typed
             _innermost_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = _command_line(argv)
+    args.argv = argv
     try:
         args.func(args)
     except UserError as exc:

@@ -50,6 +50,7 @@ class UnlearnConfig:
     remain_weight: float = 1.6     # λ in d = δ_f + λ·δ_r (the SD reference calls it alpha; 1.6 there)
     forget_cap: str = "hinge"      # "hinge" (batch stop at margin), "elementwise" (min(err², alpha)), "none"
     margin: float = 1.1            # hinge margin m on the batch ε-MSE
+    margin_mode: str = "absolute"  # "absolute" (m as given) or "relative" (m × the model's own forget loss at step 0)
     alpha: float = 0.1             # element-wise cap α
     max_grad_norm: float = 0.0     # clip the combined direction to this norm; 0 disables
     esd_eta: float = 1.0           # ESD negative-guidance scale η (methods esd-u, esd-x)
@@ -68,6 +69,7 @@ class UnlearnConfig:
     # --- evaluation ---
     eval_prompts: int = 100        # held-out prompts per set (forget and remain)
     eval_seed: int = 1             # image i of an evaluation set uses eval_seed * 100000 + i
+    eval_split: str = "test"       # digit world: "test" = held-out vocabulary (reports), "train" = tuning vocabulary
     eval_steps: int = 12            # sampler steps of the evaluation images
     eval_guidance: float = 4.0     # classifier-free guidance of the evaluation images
 
@@ -103,6 +105,8 @@ CHOICES = {
     "save": ("auto", "pipeline", "unet", "lora"),
     "diversity": ("diverse", "uniform"),
     "forget_cap": ("hinge", "elementwise", "none"),
+    "margin_mode": ("absolute", "relative"),
+    "eval_split": ("test", "train"),
 }
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
                 "micro_batches", "remain_per_class")

@@ -268,7 +268,7 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
     training = training_summary(history, seconds)
     evaluation, metrics = None, None
     if is_world:
-        evaluation = evaluate_world(adapter, oracle, cfg.concept, cfg.eval_prompts, "test", cfg.eval_seed,
+        evaluation = evaluate_world(adapter, oracle, cfg.concept, cfg.eval_prompts, cfg.eval_split, cfg.eval_seed,
                                     cfg.eval_steps, cfg.eval_guidance, progress)
         metrics = evaluation.metrics()
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -252,6 +253,38 @@ def saliency_masks(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond,
     return [g.abs() >= threshold for g in grads]
 
 
+def initial_forget_loss(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond, batch_size: int,
+                        batches: int = 4) -> float:
+    """Mean denoising loss of the model on up to ``batches`` random forget batches (no gradient): the
+    unit of ``margin_mode=relative``."""
+    n = len(forget_x0)
+    rows = torch.randperm(n, generator=engine.gen)[:min(n, batches * batch_size)]
+    losses = [engine.mean_loss(engine.chunks(forget_x0, forget_cond, part)) for part in rows.split(batch_size)]
+    return sum(losses) / len(losses)
+
+
+def restrict_realised_update(params: list[torch.nn.Parameter], before: list[torch.Tensor],
+                             g_f: list[torch.Tensor], g_r: list[torch.Tensor], gram) -> dict[str, Any]:
+    """``rg-opt``: replace the optimizer's realised change u = after − before by its projection onto
+    the cone where neither loss rises to first order (:func:`updates.cone_correction`), in place."""
+    from .updates import cone_correction, global_dot
+
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            b.sub_(p).neg_()  # b now holds u = after − before (no extra buffer)
+        forget_dot, remain_dot = torch.stack([global_dot(g_f, before), global_dot(g_r, before)]).tolist()
+        coef = cone_correction(forget_dot, remain_dot, gram)
+        if coef is None:  # only the zero step increases neither loss: undo the update
+            for p, u in zip(params, before):
+                p.sub_(u)
+        elif coef != (0.0, 0.0):
+            a, b = coef
+            for p, f, r in zip(params, g_f, g_r):
+                p.add_(f, alpha=-a).add_(r, alpha=-b)
+    return {"update_forget_dot": forget_dot, "update_remain_dot": remain_dot,
+            "update_restricted": coef != (0.0, 0.0)}
+
+
 def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor, forget_cond,
             remain_x0: torch.Tensor, remain_cond, metrics_path: Path | None = None, progress: bool = True,
             checkpoint_dir: Path | None = None, resume: bool = False, parallel: Parallel | None = None
@@ -301,6 +334,15 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         masks = saliency_masks(GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 7919),
                                               parallel, None, amp_dtype, cfg.micro_batches),
                                forget_x0, forget_cond, cfg)
+    relative_margin = cfg.margin_mode == "relative" and method.forget_loss == "ascent"
+    if relative_margin:
+        # Scale-free cap: margin and alpha as multiples of this model's own forget loss, measured on the
+        # ORIGINAL weights with their own generator (so a resumed run finds the same value).
+        probe = GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 104729), parallel, None,
+                               amp_dtype, cfg.micro_batches)
+        base_loss = initial_forget_loss(probe, forget_x0, forget_cond, cfg.batch_size)
+        cfg = dataclasses.replace(cfg, margin=cfg.margin * base_loss, alpha=cfg.alpha * base_loss,
+                                  margin_mode="absolute")
     elapsed_before = 0.0  # training seconds of the earlier sessions of a resumed run
     found = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if found is not None:
@@ -362,6 +404,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             record = {"step": step, "forget_loss": f_loss}
             record["forget_active"] = (method.uses_forget and (method.forget_loss != "ascent"
                                                                or cfg.forget_cap != "hinge" or f_loss <= cfg.margin))
+            if relative_margin:
+                record["margin"] = cfg.margin
             r_chunks = engine.chunks(remain_x0, remain_cond, idx)
             g_r = None
             if method.uses_remain and method.remain_scope == "batch":
@@ -395,7 +439,9 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             if masks is not None:
                 for d, m in zip(direction, masks):
                     d.mul_(m)  # SalUn: entries outside the saliency mask get no gradient, so Adam leaves them
-            del g_f, g_r  # the optimizer's first step allocates its moments: free both gradients first
+            restrict = method.restrict_update and g_f is not None and g_r is not None
+            if not restrict:
+                del g_f, g_r  # the optimizer's first step allocates its moments: free both gradients first
             if cfg.max_grad_norm > 0:
                 norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction)).item()
                 if norm > cfg.max_grad_norm:
@@ -403,8 +449,12 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             for p, d in zip(params, direction):
                 p.grad = d
             del direction
+            before = [p.detach().clone() for p in params] if restrict else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if restrict:
+                record.update(restrict_realised_update(params, before, g_f, g_r, gram))
+                del before, g_f, g_r
             if not _finite(params):
                 # Finite gradients can still overflow the weights (a huge lr or remain_weight): stop before
                 # the model or a checkpoint takes them.

@@ -109,3 +109,42 @@ def restricted_gradient_flat(forget_grads: Sequence[Tensor], remain_grads: Seque
         delta_f, delta_r = g_f, g_r
     flat = delta_f + remain_weight * delta_r
     return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in forget_grads]), forget_grads)]
+
+
+def cone_correction(forget_dot: float, remain_dot: float, gram: tuple[float, float, float]
+                    ) -> tuple[float, float] | None:
+    """Coefficients (a, b) such that u − a·g_f − b·g_r is the Euclidean projection of an update u onto
+    the cone {u : g_f·u ≤ 0, g_r·u ≤ 0} of steps that increase neither loss to first order.
+
+    Inputs are scalars only: ``forget_dot`` = g_f·u, ``remain_dot`` = g_r·u and ``gram`` =
+    (g_f·g_f, g_r·g_r, g_f·g_r), so the correction costs no extra full-size buffer. The projection is
+    the KKT solution of a 2-constraint quadratic program: no constraint, one constraint, or both
+    active with non-negative multipliers; the feasible candidate nearest to u wins.
+
+    Returns:
+        (a, b) with a, b ≥ 0; (0, 0) when u already lies in the cone. In exact arithmetic one of the
+        candidates always exists (the cone is closed and convex); None only if rounding rejects
+        them all, in which case the caller drops the update.
+    """
+    ff, rr, fr = gram
+    tol = 1e-12 * max(1.0, abs(forget_dot), abs(remain_dot))
+    if forget_dot <= tol and remain_dot <= tol:
+        return 0.0, 0.0
+    candidates = []
+    if forget_dot > 0 and ff > 0:
+        a = forget_dot / ff
+        if remain_dot - a * fr <= tol:
+            candidates.append((a, 0.0))
+    if remain_dot > 0 and rr > 0:
+        b = remain_dot / rr
+        if forget_dot - b * fr <= tol:
+            candidates.append((0.0, b))
+    det = ff * rr - fr * fr
+    if det > 1e-12 * max(ff * rr, 1e-300):
+        a = (rr * forget_dot - fr * remain_dot) / det
+        b = (ff * remain_dot - fr * forget_dot) / det
+        if a >= 0 and b >= 0:
+            candidates.append((a, b))
+    if not candidates:
+        return None
+    return min(candidates, key=lambda ab: ab[0] ** 2 * ff + 2 * ab[0] * ab[1] * fr + ab[1] ** 2 * rr)

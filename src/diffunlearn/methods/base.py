@@ -36,6 +36,10 @@ class Method:
             (SalUn's mask, fraction ``saliency_fraction``).
         variant: config values that define this method (e.g. ESD-x's cross-attention selection);
             applied for every model family, under config files and ``key=value``.
+        restrict_update: after the optimizer's step, project the REALISED parameter change onto the
+            cone of steps that increase neither loss to first order (``updates.cone_correction``):
+            the optimizer-aware restricted gradient. Keeps both gradients and a copy of the
+            trainable weights during the step.
     """
 
     name: str
@@ -48,6 +52,7 @@ class Method:
     forget_loss: str = "ascent"
     saliency: bool = False
     variant: dict[str, Any] = dataclasses.field(default_factory=dict)
+    restrict_update: bool = False
 
     @property
     def uses_forget(self) -> bool:

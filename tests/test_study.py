@@ -1,0 +1,111 @@
+"""``diffunlearn study`` (issue 13 §1): a short study end to end, resume after a killed worker with
+no trial lost or run twice, the search space and the hypervolume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffunlearn.cli import main
+from diffunlearn.errors import UserError
+from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, validate
+
+FAST = ("steps=3", "num_pairs=8", "batch_size=4", "eval_prompts=4", "data_steps=2", "eval_steps=2",
+        "diagnose=false", "threads=1")
+
+
+def test_hypervolume_and_pareto_are_exact():
+    assert hypervolume([[0.5, 0.5]]) == pytest.approx(0.25)
+    assert hypervolume([[0.0, 0.5], [0.5, 0.0]]) == pytest.approx(0.75)
+    assert hypervolume([[0.0, 0.5], [0.5, 0.0], [0.6, 0.6]]) == pytest.approx(0.75)  # a dominated point adds 0
+    assert hypervolume([[0.5, 0.5, 0.5]]) == pytest.approx(0.125)
+    assert hypervolume([[0.0, 0.0, 0.5], [0.5, 0.5, 0.0]]) == pytest.approx(0.5 + 0.25 - 0.125)
+    assert pareto([[0.1, 0.9], [0.2, 0.95], [0.3, 0.8]], ["minimize", "maximize"]) == [True, True, False]
+
+
+def test_search_space_defaults_and_overrides():
+    spec = StudySpec(methods=("rg", "ga", "esd-u"), space=("rg.margin=0.05,0.2", "lr=1e-4:1e-3:log"))
+    spaces = validate(spec)
+    assert set(spaces["rg"]) == {"lr", "remain_weight", "margin"}
+    assert spaces["rg"]["margin"] == Dimension("choice", choices=(0.05, 0.2))
+    assert spaces["ga"]["lr"] == Dimension("float", 1e-4, 1e-3, log=True) and "remain_weight" not in spaces["ga"]
+    assert set(spaces["esd-u"]) == {"lr", "esd_eta"}  # ESD has no remain gradient
+    fixed = validate(StudySpec(methods=("rg",), overrides=("margin=0.1",)))
+    assert "margin" not in fixed["rg"]  # a fixed key is not searched
+    with pytest.raises(UserError, match="unknown config key `lrr`"):
+        parse_space(["lrr=1:2"], ("rg",))
+    with pytest.raises(UserError, match="LOW < HIGH"):
+        parse_space(["lr=1e-3:1e-4:log"], ("rg",))
+    with pytest.raises(UserError, match="sets `seed` itself"):
+        validate(StudySpec(methods=("rg",), overrides=("seed=3",)))
+    with pytest.raises(UserError, match="--sampler grid needs a list"):
+        validate(StudySpec(methods=("rg",), sampler="grid"))
+
+
+def test_a_three_trial_study_end_to_end(tmp_path, capsys):
+    out = tmp_path / "study"
+    code = main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "2",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| rg |" in table and "| graddiff |" in table
+    result = json.loads((out / "study.json").read_text())
+    for method in ("rg", "graddiff"):
+        complete = [t for t in result["trials"][method] if t["state"] == "COMPLETE"]
+        assert len(complete) == 3
+        for t in complete:
+            run = json.loads((out / "trials" / method / f"trial-{t['root']:04d}" / "results.json").read_text())
+            assert t["values"] == [run["forget_score"], run["alignment"]]  # searched on the training prompts
+            assert "eval_split: train" in (out / "trials" / method / f"trial-{t['root']:04d}" / "config.yaml"
+                                           ).read_text()
+        rows = result["heldout"][method]
+        assert 1 <= len(rows) <= 2 and all(len(r["runs"]) == 2 for r in rows)
+        for r in rows:
+            assert r["forget_score"] == pytest.approx(sum(x["forget_score"] for x in r["runs"]) / 2)
+            cfg = (out / "heldout" / method / f"trial-{r['trial']:04d}" / "seed-1" / "config.yaml").read_text()
+            assert "eval_split: test" in cfg and "seed: 1" in cfg
+        assert 0.0 <= result["summary"][method]["hypervolume"] <= 1.0
+    assert (out / "front.png").stat().st_size > 0 and (out / "study.db").is_file()
+    # Rerunning finds everything done: no new trial, same table.
+    assert main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "study.json").read_text())
+    assert [len(again["trials"][m]) for m in ("rg", "graddiff")] == [3, 3]
+
+
+def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):
+    import diffunlearn.study as study
+
+    out = tmp_path / "study"
+    argv = ["study", *FAST, "steps=40", "--methods", "rg", "--trials", "2", "--seeds", "0", "--front", "1",
+            "--out", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "diffunlearn.cli", *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "trials" / "rg" / "trial-0000" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (first.is_file() and first.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert first.is_file(), "the worker never started its first trial"
+    worker.send_signal(signal.SIGKILL)  # killed mid-trial: no chance to tidy up
+    worker.wait()
+    assert not (first.parent / "results.json").exists()
+    monkeypatch.setattr(study, "GRACE_SECONDS", 1)  # the dead worker's heartbeat is stale at once
+    time.sleep(1.5)
+    assert main(argv) == 0
+    result = json.loads((out / "study.json").read_text())
+    trials = result["trials"]["rg"]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    # trial 0 ran again under its own number (trial 1 of the storage re-runs it), then one new trial (2)
+    assert len(complete) == 2 and sorted(t["root"] for t in complete) == [0, 2]
+    assert [t["state"] for t in trials if t["number"] == 0] == ["FAIL"]
+    killed = next(t for t in trials if t["number"] == 0)
+    rerun = next(t for t in complete if t["root"] == 0)
+    assert rerun["params"] == killed["params"] and rerun["number"] != 0
+    assert sorted(p.name for p in (out / "trials" / "rg").iterdir()) == ["trial-0000", "trial-0002"]
