@@ -40,6 +40,9 @@ class Method:
             cone of steps that increase neither loss to first order (``updates.cone_correction``):
             the optimizer-aware restricted gradient. Keeps both gradients and a copy of the
             trainable weights during the step.
+        backtrack: with ``restrict_update``, keep the step only if the batch's remain loss fell and its
+            forget loss rose, halving it up to this many times (then no step): the realised, not
+            first-order, guarantee. Costs two forward passes per try.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Method:
     saliency: bool = False
     variant: dict[str, Any] = dataclasses.field(default_factory=dict)
     restrict_update: bool = False
+    backtrack: int = 0
 
     @property
     def uses_forget(self) -> bool:
