@@ -107,8 +107,8 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
     parallel = parallel or Parallel()
     device = resolve_device(cfg, parallel)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    # Frozen parts (VAE, text encoder) run in half precision on GPUs; CPUs keep fp32 (slow half kernels).
     apply_process_settings(cfg, device, parallel)
+    # Frozen parts (VAE, text encoder) run in half precision on GPUs; CPUs keep fp32 (slow half kernels).
     adapter, folder = load_adapter(cfg.model, device=device, frozen_dtype=amp if device.type == "cuda" else None)
     if cfg.selection == "lora":
         if not hasattr(adapter, "configure_lora"):
