@@ -14,7 +14,7 @@ import pytest
 
 from diffunlearn.cli import main
 from diffunlearn.errors import UserError
-from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, validate
+from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, run_study, validate
 
 FAST = ("steps=3", "num_pairs=8", "batch_size=4", "eval_prompts=4", "data_steps=2", "eval_steps=2",
         "diagnose=false", "threads=1")
@@ -109,3 +109,20 @@ def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):
     rerun = next(t for t in complete if t["root"] == 0)
     assert rerun["params"] == killed["params"] and rerun["number"] != 0
     assert sorted(p.name for p in (out / "trials" / "rg").iterdir()) == ["trial-0000", "trial-0002"]
+
+
+def test_a_class_world_study_scores_one_minus_ua_and_ra(tmp_path):
+    out = tmp_path / "class-study"
+    spec = StudySpec(methods=("rg",), overrides=("model=embedded:digits-class", "steps=2", "batch_size=8",
+                                                  "eval_prompts=4", "eval_steps=2", "remain_per_class=2",
+                                                  "threads=1"),
+                     trials=2, seeds=(0,), front=1)
+    result = run_study(spec, out, progress=False)
+    complete = [t for t in result["trials"]["rg"] if t["state"] == "COMPLETE"]
+    assert len(complete) == 2 and not (out / "data").exists()  # class runs draw images, generate none
+    run = json.loads((out / "trials" / "rg" / f"trial-{complete[0]['root']:04d}" / "results.json").read_text())
+    assert complete[0]["values"] == [pytest.approx(1 - run["ua"]), pytest.approx(run["ra"])]
+    held = result["heldout"]["rg"][0]["runs"][0]
+    assert 0.0 <= held["forget_score"] <= 1.0 and "eval_seed: 7" in (
+        out / "trials" / "rg" / f"trial-{complete[0]['root']:04d}" / "config.yaml").read_text()
+    assert "1 − UA" in (out / "study.md").read_text()

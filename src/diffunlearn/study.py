@@ -1,6 +1,8 @@
 """``diffunlearn study``: compare unlearning methods fairly, each at its own best settings.
 
-For every method the study searches that method's own knobs (learning rate, λ, the hinge margin,
+Digit world (``embedded:digits``) or class world (``model=embedded:digits-class``; forget =
+1 − UA, alignment = RA, tuning and held-out differ by evaluation seeds). For every method the
+study searches that method's own knobs (learning rate, λ, the hinge margin,
 ESD's η, SalUn's fraction, ... : :func:`default_space`) with Optuna, minimising the forget score
 and maximising alignment (and, with ``--objectives forget,alignment,attack``, minimising the success
 of an attack) on the TRAINING vocabulary with tuning seeds (``eval_split=train``,
@@ -204,9 +206,9 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
             raise UserError(f"the study sets `{o.split('=', 1)[0]}` itself; drop {o!r} (use --methods, --concept "
                             "or --seeds)")
     cfg = build_config(None, [*_base_overrides(spec), f"method={spec.methods[0]}"])
-    if model_kind(cfg.model) != "pixel":
-        raise UserError("the study runs on digit-world models (embedded:digits or a folder of that kind); "
-                        "for Stable Diffusion use `diffunlearn sweep` with --metrics and --prompts")
+    if model_kind(cfg.model) not in ("pixel", "class"):
+        raise UserError("the study runs on digit-world models (embedded:digits, embedded:digits-class or folders "
+                        "of those kinds); for Stable Diffusion use `diffunlearn sweep` with --metrics and --prompts")
     result = spaces(spec)
     for method, space in result.items():
         if spec.sampler == "grid" and any(d.kind != "choice" for d in space.values()):
@@ -278,8 +280,18 @@ def requeue_interrupted(study) -> int:
     return queued
 
 
+def scores(results: dict) -> dict[str, float | None]:
+    """forget, alignment and quality of a run: the digit world's forget score, alignment and FD, or
+    the class track's 1 − UA, RA and FD (the same directions: forget ↓, alignment ↑, FD ↓)."""
+    if "ua" in results:
+        return {"forget_score": 1.0 - results["ua"], "alignment": results["ra"], "quality_fd": results.get("fd")}
+    return {"forget_score": results["forget_score"], "alignment": results["alignment"],
+            "quality_fd": results.get("quality_fd")}
+
+
 def _objectives_of(results: dict, attack: float | None, spec: StudySpec) -> list[float]:
-    values = [float(results["forget_score"]), float(results["alignment"])]
+    found = scores(results)
+    values = [float(found["forget_score"]), float(found["alignment"])]
     if "attack" in spec.objectives:
         values.append(float(attack))
     return values
@@ -304,10 +316,13 @@ def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -
                     cfg.eval_guidance, progress, command)[spec.attack]
 
 
-def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str) -> Path:
-    """The training images of ``seed`` (shared by every method and trial), built once."""
+def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str) -> Path | None:
+    """The training images of ``seed`` (shared by every method and trial), built once; None for a
+    class-conditional model (its runs draw their images from the class data, no generation)."""
     from .data.build import build_data
 
+    if model_kind(build_config(None, _base_overrides(spec)).model) == "class":
+        return None
     folder = out / "data" / f"seed-{seed}"
     if not (folder / "forget" / "manifest.json").is_file() or not (folder / "remain" / "manifest.json").is_file():
         cfg = build_config(None, [*_base_overrides(spec), f"method={spec.methods[0]}", f"data_seed={seed}"])
@@ -341,7 +356,8 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
             params = {key: dim.suggest(trial, key) for key, dim in space.items()}
             cfg = build_config(None, [*_base_overrides(spec), f"method={method}", f"seed={spec.seeds[0]}",
                                       f"data_seed={spec.seeds[0]}", "eval_split=train", f"eval_seed={TUNE_SEED}",
-                                      f"data_dir={data_dir}", *(f"{k}={v}" for k, v in params.items())])
+                                      *([f"data_dir={data_dir}"] if data_dir else []),
+                                      *(f"{k}={v}" for k, v in params.items())])
             run_dir = out / "trials" / method / f"trial-{_root(trial):04d}"
             trial.set_user_attr("run", str(run_dir))
             results = _run(cfg, run_dir, f"{command} (trial {_root(trial)} of {method})", False)
@@ -425,11 +441,11 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         runs = []
         for seed in spec.seeds:
             cfg = build_config(None, [*_base_overrides(spec), f"method={method}", f"seed={seed}", f"data_seed={seed}",
-                                      f"data_dir={data[seed]}", *(f"{k}={v}" for k, v in trial.params.items())])
+                                      *([f"data_dir={data[seed]}"] if data[seed] else []),
+                                      *(f"{k}={v}" for k, v in trial.params.items())])
             run_dir = out / "heldout" / method / f"trial-{_root(trial):04d}" / f"seed-{seed}"
             results = _run(cfg, run_dir, f"{command} (held-out, {method} trial {_root(trial)}, seed {seed})", False)
-            entry = {"seed": seed, "forget_score": results["forget_score"], "alignment": results["alignment"],
-                     "quality_fd": results.get("quality_fd"), "seconds": results.get("seconds")}
+            entry = {"seed": seed, **scores(results), "seconds": results.get("seconds")}
             if spec.attack:
                 entry["asr"] = _attack(spec, run_dir, cfg, False, command)
             runs.append(entry)
@@ -467,6 +483,10 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def _is_class(spec: StudySpec) -> bool:
+    return model_kind(build_config(None, _base_overrides(spec)).model) == "class"
+
+
 def _pm(point: dict, key: str) -> str:
     return f"{point[key]:.3f} ± {point[key + '_std']:.3f}" if key in point else "-"
 
@@ -480,7 +500,9 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
              f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = best held-out alignment "
              f"with forget ≤ {FORGET_LIMIT}, else the lowest forget. HV = hypervolume of the held-out front "
              "(forget × (1 − alignment)" + (f" × ASR {spec.attack}" if spec.attack else "") + ", reference 1; "
-             f"higher is better). {seconds / 60:.0f} minutes.", "",
+             f"higher is better). {seconds / 60:.0f} minutes."
+             + (" Class-conditional model: forget = 1 − UA, alignment = RA, FD on every class; held-out = "
+                "evaluation seeds the search never used." if _is_class(spec) else ""), "",
              f"| method | chosen settings | forget ↓ | alignment ↑{attack} | HV clean ↑"
              + (" | HV with attack ↑" if spec.attack else "") + " | reaches forget ≤ 0.05 |",
              "|---|---|---|---|" + ("---|" if spec.attack else "") + "---|" + ("---|" if spec.attack else "") + "---|"]
