@@ -334,3 +334,28 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
     err = capsys.readouterr().err
     assert "is a file" in err and "Traceback" not in err
     assert target.read_text() == "precious"
+
+
+def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import diffunlearn.checkpoints as checkpoints
+    import diffunlearn.worlds.base_model as base_model
+    from diffunlearn.worlds.class_digits import train_class_base
+
+    small = dict(steps=4, batch_size=8, eval_every=100, eval_per_class=1, checkpoint_every=2, progress=False)
+    train_class_base(tmp_path / "straight", **small)
+    real_save = checkpoints.save_recipe_checkpoint
+
+    def save_then_crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base_model, "save_recipe_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_class_base(tmp_path / "resumed", **small)
+    monkeypatch.undo()
+    train_class_base(tmp_path / "resumed", **small, resume=True)
+    a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)

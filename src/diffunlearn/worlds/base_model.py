@@ -77,13 +77,37 @@ def report(entry: dict, bar) -> None:
     bar.write(json.dumps(entry), file=sys.stderr)
 
 
-def resume_step(out: Path, ckpt_state: dict | None, steps: int, progress: bool) -> int:
-    """The first step to run (1 without a checkpoint), said on stderr."""
-    if ckpt_state is None:
-        return 1
-    print(f"resuming from the checkpoint of step {ckpt_state['step']} in {out / 'checkpoint'}; continuing at "
-          f"step {ckpt_state['step'] + 1} of {steps}", file=sys.stderr)
-    return ckpt_state["step"] + 1
+class RecipeCheckpoints:
+    """Checkpoints, resume and clean-up of a base-model recipe (shared by the text and class recipes):
+    the whole state every ``every`` steps into ``out/checkpoint``, removed when training finishes."""
+
+    def __init__(self, out: Path, track: str, args: dict, every: int, unet, ema, opt, sched, gen) -> None:
+        self.out, self.track, self.args, self.every = out, track, args, every
+        self.state = (unet, ema, opt, sched, gen)
+        self.started = time.time()
+
+    def start(self, resume: bool, steps: int) -> tuple[list[dict], int]:
+        """(the evaluation log so far, the first step to run); restores the checkpoint when resuming."""
+        ckpt = read_recipe_state(self.out) if resume else None
+        if ckpt is None:
+            return [], 1
+        ckpt = load_recipe_checkpoint(self.out, *self.state)
+        self.started = time.time() - ckpt["minutes"] * 60
+        print(f"resuming from the checkpoint of step {ckpt['step']} in {self.out / 'checkpoint'}; continuing at "
+              f"step {ckpt['step'] + 1} of {steps}", file=sys.stderr)
+        return ckpt["log"], ckpt["step"] + 1
+
+    def minutes(self) -> float:
+        return (time.time() - self.started) / 60
+
+    def after_step(self, step: int, steps: int, log: list[dict]) -> None:
+        if self.every and step % self.every == 0 and step < steps:
+            save_recipe_checkpoint(self.out, step, *self.state, {"args": self.args, "log": log,
+                                                                 "minutes": self.minutes(), "track": self.track})
+
+    def finish(self, bar) -> None:
+        bar.close()
+        shutil.rmtree(self.out / "checkpoint", ignore_errors=True)  # the model and training.json are the result
 
 
 def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
@@ -136,14 +160,9 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
     oracle = load_oracle()
     test_rng = random.Random(12345)
     test_caps = [world.random_caption(test_rng, "test", omit_prob=0.15) for _ in range(eval_prompts)]
-    log = []
-    ckpt = read_recipe_state(out) if resume else None
-    if ckpt is not None:
-        ckpt = load_recipe_checkpoint(out, unet, ema, opt, sched, gen)
-        log = ckpt["log"]
-    first = resume_step(out, ckpt, steps, progress)
+    ckpts = RecipeCheckpoints(out, "text", args, checkpoint_every, unet, ema, opt, sched, gen)
+    log, first = ckpts.start(resume, steps)
     unet.train()
-    started = time.time() - (ckpt["minutes"] * 60 if ckpt else 0.0)
     bar = tqdm(range(first, steps + 1), desc="train-base", disable=not progress, initial=first - 1, total=steps)
     for step in bar:
         idx = torch.randint(pool_size, (batch_size,), generator=gen)
@@ -169,19 +188,15 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
             with ema_weights(unet, ema):
                 _, pred_attr = sample_and_read(model, oracle, test_caps, seed=0, steps=SAMPLE_STEPS, guidance=GUIDANCE)
                 scores = alignment_scores(pred_attr, test_caps)
-                entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores}
+                entry = {"step": step, "loss": loss.item(), "minutes": ckpts.minutes(), **scores}
                 log.append(entry)
                 report(entry, bar)
                 model.save(out)
                 (out / "training.json").write_text(json.dumps({
                     "recipe": "diffunlearn.worlds.base_model.train_base", "args": args,
                     "evaluations": log}, indent=2) + "\n")
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            save_recipe_checkpoint(out, step, unet, ema, opt, sched, gen,
-                                   {"args": args, "log": log, "minutes": (time.time() - started) / 60,
-                                    "track": "text"})
-    bar.close()
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the model and training.json are the result
+        ckpts.after_step(step, steps, log)
+    ckpts.finish(bar)
     return log[-1]
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -93,8 +91,7 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
     """
     from tqdm.auto import tqdm
 
-    from ..checkpoints import load_recipe_checkpoint, read_recipe_state, save_recipe_checkpoint
-    from .base_model import ema_weights, report, resume_step, training_state
+    from .base_model import RecipeCheckpoints, ema_weights, report, training_state
     from .oracle import load_oracle
 
     out = Path(out)
@@ -105,14 +102,9 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
     ema, opt, sched = training_state(unet, lr, steps)
     oracle = load_oracle()
     null = model.null_class
-    log: list[dict] = []
-    ckpt = read_recipe_state(out) if resume else None
-    if ckpt is not None:
-        ckpt = load_recipe_checkpoint(out, unet, ema, opt, sched, gen)
-        log = ckpt["log"]
-    first = resume_step(out, ckpt, steps, progress)
+    ckpts = RecipeCheckpoints(out, "class", args, checkpoint_every, unet, ema, opt, sched, gen)
+    log, first = ckpts.start(resume, steps)
     unet.train()
-    started = time.time() - (ckpt["minutes"] * 60 if ckpt else 0.0)
     bar = tqdm(range(first, steps + 1), desc="train-base (class)", disable=not progress, initial=first - 1,
                total=steps)
     for step in bar:
@@ -133,7 +125,7 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
         if step % eval_every == 0 or step == steps:
             with ema_weights(unet, ema):
                 accuracy = class_accuracy(model, oracle, n_per_class=eval_per_class, seed=9)
-                entry = {"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60,
+                entry = {"step": step, "loss": loss.item(), "minutes": ckpts.minutes(),
                          "accuracy": accuracy["all"], "per_class": accuracy["per_class"]}
                 log.append(entry)
                 if progress:
@@ -143,10 +135,6 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
                     "recipe": "diffunlearn.worlds.class_digits.train_class_base", "args": args,
                     "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
                     "evaluations": log}, indent=2) + "\n")
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            save_recipe_checkpoint(out, step, unet, ema, opt, sched, gen,
-                                   {"args": args, "log": log, "minutes": (time.time() - started) / 60,
-                                    "track": "class"})
-    bar.close()
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the model and training.json are the result
+        ckpts.after_step(step, steps, log)
+    ckpts.finish(bar)
     return log[-1]
