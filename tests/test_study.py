@@ -126,3 +126,15 @@ def test_a_class_world_study_scores_one_minus_ua_and_ra(tmp_path):
     assert 0.0 <= held["forget_score"] <= 1.0 and "eval_seed: 7" in (
         out / "trials" / "rg" / f"trial-{complete[0]['root']:04d}" / "config.yaml").read_text()
     assert "1 − UA" in (out / "study.md").read_text()
+
+
+def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_path):
+    out = tmp_path / "study"
+    assert main(["study", *FAST, "--methods", "rg", "--trials", "5", "--seeds", "0", "--front", "1", "--workers", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    trials = json.loads((out / "study.json").read_text())["trials"]["rg"]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    # (a trial asked for at the very moment the budget filled up is recorded as PRUNED and never run)
+    assert len(complete) == 5 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t["root"] for t in complete}) == 5 and all(t["worker"] for t in complete)
+    assert len(list((out / "trials" / "rg").iterdir())) == 5

@@ -352,7 +352,12 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
         bar = tqdm(total=spec.trials, initial=len(done), desc=f"study {spec.concept}: {method} trials",
                    disable=not progress)
 
-        def objective(trial, method=method, space=space):
+        def objective(trial, method=method, space=space, study=study):
+            others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                      if t.number != trial.number]
+            if len(others) >= spec.trials:  # two workers asked at the same moment: the budget is used up
+                study.stop()
+                raise optuna.TrialPruned("the study has its trials")
             params = {key: dim.suggest(trial, key) for key, dim in space.items()}
             cfg = build_config(None, [*_base_overrides(spec), f"method={method}", f"seed={spec.seeds[0]}",
                                       f"data_seed={spec.seeds[0]}", "eval_split=train", f"eval_seed={TUNE_SEED}",
@@ -360,6 +365,7 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
                                       *(f"{k}={v}" for k, v in params.items())])
             run_dir = out / "trials" / method / f"trial-{_root(trial):04d}"
             trial.set_user_attr("run", str(run_dir))
+            trial.set_user_attr("worker", os.getpid())
             results = _run(cfg, run_dir, f"{command} (trial {_root(trial)} of {method})", False)
             attack = _attack(spec, run_dir, cfg, False, command) if "attack" in spec.objectives else None
             trial.set_user_attr("seconds", results.get("seconds"))
@@ -600,7 +606,8 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
     for method, space in space_by_method.items():
         study = _load_study(spec, out, method, space)
         trials[method] = [{"number": t.number, "root": _root(t), "state": t.state.name, "params": t.params,
-                           "values": t.values, "run": t.user_attrs.get("run")} for t in study.get_trials()]
+                           "values": t.values, "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")}
+                          for t in study.get_trials()]
     seconds = time.perf_counter() - started
     front_plot(rows, out / "front.png", spec.concept)
     text = report(spec, rows, summary, command, out, seconds)
