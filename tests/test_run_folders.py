@@ -52,6 +52,12 @@ def test_a_corrupt_model_index_is_reported_as_corrupt(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_that_is_not_a_model_is_named_as_such(tmp_path):
+    with pytest.raises(UserError, match="has no model_index.json, so it is not a model folder") as info:
+        build_config(None, [f"model={tmp_path}", "concept=three"])
+    assert "unknown concept" not in str(info.value)
+
+
 def test_config_paths_are_stored_resolved(pixel_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(pixel_folder.parent)
     cfg = build_config(None, [f"model={pixel_folder.name}", "concept=three"])

@@ -315,6 +315,10 @@ def validate(cfg: UnlearnConfig) -> list[str]:
             if cfg.concept not in DIGITS:
                 errors.append(f"unknown class {cfg.concept!r}: the embedded class-conditional model's classes are "
                               f"{', '.join(DIGITS)}")
+    elif kind == "text" and Path(cfg.model).expanduser().is_dir() and not (
+            Path(cfg.model).expanduser() / "model_index.json").is_file():
+        errors.append(f"{cfg.model} has no model_index.json, so it is not a model folder; pass a folder written by "
+                      "`diffunlearn world train-base` or a run (its model/), or a diffusers pipeline folder")
     elif kind == "text" and not _missing_path(cfg.model):
         # (A model path that does not exist is reported by the loader, which says what to pass instead.)
         from .data.templates import TEMPLATES
