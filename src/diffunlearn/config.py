@@ -200,7 +200,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
         values = {**SD_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
-        values = {**METHODS[method].defaults, **variant, **values}
+        concept = str(values.get("concept", UnlearnConfig.concept))
+        values = {**METHODS[method].defaults_for(concept), **variant, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
         close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)

@@ -479,8 +479,9 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {}
     for method, points in rows.items():
         forgets = [p for p in points if p["forget_score"] <= FORGET_LIMIT]
-        best = (max(forgets, key=lambda p: p["alignment"]) if forgets
-                else min(points, key=lambda p: (p["forget_score"], -p["alignment"])))
+        # Ties in alignment (common at 0.997) go to the lower attack success, then the lower forget score.
+        best = (max(forgets, key=lambda p: (round(p["alignment"], 3), -p.get("asr", 0.0), -p["forget_score"]))
+                if forgets else min(points, key=lambda p: (p["forget_score"], -p["alignment"])))
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
         entry = {"chosen": best, "reaches_forget_limit": bool(forgets), "hypervolume": hypervolume(clean)}
         if spec.attack and all("asr" in p for p in points):

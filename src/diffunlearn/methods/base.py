@@ -40,6 +40,7 @@ class Method:
             cone of steps that increase neither loss to first order (``updates.cone_correction``):
             the optimizer-aware restricted gradient. Keeps both gradients and a copy of the
             trainable weights during the step.
+        modifier_defaults: values that replace ``defaults`` when the concept is a colour (digit world).
         backtrack: with ``restrict_update``, keep the step only if the batch's remain loss fell and its
             forget loss rose, halving it up to this many times (then no step): the realised, not
             first-order, guarantee. Costs two forward passes per try.
@@ -57,6 +58,14 @@ class Method:
     variant: dict[str, Any] = dataclasses.field(default_factory=dict)
     restrict_update: bool = False
     backtrack: int = 0
+    modifier_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def defaults_for(self, concept: str) -> dict[str, Any]:
+        """The digit world's tuned values for ``concept``: ``defaults``, with ``modifier_defaults`` on
+        top for a colour (a modifier concept, which the method study found wants other settings)."""
+        from ..worlds.digits import COLOURS
+
+        return {**self.defaults, **(self.modifier_defaults if concept in COLOURS else {})}
 
     @property
     def uses_forget(self) -> bool:
