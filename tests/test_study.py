@@ -83,7 +83,7 @@ def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):
     import diffunlearn.study as study
 
     out = tmp_path / "study"
-    argv = ["study", *FAST, "steps=40", "--methods", "rg", "--trials", "2", "--seeds", "0", "--front", "1",
+    argv = ["study", *FAST, "steps=12", "--methods", "rg", "--trials", "2", "--seeds", "0", "--front", "1",
             "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "diffunlearn.cli", *argv], env=env,
