@@ -53,6 +53,19 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _read(folder: Path, names: tuple[str, ...], fix: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """``state.json`` and the named safetensors files of a checkpoint folder.
+
+    Raises:
+        UserError: any of them is missing or damaged (``fix`` says what to do).
+    """
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        return state, [load_file(str(folder / f"{name}.safetensors")) for name in names]
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {folder} is damaged ({type(exc).__name__}); {fix}") from exc
+
+
 def save_checkpoint(root: Path, step: int, named_params: list[tuple[str, torch.nn.Parameter]],
                     optimizer: torch.optim.Optimizer, generator: torch.Generator, order: torch.Tensor,
                     cursor: int, extra: dict[str, Any]) -> Path:
@@ -89,14 +102,8 @@ def load_checkpoint(folder: Path, named_params: list[tuple[str, torch.nn.Paramet
     Raises:
         UserError: the checkpoint is damaged or was made with other trainable parameters.
     """
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "trainable.safetensors"))
-        opt = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / "rng.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {folder} is damaged ({type(exc).__name__}); delete it to resume from an "
-                        "older one or rerun with --force") from exc
+    state, (weights, opt, rng) = _read(folder, ("trainable", "optimizer", "rng"),
+                                       "delete it to resume from an older one or rerun with --force")
     names = [n for n, _ in named_params]
     if sorted(weights) != sorted(names):
         raise UserError(f"checkpoint {folder} holds other trainable parameters than this run selects; "
@@ -159,16 +166,8 @@ def read_recipe_state(out: Path) -> dict[str, Any] | None:
 def load_recipe_checkpoint(out: Path, unet: torch.nn.Module, ema, optimizer: torch.optim.Optimizer, scheduler,
                            generator: torch.Generator) -> dict[str, Any]:
     """Restore what :func:`save_recipe_checkpoint` wrote, in place; returns its state.json."""
-    folder = out / RECIPE_DIR
-    state = read_recipe_state(out)
-    try:
-        weights = load_file(str(folder / "unet.safetensors"))
-        shadow = load_file(str(folder / "ema.safetensors"))
-        opt = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / "rng.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {folder} is damaged ({type(exc).__name__}); delete it and start over with "
-                        "--force") from exc
+    state, (weights, shadow, opt, rng) = _read(out / RECIPE_DIR, ("unet", "ema", "optimizer", "rng"),
+                                               "delete it and start over with --force")
     with torch.no_grad():
         for name, p in unet.named_parameters():
             p.copy_(weights[name])
