@@ -365,3 +365,17 @@ def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch)
     a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
+
+
+def test_an_interrupted_job_with_a_timestamped_default_folder_names_it_in_the_hint(tmp_path, capsys, monkeypatch):
+    import diffunlearn.evaluate.suite as suite
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(suite, "evaluate", interrupted)
+    assert main(["eval", "embedded:digits", "--metrics", "oracle", "--concept", "three", "--prompts",
+                 "world:three:test:forget:2"]) == 130
+    err = capsys.readouterr().err
+    assert "continue with: diffunlearn eval embedded:digits" in err and "--out evals/embedded:digits-" in err

@@ -55,6 +55,15 @@ def _note(text: str) -> None:
         print(text, file=sys.stderr)
 
 
+def _rerun_hint(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues an interrupted job: the same line, with ``--out`` named when its
+    default would be a new timestamped folder."""
+    argv = list(getattr(args, "argv", []))
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    return _command_line(argv) + "   (finished work is reused)"
+
+
 def _command_line(argv: list[str]) -> str:
     """The command as typed, recorded as the first line of every resolved config."""
     return "diffunlearn " + " ".join(shlex.quote(a) for a in argv)
@@ -130,6 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for m in methods:
         get_method(m)
     out = Path(args.out) if args.out else Path("runs") / f"demo-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.resume_hint = _rerun_hint(args, out)
     summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, args.command_line,
                        attacks)
     from .report import markdown_table
@@ -213,6 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else (target / "eval" if (target / "config.yaml").is_file()
                                            else Path("evals") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_output_folder(out)
+    args.resume_hint = _rerun_hint(args, out)
     results = evaluate(args.target, metrics, args.prompts, out, options, sampler, args.force, not args.quiet,
                        args.command_line, args.device)
     if results:
@@ -228,6 +239,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else (target / "attack" if (target / "config.yaml").is_file()
                                            else Path("attacks") / f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_output_folder(out)
+    args.resume_hint = _rerun_hint(args, out)
     job = AttackJob(target=args.target, attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
                     concept=args.concept or "", images=args.images or "",
                     metrics=[m.strip() for m in (args.metrics or "").split(",") if m.strip()],
@@ -292,6 +304,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep import run_sweep
 
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.resume_hint = _rerun_hint(args, out)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     run_sweep(args.config, list(args.overrides), out, args.force, not args.quiet, args.command_line, metrics,
               args.prompts, _metric_options(args) if metrics else None)
@@ -315,7 +328,7 @@ def cmd_study(args: argparse.Namespace) -> None:
                      storage=args.storage or "", workers=args.workers, sampler_seed=args.sampler_seed)
     out = Path(args.out) if args.out else Path("runs") / f"study-{args.concept}"
     _check_output_folder(out)
-    args.resume_hint = " ".join(shlex.quote(a) for a in ["diffunlearn", *args.argv]) + "   (finished trials are kept)"
+    args.resume_hint = _rerun_hint(args, out)
     result = run_study(spec, out, args.command_line, not args.quiet, worker=args.worker, argv=args.argv)
     if result:
         _emit(result["table"])
