@@ -387,12 +387,9 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.init and args.track == "text":
-        index = Path(args.init) / "model_index.json"
-        try:
-            kind = json.loads(index.read_text()).get("_diffunlearn_adapter")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind != "pixel" or not (Path(args.init) / "unet" / "config.json").is_file():
+        from .config import model_kind
+
+        if model_kind(args.init) != "pixel" or not (Path(args.init) / "unet" / "config.json").is_file():
             raise UserError(f"--init {args.init} is not a digit-world model folder; pass one written by "
                             "`diffunlearn world train-base` or a digit-world run's model/")
     out = Path(args.out)

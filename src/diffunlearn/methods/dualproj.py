@@ -9,16 +9,8 @@ Computed from the 2×2 Gramian of [g_f, λ·g_r] through ``torchjd.aggregation.D
 :mod:`diffunlearn.methods.jd`): the direction is w0·g_f + w1·λ·g_r, with no flat gradient copies.
 """
 
-from .base import Method
-from .jd import weighting_combine
+from .jd import gramian_method
 
-METHOD = Method(
-    name="dualproj",
-    summary="DualProj (Quinton & Rey 2024): mean of [g_f, λ·g_r] projected onto their dual cone",
-    uses_remain=True,
-    remain_scope="batch",
-    combine=weighting_combine("DualProjWeighting", "dualproj"),
-    projects=True,
-    # rg's values as a starting point; the method study tunes lr, steps and remain_weight per rule.
-    defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
-)
+METHOD = gramian_method(
+    "dualproj", "DualProjWeighting", projects=True,
+    summary="DualProj (Quinton & Rey 2024): mean of [g_f, λ·g_r] projected onto their dual cone")

@@ -105,3 +105,16 @@ def weighting_combine(weighting_name: str, method: str) -> Combine:
     combine.__doc__ = (f"w0·g_f + w1·λ·g_r with (w0, w1) = torchjd.aggregation.{weighting_name}() of the Gramian "
                        "of [g_f, λ·g_r].")
     return combine
+
+
+# rg's values as a starting point; the method study tunes lr, steps and remain_weight per rule.
+START_DEFAULTS = {"lr": 5e-5, "steps": 100, "remain_weight": 1.6}
+
+
+def gramian_method(name: str, weighting_name: str, projects: bool, summary: str):
+    """The :class:`~diffunlearn.methods.base.Method` of a torchjd Gramian weighting: paired remain
+    batches, :func:`weighting_combine`, :data:`START_DEFAULTS` (each rule file states only what differs)."""
+    from .base import Method
+
+    return Method(name=name, summary=summary, uses_remain=True, remain_scope="batch",
+                  combine=weighting_combine(weighting_name, name), projects=projects, defaults=dict(START_DEFAULTS))

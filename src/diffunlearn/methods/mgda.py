@@ -10,16 +10,8 @@ Computed from the 2×2 Gramian of [g_f, λ·g_r] through ``torchjd.aggregation.M
 :mod:`diffunlearn.methods.jd`): the direction is w0·g_f + w1·λ·g_r, with no flat gradient copies.
 """
 
-from .base import Method
-from .jd import weighting_combine
+from .jd import gramian_method
 
-METHOD = Method(
-    name="mgda",
-    summary="MGDA (Désidéri 2012; Sener & Koltun 2018): min-norm point of the hull of [g_f, λ·g_r]",
-    uses_remain=True,
-    remain_scope="batch",
-    combine=weighting_combine("MGDAWeighting", "mgda"),
-    projects=False,
-    # rg's values as a starting point; the method study tunes lr, steps and remain_weight per rule.
-    defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
-)
+METHOD = gramian_method(
+    "mgda", "MGDAWeighting", projects=False,
+    summary="MGDA (Désidéri 2012; Sener & Koltun 2018): min-norm point of the hull of [g_f, λ·g_r]")

@@ -14,16 +14,8 @@ Computed from the 2×2 Gramian of [g_f, λ·g_r] through ``torchjd.aggregation.U
 :mod:`diffunlearn.methods.jd`): the direction is w0·g_f + w1·λ·g_r, with no flat gradient copies.
 """
 
-from .base import Method
-from .jd import weighting_combine
+from .jd import gramian_method
 
-METHOD = Method(
-    name="upgrad",
-    summary="UPGrad (Quinton & Rey 2024): each of g_f, λ·g_r projected onto their dual cone, then averaged",
-    uses_remain=True,
-    remain_scope="batch",
-    combine=weighting_combine("UPGradWeighting", "upgrad"),
-    projects=True,
-    # rg's values as a starting point; the method study tunes lr, steps and remain_weight per rule.
-    defaults={"lr": 5e-5, "steps": 100, "remain_weight": 1.6},
-)
+METHOD = gramian_method(
+    "upgrad", "UPGradWeighting", projects=True,
+    summary="UPGrad (Quinton & Rey 2024): each of g_f, λ·g_r projected onto their dual cone, then averaged")
