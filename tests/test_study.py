@@ -77,6 +77,9 @@ def test_a_three_trial_study_end_to_end(tmp_path, capsys):
                  "--out", str(out), "--quiet"]) == 0
     again = json.loads((out / "study.json").read_text())
     assert [len(again["trials"][m]) for m in ("rg", "graddiff")] == [3, 3]
+    # The reported time is the study's, summed over both sessions, not the second (quick) one's.
+    assert again["seconds"] > result["seconds"] > 10
+    assert json.loads((out / "clock.json").read_text())["seconds"] == pytest.approx(again["seconds"], abs=1e-3)
 
 
 def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):

@@ -330,8 +330,29 @@ def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: 
     return folder
 
 
+class Clock:
+    """Wall seconds a study has taken over all its sessions (``clock.json`` in the study folder): an
+    interrupted and resumed study reports its whole time, not the last session's. Only the main
+    process keeps it (workers run alongside it); a session killed between ticks loses at most one run."""
+
+    def __init__(self, out: Path):
+        self.path = out / "clock.json"
+        try:
+            self.total = float(json.loads(self.path.read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.total = 0.0
+        self.mark = time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        self.total += now - self.mark
+        self.mark = now
+        atomic_write_text(self.path, json.dumps({"seconds": round(self.total, 3)}) + "\n")
+        return self.total
+
+
 def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dimension]], command: str,
-           progress: bool) -> None:
+           progress: bool, clock: Clock | None = None) -> None:
     """The search phase of this process (one worker): every method's study until it has
     ``spec.trials`` finished trials."""
     import optuna
@@ -377,6 +398,8 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
             bar.n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             bar.refresh()
             requeue_interrupted(study)  # a worker that died meanwhile: its trial runs again here
+            if clock is not None:
+                clock.tick()
 
         try:
             study.optimize(objective, n_trials=left,
@@ -428,7 +451,7 @@ def _select(front: list, k: int) -> list:
 
 
 def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dimension]], command: str,
-            progress: bool) -> dict[str, list[dict]]:
+            progress: bool, clock: Clock | None = None) -> dict[str, list[dict]]:
     """Re-run each method's selected front points on held-out prompts over ``spec.seeds``."""
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
@@ -456,6 +479,8 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
                 entry["asr"] = _attack(spec, run_dir, cfg, False, command)
             runs.append(entry)
             bar.update(1)
+            if clock is not None:
+                clock.tick()
         rows.setdefault(method, []).append({"trial": _root(trial), "params": dict(trial.params),
                                             "train_objectives": list(trial.values), "runs": runs,
                                             **_aggregate(runs)})
@@ -580,10 +605,10 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     if worker:
         search(spec, out, space_by_method, command, progress=False)
         return {}
+    clock = Clock(out)
     ensure_data(spec, out, spec.seeds[0], progress, command)  # before workers start, so they share it
     children = []
     if spec.workers > 1:
@@ -593,7 +618,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
         children = [subprocess.Popen(_worker_command(argv), env=env, stdout=subprocess.DEVNULL)
                     for _ in range(spec.workers - 1)]
     try:
-        search(spec, out, space_by_method, command, progress)
+        search(spec, out, space_by_method, command, progress, clock)
     finally:
         for child in children:
             child.wait()
@@ -601,7 +626,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
     if failed:
         raise UserError(f"{len(failed)} study worker(s) failed (exit codes {failed}); rerun the same command to "
                         "finish the study (finished trials are kept)")
-    rows = heldout(spec, out, space_by_method, command, progress)
+    rows = heldout(spec, out, space_by_method, command, progress, clock)
     summary = summarise(spec, rows)
     trials = {}
     for method, space in space_by_method.items():
@@ -609,7 +634,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
         trials[method] = [{"number": t.number, "root": _root(t), "state": t.state.name, "params": t.params,
                            "values": t.values, "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")}
                           for t in study.get_trials()]
-    seconds = time.perf_counter() - started
+    seconds = clock.tick()
     front_plot(rows, out / "front.png", spec.concept)
     text = report(spec, rows, summary, command, out, seconds)
     result = {"command": command, "spec": dataclasses.asdict(spec),
