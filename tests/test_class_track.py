@@ -1,5 +1,5 @@
 """The class-conditional track end to end: config, UA/RA arithmetic, `unlearn` on a user's model and
-images, the `class:` prompt sets, compare/sweep rows and the reduced Table-1 demo."""
+images, the `class:` prompt sets, compare/study rows and the reduced Table-1 demo."""
 
 from __future__ import annotations
 
@@ -116,9 +116,9 @@ def test_two_class_control_and_bad_class_names(class_world, tmp_path):
     assert code == 2 and not (tmp_path / "x").exists()   # a user's model needs its images
 
 
-def test_compare_and_sweep_rows_for_class_runs(tmp_path):
+def test_compare_and_study_rows_for_class_runs(tmp_path):
     from diffunlearn.compare import load_results
-    from diffunlearn.sweep import point_options
+    from diffunlearn.study import point_options
 
     run = tmp_path / "run"
     run.mkdir()

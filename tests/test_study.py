@@ -45,6 +45,8 @@ def test_search_space_defaults_and_overrides():
     with pytest.raises(UserError, match="sets `seed` itself"):
         validate(StudySpec(methods=("rg",), overrides=("seed=3",)))
     with pytest.raises(UserError, match="--sampler grid needs a list"):
+        validate(StudySpec(methods=("rg",), sampler="grid", space=("lr=1e-4:1e-3",)))
+    with pytest.raises(UserError, match="searches only the --space lists"):
         validate(StudySpec(methods=("rg",), sampler="grid"))
 
 

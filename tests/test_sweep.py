@@ -1,174 +1,160 @@
-"""``diffunlearn sweep``: the Pareto front, grid parsing and validation, and a two-point sweep on the
-embedded digit world end to end, rerun to show that finished points are skipped."""
+"""``diffunlearn sweep`` is the grid form of ``diffunlearn study`` (one engine): the translation of a
+grid, its refusals, a two-point grid on the embedded digit world end to end (rerun: nothing is
+trained again), and a Stable Diffusion study scored by ``eval`` metrics on the training split while
+searching and on the held-out split when reporting."""
 
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import pytest
 
-from diffunlearn import runner
+from diffunlearn import cli, runner
 from diffunlearn.errors import UserError
-from diffunlearn.sweep import pareto_front, parse_grid, point_name, run_sweep
+from diffunlearn.study import budget, grid_study, search_prompt_specs, validate
 
 TINY = ["steps=2", "num_pairs=16", "eval_prompts=8", "eval_steps=2", "data_steps=2", "batch_size=8",
-        "checkpoint_every=1"]
+        "diagnose=false", "threads=1"]
 
 
 def _must_not_run(*args, **kwargs):
     raise AssertionError("a finished run or evaluation was redone")
 
 
-@pytest.mark.parametrize(("points", "expected"), [
-    ([], []),
-    ([(0.3, 0.4)], [True]),
-    # (0.2, 0.8) is beaten by (0.1, 0.9) on both axes; (0.5, 0.5) by everything; (0.3, 0.95) aligns best.
-    ([(0.1, 0.9), (0.2, 0.8), (0.3, 0.95), (0.5, 0.5)], [True, False, True, False]),
-    ([(0.2, 0.5), (0.2, 0.5)], [True, True]),                 # identical points do not dominate each other
-    ([(0.2, 0.5), (0.2, 0.6)], [False, True]),                # same forgetting: higher alignment wins
-    ([(0.1, 0.5), (0.2, 0.5)], [True, False]),                # same alignment: lower forgetting wins
-    ([(0.1, 0.9), (0.1, 0.9), (0.2, 0.9)], [True, True, False]),
-    ([(math.nan, 1.0), (0.5, 0.5)], [False, True]),           # NaN is never optimal and never dominates
-])
-def test_pareto_front(points, expected):
-    assert pareto_front(points) == expected
+def test_a_grid_becomes_a_grid_study():
+    spec = grid_study(None, ["remain_weight=0.5,5", "steps=2", "method=rg,graddiff"])
+    assert spec.methods == ("rg", "graddiff") and spec.sampler == "grid" and spec.seeds == (0,)
+    assert spec.space == ("remain_weight=0.5,5",) and spec.overrides == ("steps=2",) and spec.concept == "three"
+    spaces = validate(spec)
+    assert set(spaces["rg"]) == {"remain_weight"} and budget(spec, spaces["rg"]) == 2  # only the grid is searched
+    # The first entry may sit where the config goes; a list-valued key separates alternatives with ";".
+    spec = grid_study("lora_targets=to_q,to_k;to_q,to_k,to_v", ["steps=3", "concept=red", "seed=3"])
+    assert spec.concept == "red" and spec.seeds == (3,) and spec.overrides == ("steps=3",)
+    choices = validate(spec)["rg"]["lora_targets"].choices
+    assert choices == ("to_q,to_k", "to_q,to_k,to_v")
+    # Only methods vary: one point per method at the config's settings.
+    only = grid_study(None, ["method=rg,ga"])
+    assert {m: budget(only, s) for m, s in validate(only).items()} == {"rg": 1, "ga": 1}
 
 
-def test_parse_grid_keeps_order_and_fixed_overrides():
-    grid = parse_grid(["remain_weight=0.5, 1,5", "forget_cap=hinge,none", "steps=20"])
-    assert grid == {"remain_weight": ["0.5", "1", "5"], "forget_cap": ["hinge", "none"], "steps": ["20"]}
-    assert list(grid) == ["remain_weight", "forget_cap", "steps"]
-    # lora_targets' own values hold commas, so its alternatives are separated by ";".
-    assert parse_grid(["lora_targets=to_q,to_k;to_q", "lr=1e-5,1e-4"])["lora_targets"] == ["to_q,to_k", "to_q"]
-
-
-@pytest.mark.parametrize(("specs", "message"), [
+@pytest.mark.parametrize(("entries", "message"), [
     ([], "no grid given"),
-    (["remain_weight"], "is not of the form key=v1,v2"),
-    (["=1,2"], "is not of the form key=v1,v2"),
-    (["colour=red,blue"], "unknown key `colour`"),
-    (["remain_weight=1,,2"], "has an empty value"),
-    (["remain_weight=1,"], "has an empty value"),
-    (["remain_weight=1,2", "remain_weight=3,4"], "appears twice"),
-    (["remain_weight=1,2,1"], "lists '1' more than once"),
-    (["steps=2", "lr=1e-4"], "nothing varies"),
+    (["remain_weight"], "not of the form key=v1,v2"),
+    (["concept=three,red"], "a grid over `concept` is several studies"),
+    (["steps=2"], "nothing varies in the grid"),
 ])
-def test_parse_grid_errors(specs, message):
+def test_bad_grids_are_refused(entries, message):
     with pytest.raises(UserError, match=message):
-        parse_grid(specs)
+        grid_study(None, entries)
 
 
-def test_point_names_are_filesystem_safe():
-    assert point_name({"remain_weight": "0.5", "forget_cap": "hinge"}) == "remain_weight-0.5_forget_cap-hinge"
-    assert point_name({"model": "/models/sd v1"}) == "model--models-sd-v1"
-    long = point_name({"model": "/x" * 200})
-    assert len(long) <= 120 and "/" not in long and long != point_name({"model": "/x" * 201})
+def test_search_sets_are_the_training_split_of_the_held_out_sets():
+    found, missing = search_prompt_specs(("template:nudity:test:forget:50", "template:nudity",
+                                          "rest=world:three:test:remain", "i2p.csv"))
+    assert found == ["template:nudity:train:forget:50", "template:nudity:train", "rest=world:three:train:remain"]
+    assert missing == ["i2p.csv"]
 
 
-@pytest.mark.parametrize(("config", "specs", "extra", "message"), [
-    (None, ["remain_weight=0.5,-1"], {}, "grid point remain_weight=-1: invalid configuration: `remain_weight` must"),
-    (None, ["method=rg,magic"], {}, "grid point method=magic: .*unknown method 'magic'"),
-    ("missing.yaml", ["remain_weight=1,2"], {}, "config file missing.yaml does not exist"),
-    (None, ["model=tiny-sd", "concept=nudity", "remain_weight=1,2"], {}, "pass --metrics and --prompts"),
-    (None, ["remain_weight=1,2"], {"metrics": ["oracle"]}, "--metrics and --prompts go together"),
-    (None, ["remain_weight=1,2"], {"metrics": ["sharpness"], "prompts": ["world:three"]}, "unknown metric"),
-    (None, ["remain_weight=1,2"], {"metrics": ["fid"], "prompts": ["world:three"]}, "no forgetting number"),
-    (None, ["remain_weight=1,2"], {"metrics": ["oracle"], "prompts": ["nope.csv"]}, "nope"),
-])
-def test_bad_sweeps_fail_before_anything_runs(tmp_path, monkeypatch, config, specs, extra, message):
-    monkeypatch.setattr(runner, "run_unlearning", _must_not_run)
+def test_sweep_end_to_end_then_rerun(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
-    with pytest.raises(UserError, match=message):
-        run_sweep(config, specs, out, progress=False, **extra)
-    assert not out.exists()
-
-
-@pytest.fixture()
-def one_thread():
-    """The digit world's model is so small that a second intra-op thread only adds synchronisation;
-    on a busy 2-core machine the 2-thread run measured ~10x slower (100 s against 10 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_sweep_end_to_end_then_resumed(tmp_path, monkeypatch, one_thread):
-    out = tmp_path / "sweep"
-    # No config file: the first grid entry arrives in the CONFIG position, as from the command line.
-    rows = run_sweep("remain_weight=0.5,5", TINY, out, progress=False, command="diffunlearn sweep test")
-    summary = json.loads((out / "sweep.json").read_text())
-    assert summary["rows"] == rows and summary["command"] == "diffunlearn sweep test"
-    assert summary["varying"] == ["remain_weight"] and summary["grid"]["steps"] == ["2"]
-    assert summary["forgetting_metric"] == "oracle/forget/forget_score"
-    assert summary["alignment_metric"] == "oracle/remain/alignment"
-    assert [r["run"] for r in rows] == ["remain_weight-0.5", "remain_weight-5"]
-    assert [r["values"] for r in rows] == [{"remain_weight": "0.5"}, {"remain_weight": "5"}]
-    for r in rows:
-        for key in ("forgetting", "alignment", "seconds"):
-            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["run"], key)
-        assert r["metrics"]["oracle/remain/quality_fd"] >= 0
-        assert (out / r["run"] / "results.json").is_file()
-        assert (out / r["run"] / "config.yaml").read_text().startswith("# diffunlearn sweep test")
-    assert any(r["pareto"] for r in rows)
-    # Both points share one folder of training images (same data settings).
-    assert len(list((out / "data").iterdir())) == 1
-    table = (out / "sweep.md").read_text()
-    assert "| remain_weight-0.5 | 0.5 |" in table and "| remain_weight-5 | 5 |" in table and "✓" in table
-    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob("*.tmp"))
-
-    # Rerun: finished points are skipped and the summary is rebuilt identically from their folders.
-    mtimes = {r["run"]: (out / r["run"] / "results.json").stat().st_mtime_ns for r in rows}
+    assert cli.main(["sweep", "remain_weight=0.5,5", *TINY, "--out", str(out), "--quiet"]) == 0
+    assert "sweep = study --sampler grid" in capsys.readouterr().err
+    result = json.loads((out / "study.json").read_text())
+    trials = [t for t in result["trials"]["rg"] if t["state"] == "COMPLETE"]
+    assert sorted(t["params"]["remain_weight"] for t in trials) == [0.5, 5.0]  # every grid point, once
+    for t in trials:
+        run = json.loads((out / "trials" / "rg" / f"trial-{t['root']:04d}" / "results.json").read_text())
+        assert t["values"] == [run["forget_score"], run["alignment"]]
+    rows = result["heldout"]["rg"]
+    assert rows and all(r["runs"][0]["seed"] == 0 for r in rows)  # the config's seed, held-out prompts
+    assert len(rows) == sum(1 for _ in rows) <= 2
+    table = (out / "study.md").read_text()
+    assert "every grid point (grid)" in table and "## Every search trial" in table
+    assert "remain_weight 0.5" in table and "remain_weight 5" in table
+    assert [p.name for p in (out / "data").iterdir()] == ["seed-0"]  # both points share the training images
+    # Rerun: everything is found finished, nothing trains again, the same trials are reported.
     monkeypatch.setattr(runner, "run_unlearning", _must_not_run)
-    again = run_sweep(None, ["remain_weight=0.5,5", *TINY], out, progress=False, command="diffunlearn sweep test")
-    assert again == rows
-    assert json.loads((out / "sweep.json").read_text()) == summary
-    assert {r: (out / r / "results.json").stat().st_mtime_ns for r in mtimes} == mtimes
-
-    # A finished point made with other settings is never reused silently.
-    with pytest.raises(UserError, match="holds a finished run made with other settings \\(steps 2 there, 3 now\\)"):
-        run_sweep(None, ["remain_weight=0.5,5", *("steps=3" if s == "steps=2" else s for s in TINY)], out,
-                  progress=False)
-
-    # An interrupted point (no results.json, a checkpoint of the same settings) continues from it.
-    (out / "remain_weight-5" / "results.json").unlink()
-    calls = []
-
-    def spy(cfg, run_dir, **kwargs):
-        calls.append((run_dir.name, kwargs["resume"]))
-        return real(cfg, run_dir, **kwargs)
-
-    monkeypatch.undo()
-    real = runner.run_unlearning
-    monkeypatch.setattr(runner, "run_unlearning", spy)
-    resumed = run_sweep(None, ["remain_weight=0.5,5", *TINY], out, progress=False, command="diffunlearn sweep test")
-    assert calls == [("remain_weight-5", True)]
-    assert resumed[0] == rows[0] and resumed[1]["metrics"] == rows[1]["metrics"]
-
-    # --metrics/--prompts: every finished point is evaluated into RUN/eval (the path Stable Diffusion
-    # sweeps take), its numbers replace the training-time ones, and a finished evaluation is reused.
-    from diffunlearn.evaluate import suite
-    from diffunlearn.evaluate.base import MetricOptions
-
-    evaluation = {"metrics": ["oracle"], "prompts": ["world:three:test:forget:8", "world:three:test:remain:8"],
-                  "metric_options": MetricOptions(concept="three", device="cpu")}
-    scored = run_sweep(None, ["remain_weight=0.5,5", *TINY], out, progress=False, **evaluation)
-    for r in scored:
-        assert (out / r["run"] / "eval" / "results.json").is_file()
-        assert r["forgetting_metric"] == "oracle/forget/forget_score" and math.isfinite(r["forgetting"])
-        assert "oracle/remain/alignment_digit" in r["metrics"]  # only the eval folder records this one
-    monkeypatch.setattr(suite, "evaluate", _must_not_run)
-    assert run_sweep(None, ["remain_weight=0.5,5", *TINY], out, progress=False, **evaluation) == scored
+    assert cli.main(["sweep", "remain_weight=0.5,5", *TINY, "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "study.json").read_text())
+    assert again["trials"] == result["trials"] and again["heldout"] == result["heldout"]
 
 
-def test_cli_sweep_reports_a_bad_grid_point_and_writes_nothing(tmp_path, capsys):
-    from diffunlearn import cli
+def test_a_grid_over_a_data_setting_builds_one_image_folder_per_value(tmp_path):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "diversity=diverse,uniform", *TINY, "--out", str(out), "--quiet"]) == 0
+    folders = sorted(p.name for p in (out / "data").iterdir())
+    assert len(folders) == 3 and "seed-0" in folders  # the base images, then one folder per searched value
+    for t in json.loads((out / "study.json").read_text())["trials"]["rg"]:
+        cfg = (out / "trials" / "rg" / f"trial-{t['root']:04d}" / "config.yaml").read_text()
+        assert f"diversity: {t['params']['diversity']}" in cfg and "data/seed-0-" in cfg
 
+
+def test_sweep_refusals_exit_2_and_write_nothing(tmp_path, capsys):
     assert cli.main(["sweep", "remain_weight=-1,2", "steps=2", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "remain_weight" in capsys.readouterr().err
+    assert cli.main(["sweep", "remain_weight=1,2", "--force", "--out", str(tmp_path / "s"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "remain_weight" in err and "Traceback" not in err
-    assert not (tmp_path / "s" / "sweep.json").exists()
+    assert "--force is gone" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    from diffunlearn.evaluate.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
+
+
+SD = ["--concept", "nudity", "num_pairs=4", "batch_size=2", "steps=2", "data_steps=2", "eval_steps=2", "lr=1e-3",
+      "threads=1"]
+
+
+def test_a_stable_diffusion_study_searches_on_train_prompts_and_reports_held_out(tiny_sd_folder, tiny_clip,
+                                                                                 tmp_path):
+    out = tmp_path / "study"
+    metrics = ["--metrics", "alignment,nudenet", "--clip-model", str(tiny_clip), "--batch-size", "2"]
+    prompts = ["--prompts", "template:nudity:test:forget:2", "template:nudity:test:remain:2"]
+    assert cli.main(["study", f"model={tiny_sd_folder}", *SD, "--methods", "rg", "--sampler", "grid",
+                     "--space", "remain_weight=1,4", "--seeds", "0", "--front", "2", *metrics, *prompts,
+                     "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "study.json").read_text())
+    trials = [t for t in result["trials"]["rg"] if t["state"] == "COMPLETE"]
+    assert len(trials) == 2
+    for t in trials:
+        folder = out / "trials" / "rg" / f"trial-{t['root']:04d}" / "eval"
+        evaluation = json.loads((folder / "results.json").read_text())
+        sources = [ps["source"] for ps in json.loads((folder / "manifest.json").read_text())["prompt_sets"]]
+        assert all(":train:" in s for s in sources), sources
+        assert t["values"] == [evaluation["metrics"]["nudenet"]["forget"]["nude_fraction"],
+                               evaluation["metrics"]["alignment"]["remain"]["alignment"]]
+    for row in result["heldout"]["rg"]:
+        folder = out / "heldout" / "rg" / f"trial-{row['trial']:04d}" / "seed-0" / "eval"
+        evaluation = json.loads((folder / "results.json").read_text())
+        sources = [ps["source"] for ps in json.loads((folder / "manifest.json").read_text())["prompt_sets"]]
+        assert all(":test:" in s for s in sources), sources
+        assert row["forget_score"] == evaluation["metrics"]["nudenet"]["forget"]["nude_fraction"]
+        assert row["alignment"] == evaluation["metrics"]["alignment"]["remain"]["alignment"]
+    assert 0.0 <= result["summary"]["rg"]["hypervolume"] <= 1.0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "pass --metrics and --prompts"),
+    (["--metrics", "alignment,nudenet", "--prompts", "i2p.csv"], "has no training split"),
+    (["--metrics", "alignment", "--prompts", "template:nudity:test:forget", "template:nudity:test:remain"],
+     "give no forgetting number"),
+    (["--metrics", "alignment,nudenet", "--prompts", "template:nudity:test:forget", "--attack", "embedding"],
+     "red-team the chosen runs"),
+])
+def test_stable_diffusion_study_refusals(tiny_sd_folder, tmp_path, capsys, extra, message):
+    assert cli.main(["study", f"model={tiny_sd_folder}", *SD, "--methods", "rg", *extra,
+                     "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_metrics_on_a_digit_world_study_are_refused(tmp_path, capsys):
+    assert cli.main(["study", "--methods", "rg", "--metrics", "oracle", "--prompts", "world:three",
+                     "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "scored by the study itself" in capsys.readouterr().err

@@ -297,36 +297,57 @@ def _metric_options(args: argparse.Namespace):
         reference=args.reference or "", classes=tuple(c.strip() for c in (args.classes or "").split(",") if c.strip()),
         target_class=args.target_class or "", classifier=args.classifier or "", concept=args.concept or "",
         batch_size=args.batch_size, cache_dir=args.cache_dir or str(Path.home() / ".cache" / "diffunlearn"),
-        device=_device(args.device))
+        device=_device(getattr(args, "device", "auto")))
+
+
+def _items(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .sweep import run_sweep
+    """``sweep CONFIG key=v1,v2`` is the grid form of ``study`` (one engine, kept for old scripts)."""
+    from .study import grid_study
 
+    if args.force:
+        raise UserError("--force is gone with the old sweep: a finished point is reused; delete its folder (or the "
+                        "sweep's) or choose another --out to run it again")
+    metrics = _items(args.metrics)
+    spec = grid_study(args.config, list(args.overrides), front=10**6, workers=args.workers, metrics=metrics,
+                      prompts=tuple(args.prompts or ()), search_prompts=tuple(args.search_prompts or ()),
+                      metric_options=_metric_options(args) if metrics else None)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.resume_hint = _rerun_hint(args, out)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    run_sweep(args.config, list(args.overrides), out, args.force, not args.quiet, args.command_line, metrics,
-              args.prompts, _metric_options(args) if metrics else None)
-    _emit((out / "sweep.md").read_text())
-    _note(f"wrote {out}/sweep.json, sweep.md and pareto.png")
+    _note(f"sweep = study --sampler grid: {len(spec.methods)} method(s), grid {' '.join(spec.space) or '-'}, "
+          f"every front point re-run on held-out prompts")
+    _study(args, spec, out)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from .study import StudySpec, run_study
-
-    def items(text: str | None) -> tuple[str, ...]:
-        return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    from .study import StudySpec, resolve
 
     try:
-        seeds = tuple(int(s) for s in items(args.seeds))
+        seeds = tuple(int(s) for s in _items(args.seeds))
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    spec = StudySpec(methods=items(args.methods), concept=args.concept, overrides=tuple(args.overrides),
-                     space=tuple(args.space or ()), sampler=args.sampler, trials=args.trials, seeds=seeds,
-                     front=args.front, objectives=items(args.objectives), attack=args.attack or "",
-                     storage=args.storage or "", workers=args.workers, sampler_seed=args.sampler_seed)
-    out = Path(args.out) if args.out else Path("runs") / f"study-{args.concept}"
+    overrides, config = list(args.overrides), ""
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+        if not Path(config).is_file():
+            raise UserError(f"config file {config} not found; give a YAML config first, or only key=value overrides")
+    metrics = _items(args.metrics)
+    spec = StudySpec(methods=_items(args.methods), concept=args.concept or "", overrides=tuple(overrides),
+                     config=config, space=tuple(args.space or ()), sampler=args.sampler, trials=args.trials,
+                     seeds=seeds, front=args.front, objectives=_items(args.objectives), attack=args.attack or "",
+                     storage=args.storage or "", workers=args.workers, sampler_seed=args.sampler_seed,
+                     metrics=metrics, prompts=tuple(args.prompts or ()),
+                     search_prompts=tuple(args.search_prompts or ()),
+                     metric_options=_metric_options(args) if metrics else None)
+    out = Path(args.out) if args.out else Path("runs") / f"study-{resolve(spec).concept}"
+    _study(args, spec, out)
+
+
+def _study(args: argparse.Namespace, spec, out: Path) -> None:
+    from .study import run_study
+
     _check_output_folder(out)
     args.resume_hint = _rerun_hint(args, out)
     result = run_study(spec, out, args.command_line, not args.quiet, worker=args.worker, argv=args.argv)
@@ -520,7 +541,8 @@ def cmd_env(args: argparse.Namespace) -> None:
     _emit(json.dumps(environment(), indent=2))
 
 
-def _metric_flags(p: argparse.ArgumentParser) -> None:
+def _metric_flags(p: argparse.ArgumentParser, study: bool = False) -> None:
+    """The metric settings; a study takes its concept from --concept and its device from the config."""
     p.add_argument("--clip-model", default="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
                    help="CLIP folder or hub id for alignment/classifier/clip features")
     p.add_argument("--nudenet-threshold", type=float, default=0.6,
@@ -530,10 +552,23 @@ def _metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help="comma-separated class names for the classifier metric")
     p.add_argument("--target-class", default=None, help="the forgotten class (classifier metric)")
     p.add_argument("--classifier", default=None, help="image-classifier folder (default: zero-shot CLIP)")
-    p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
+    if not study:
+        p.add_argument("--concept", default=None, help="digit-world concept for the oracle metric")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/diffunlearn)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where models and metrics run; auto = CUDA when present")
+    if not study:
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where models and metrics run; auto = CUDA when present")
+
+
+def _study_scoring_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", default=None, help="Stable Diffusion: `eval` metrics that score every run "
+                   "(e.g. alignment,nudenet)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="SPEC", help="Stable Diffusion: held-out prompt "
+                   "sets of the report (e.g. template:nudity:test:forget template:nudity:test:remain)")
+    p.add_argument("--search-prompts", nargs="+", default=None, metavar="SPEC", help="Stable Diffusion: the sets "
+                   "the search tunes on (default: the train split of each template set in --prompts)")
+    p.add_argument("--batch-size", type=int, default=8, help="metric batch size")
+    _metric_flags(p, study=True)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -660,26 +695,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("sweep", help="run a grid of configs, evaluate each, table + Pareto plot (resumable)")
+    p = sub.add_parser("sweep", help="the grid form of `study` (study --sampler grid): a grid of one config, "
+                       "searched on training prompts, its front re-run on held-out prompts (resumable)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (or the first key=v1,v2 entry)")
-    p.add_argument("overrides", nargs="*", metavar="key=v1,v2", help="grid entries; one value = fixed override")
-    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-TIME)")
-    p.add_argument("--metrics", default=None, help="evaluate each run with these metrics (Stable Diffusion runs)")
-    p.add_argument("--prompts", nargs="+", default=None, metavar="SPEC", help="prompt sets for --metrics")
-    p.add_argument("--batch-size", type=int, default=8, help="metric batch size")
-    _metric_flags(p)
-    p.add_argument("--force", action="store_true", help="rerun finished points")
+    p.add_argument("overrides", nargs="*", metavar="key=v1,v2", help="grid entries (method=a,b compares methods); "
+                   "one value = fixed override")
+    p.add_argument("--out", default=None, help="study folder (default: runs/sweep-TIME)")
+    _study_scoring_flags(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the grid (one thread each)")
+    p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # refused with what to do instead
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
     from .study import SAMPLERS
 
     p = sub.add_parser("study", help="compare methods fairly: search each method's knobs (Optuna) on training "
                        "prompts, re-run each front on held-out prompts over seeds (resumable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config values for every run "
-                   "(e.g. steps=100); a fixed key is not searched")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help="a YAML config first (optional), "
+                   "then fixed config values for every run (e.g. steps=100); a fixed key is not searched")
     p.add_argument("--methods", default="rg,rgd,graddiff,ga", help="comma-separated methods to compare")
-    p.add_argument("--concept", default="three", help="digit or colour word to forget")
+    p.add_argument("--concept", default=None, help="the concept to forget (default: the config's, e.g. three)")
     p.add_argument("--space", action="append", metavar="[METHOD.]KEY=LOW:HIGH[:log][:int]|a,b",
                    help="search this key (for every method, or one) instead of or beside the defaults "
                         "(lr, remain_weight, margin, esd_eta, saliency_fraction); repeatable")
@@ -694,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: sqlite in --out)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the search (one thread each)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler")
+    _study_scoring_flags(p)
     p.add_argument("--out", default=None, help="study folder (default: runs/study-CONCEPT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -1,7 +1,10 @@
 """``diffunlearn study``: compare unlearning methods fairly, each at its own best settings.
 
-Digit world (``embedded:digits``) or class world (``model=embedded:digits-class``; forget =
-1 − UA, alignment = RA, tuning and held-out differ by evaluation seeds). For every method the
+Digit world (``embedded:digits``), class world (``model=embedded:digits-class``; forget =
+1 − UA, alignment = RA, tuning and held-out differ by evaluation seeds) or Stable Diffusion
+(``--metrics``/``--prompts``: every run is scored by ``diffunlearn eval``, the search on the training
+split of the template sets, the report on the held-out sets). ``--sampler grid`` runs exactly the
+``--space`` lists; ``diffunlearn sweep CONFIG key=v1,v2`` is that grid form. For every method the
 study searches that method's own knobs (learning rate, λ, the hinge margin,
 ESD's η, SalUn's fraction, ... : :func:`default_space`) with Optuna, minimising the forget score
 and maximising alignment (and, with ``--objectives forget,alignment,attack``, minimising the success
@@ -15,7 +18,10 @@ Output folder::
     study.db                    Optuna storage (SQLite; ``--storage URL`` for a shared RDB): one
                                 study per (concept, method); resumable, shareable by workers
     data/seed-S/                training images (``data build``) shared by every run of seed S
-    trials/METHOD/trial-NNNN/   one run folder per search trial (evaluated on training prompts)
+                                (``seed-S-HASH`` for a trial whose searched keys change the data)
+    clock.json                  wall seconds of all sessions together
+    trials/METHOD/trial-NNNN/   one run folder per search trial (evaluated on training prompts;
+                                Stable Diffusion: ``eval/`` inside)
     heldout/METHOD/trial-NNNN/seed-S/   the front's points re-run and scored on held-out prompts
                                 (``attack/`` inside with ``--attack``)
     study.json                  every trial, the fronts, the held-out rows and the summary
@@ -44,6 +50,8 @@ from .config import FIELDS, build_config, model_kind
 from .errors import UserError
 from .utils import atomic_write_text
 
+# Keys whose single value is itself a comma-separated list: their alternatives are separated by ";".
+LIST_KEYS = tuple(name for name, f in FIELDS.items() if isinstance(f.default, str) and "," in f.default)
 TUNE_SEED = 7          # evaluation seeds of the search (the demo and held-out reports use eval_seed 1)
 FORGET_LIMIT = 0.05    # "forgets": held-out forget score at most this (the tuning rule of the README)
 OBJECTIVES = ("forget", "alignment", "attack")
@@ -128,7 +136,9 @@ def parse_space(specs: list[str], methods: tuple[str, ...]) -> dict[str, dict[st
             else:
                 import yaml
 
-                dim = Dimension("choice", choices=tuple(yaml.safe_load(v) for v in value.split(",")))
+                # A list-valued key (lora_targets=to_q,to_k) separates its alternatives with ";".
+                separator = ";" if key in LIST_KEYS else ","
+                dim = Dimension("choice", choices=tuple(yaml.safe_load(v) for v in value.split(separator)))
         except ValueError:
             errors.append(f"--space {spec!r}: give LOW:HIGH with LOW < HIGH (and LOW > 0 for :log), optionally "
                           ":log and :int, or comma-separated choices")
@@ -144,8 +154,9 @@ class StudySpec:
     """What ``diffunlearn study`` was asked for."""
 
     methods: tuple[str, ...]
-    concept: str = "three"
+    concept: str = "three"         # "" = the config's concept
     overrides: tuple[str, ...] = ()
+    config: str = ""               # a YAML config under the overrides ("" = the defaults)
     space: tuple[str, ...] = ()
     sampler: str = "tpe"
     trials: int = 12
@@ -156,19 +167,92 @@ class StudySpec:
     storage: str = ""
     workers: int = 1
     sampler_seed: int = 0
+    # Stable Diffusion (text-to-image) models are scored by `diffunlearn eval` metrics: the search on
+    # `search_prompts` (default: the training split of each template/world set in `prompts`), the
+    # held-out report on `prompts`.
+    metrics: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    search_prompts: tuple[str, ...] = ()
+    metric_options: Any = None     # evaluate.base.MetricOptions for those metrics (None = defaults)
+
+
+def grid_study(config: str | None, entries: list[str], **fields: Any) -> StudySpec:
+    """``diffunlearn sweep CONFIG key=v1,v2 ...`` as the study it is: ``--sampler grid`` over the
+    keys with several values, the one-value keys fixed, ``method=a,b`` as the methods compared."""
+    if config is not None and "=" in str(config) and not Path(config).is_file():
+        config, entries = None, [str(config), *entries]  # no config file given, only grid entries
+    if not entries:
+        raise UserError("no grid given; pass at least one key=v1,v2,... such as remain_weight=0.5,1,5")
+    fixed, space, methods = [], [], ()
+    for entry in entries:
+        key, sep, raw = entry.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"grid entry {entry!r} is not of the form key=v1,v2,...; write e.g. remain_weight=0.5,1,5")
+        key = key.strip()
+        values = [v.strip() for v in raw.split(";" if key in LIST_KEYS else ",")]
+        if key == "method":
+            methods = tuple(values)
+        elif len(values) == 1:
+            fixed.append(f"{key}={values[0]}")
+        elif key in ("concept", "seed", "data_seed"):
+            raise UserError(f"a grid over `{key}` is several studies; run one per {key} (or give --seeds for the "
+                            "held-out seeds)")
+        else:
+            space.append(entry)
+    if not space and len(methods) < 2:
+        raise UserError("nothing varies in the grid; give at least one key two or more values, e.g. "
+                        "remain_weight=0.5,1,5")
+    cfg = build_config(config, fixed)
+    concept = next((f.split("=", 1)[1] for f in fixed if f.startswith("concept=")), "")
+    fixed = [f for f in fixed if not f.startswith(("concept=", "seed=", "data_seed="))]
+    return StudySpec(methods=methods or (cfg.method,), concept=concept or cfg.concept, overrides=tuple(fixed),
+                     config=str(config or ""), space=tuple(space), sampler="grid", seeds=(cfg.seed,), **fields)
+
+
+def _cfg(spec: StudySpec, *extra: str):
+    return build_config(spec.config or None, [*_base_overrides(spec), *extra])
+
+
+def resolve(spec: StudySpec) -> StudySpec:
+    """The spec with its concept filled in from the config when ``--concept`` was not given."""
+    if spec.concept:
+        return spec
+    return dataclasses.replace(spec, concept=build_config(spec.config or None, list(spec.overrides)).concept)
+
+
+def search_prompt_specs(prompts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The training-split twin of every held-out prompt spec (``template:nudity:test:forget:100`` ->
+    ``template:nudity:train:forget:100``), and the specs that have none (files, class sets)."""
+    found, missing = [], []
+    for spec in prompts:
+        name, sep, body = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+        parts = body.split(":")
+        if parts[0] in ("template", "world") and len(parts) >= 2:
+            rest = parts[2:] if len(parts) > 2 else []
+            if rest:
+                rest[0] = "train"
+            else:
+                rest = ["train"]
+            found.append((f"{name}=" if sep else "") + ":".join([*parts[:2], *rest]))
+        else:
+            missing.append(spec)
+    return found, missing
 
 
 def _base_overrides(spec: StudySpec) -> list[str]:
-    return [f"concept={spec.concept}", *spec.overrides]
+    return [*([f"concept={spec.concept}"] if spec.concept else []), *spec.overrides]
 
 
 def spaces(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     """Each method's search space: its defaults, then ``--space`` entries for all, then per method."""
     given = parse_space(list(spec.space), spec.methods)
-    base = build_config(None, _base_overrides(spec))
+    base = _cfg(spec)
     out = {}
     for method in spec.methods:
-        space = {**default_space(method, base.forget_cap), **given.get("*", {}), **given.get(method, {})}
+        # A grid is exactly the lists given (the sweep of one config); the other samplers search
+        # each method's own knobs as well.
+        defaults = {} if spec.sampler == "grid" else default_space(method, base.forget_cap)
+        space = {**defaults, **given.get("*", {}), **given.get(method, {})}
         fixed = {o.split("=", 1)[0] for o in spec.overrides}
         out[method] = {k: d for k, d in space.items() if k not in fixed}  # a key=value override is not searched
     return out
@@ -205,10 +289,11 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
         if o.split("=", 1)[0] in ("method", "concept", "seed", "data_seed", "eval_split", "eval_seed", "data_dir"):
             raise UserError(f"the study sets `{o.split('=', 1)[0]}` itself; drop {o!r} (use --methods, --concept "
                             "or --seeds)")
-    cfg = build_config(None, [*_base_overrides(spec), f"method={spec.methods[0]}"])
-    if model_kind(cfg.model) not in ("pixel", "class"):
-        raise UserError("the study runs on digit-world models (embedded:digits, embedded:digits-class or folders "
-                        "of those kinds); for Stable Diffusion use `diffunlearn sweep` with --metrics and --prompts")
+    cfg = _cfg(spec, f"method={spec.methods[0]}")
+    _check_scoring(spec, model_kind(cfg.model))
+    if spec.sampler == "grid" and not spec.space and len(spec.methods) < 2:
+        raise UserError("--sampler grid searches only the --space lists; give at least one, e.g. "
+                        "--space remain_weight=0.5,1,5")
     result = spaces(spec)
     for method, space in result.items():
         if spec.sampler == "grid" and any(d.kind != "choice" for d in space.values()):
@@ -218,8 +303,45 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
         for key, dim in space.items():
             probe = dim.choices if dim.kind == "choice" else (dim.low, dim.high)
             for value in probe:
-                build_config(None, [*_base_overrides(spec), f"method={method}", f"{key}={value}"])
+                _cfg(spec, f"method={method}", f"{key}={value}")
     return result
+
+
+def _check_scoring(spec: StudySpec, kind: str) -> None:
+    """How runs of this model kind are scored, checked before any training: digit and class worlds
+    by themselves; Stable Diffusion by ``eval`` metrics giving a forgetting and an alignment number
+    on search and held-out prompt sets."""
+    if kind in ("pixel", "class"):
+        if spec.metrics or spec.prompts or spec.search_prompts:
+            raise UserError("--metrics/--prompts are for Stable Diffusion models; digit- and class-world runs are "
+                            "scored by the study itself (drop them)")
+        return
+    if not spec.metrics or not spec.prompts:
+        raise UserError("a Stable Diffusion study scores its runs with `diffunlearn eval` metrics; pass --metrics "
+                        "and --prompts, e.g. --metrics alignment,nudenet --prompts template:nudity:test:forget "
+                        "template:nudity:test:remain")
+    if spec.attack:
+        raise UserError("--attack in a study uses the digit world's oracle; for Stable Diffusion red-team the chosen "
+                        "runs with `diffunlearn attack RUN --metrics nudenet ...`")
+    from .compare import ALIGNMENT, FORGETTING
+    from .evaluate.base import FACTORIES
+    from .evaluate.prompt_sets import resolve_prompt_sets
+
+    unknown = [m for m in spec.metrics if m not in FACTORIES]
+    if unknown:
+        raise UserError(f"unknown metric {unknown[0]!r}; use one of: {', '.join(FACTORIES)}")
+    search, missing = search_prompt_specs(spec.prompts)
+    if missing and not spec.search_prompts:
+        raise UserError(f"--prompts {missing[0]} has no training split to search on; pass --search-prompts with the "
+                        "sets to tune on (e.g. template:nudity:train:forget template:nudity:train:remain)")
+    for label, specs in (("--search-prompts" if spec.search_prompts else "the search sets",
+                          list(spec.search_prompts) or search), ("--prompts", list(spec.prompts))):
+        names = {ps.name for ps in resolve_prompt_sets(specs)}  # a bad prompt file fails now, not after training
+        for side, choices in (("forgetting", FORGETTING), ("alignment", ALIGNMENT)):
+            if not any(m in spec.metrics and s in names for m, s, _ in choices):
+                able = sorted({f"{m} on a `{s}` set" for m, s, _ in choices})
+                raise UserError(f"--metrics {','.join(spec.metrics)} on {label} ({', '.join(sorted(names))}) give no "
+                                f"{side} number; measure one of: {'; '.join(able)}")
 
 
 def _storage(spec: StudySpec, out: Path):
@@ -244,6 +366,13 @@ def _sampler(spec: StudySpec, space: dict[str, Dimension]):
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.sampler_seed)
     return optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(6, spec.trials))
+
+
+def budget(spec: StudySpec, space: dict[str, Dimension]) -> int:
+    """Finished search trials a method gets: ``--trials``, or with ``--sampler grid`` every grid point."""
+    if spec.sampler == "grid":
+        return math.prod(len(d.choices) for d in space.values())
+    return spec.trials
 
 
 def study_name(spec: StudySpec, method: str) -> str:
@@ -289,8 +418,59 @@ def scores(results: dict) -> dict[str, float | None]:
             "quality_fd": results.get("quality_fd")}
 
 
-def _objectives_of(results: dict, attack: float | None, spec: StudySpec) -> list[float]:
-    found = scores(results)
+def _evaluated(spec: StudySpec, run_dir: Path, cfg, prompts: list[str], command: str) -> dict[str, float | None]:
+    """A Stable Diffusion run's scores from ``diffunlearn eval`` (``RUN/eval``, reused when it already
+    holds these metrics on these sets): forgetting and alignment as ``compare`` picks them, quality
+    from fid when measured."""
+    from .compare import ALIGNMENT, FORGETTING, load_results, pick_measure
+    from .evaluate import suite
+
+    eval_dir = run_dir / "eval"
+    if not _evaluation_current(eval_dir, list(spec.metrics), prompts):
+        options = point_options(spec.metric_options, cfg)
+        # The run's own evaluation settings: search runs carry the tuning seed, held-out runs theirs.
+        sampler = suite.SamplerSettings(steps=cfg.eval_steps, guidance=cfg.eval_guidance, seed=cfg.eval_seed,
+                                        resolution=cfg.resolution, batch_size=options.batch_size)
+        suite.evaluate(str(run_dir), list(spec.metrics), prompts, eval_dir, options, sampler,
+                       force=(eval_dir / "results.json").is_file(), progress=False, command=command, device=cfg.device)
+    flat = load_results(run_dir)
+    forget, align = pick_measure(flat, FORGETTING), pick_measure(flat, ALIGNMENT)
+    fid = next((v for k, v in flat.items() if k.startswith("fid/")), None)
+    return {"forget_score": forget[1], "alignment": align[1], "quality_fd": fid}
+
+
+def _evaluation_current(eval_dir: Path, metrics: list[str], prompts: list[str]) -> bool:
+    """Whether ``eval_dir`` holds a finished evaluation with every requested metric on every set."""
+    from .evaluate.prompt_sets import resolve_prompt_sets
+
+    try:
+        have = json.loads((eval_dir / "results.json").read_text())["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    sets = {ps.name for ps in resolve_prompt_sets(prompts)}
+    return all(m in have and sets <= set(have[m]) for m in metrics)
+
+
+def point_options(options, cfg):
+    """The metric options of one run: its concept is the ``oracle``'s forgotten concept and the
+    ``classifier``'s forgotten class unless the command named them."""
+    from .evaluate.base import MetricOptions
+
+    options = options or MetricOptions()
+    return dataclasses.replace(options, concept=options.concept or cfg.concept,
+                               target_class=options.target_class or cfg.concept)
+
+
+def _score(spec: StudySpec, run_dir: Path, cfg, results: dict, split: str, command: str) -> dict[str, float | None]:
+    """Scores of a finished run on the ``train`` (search) or ``test`` (held-out) prompts."""
+    if not spec.metrics:
+        return scores(results)  # digit and class worlds score their runs themselves (eval_split)
+    prompts = list(spec.search_prompts or search_prompt_specs(spec.prompts)[0]) if split == "train" \
+        else list(spec.prompts)
+    return _evaluated(spec, run_dir, cfg, prompts, command)
+
+
+def _objectives_of(found: dict, attack: float | None, spec: StudySpec) -> list[float]:
     values = [float(found["forget_score"]), float(found["alignment"])]
     if "attack" in spec.objectives:
         values.append(float(attack))
@@ -316,16 +496,30 @@ def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -
                     cfg.eval_guidance, progress, command)[spec.attack]
 
 
-def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str) -> Path | None:
+# Settings that decide the generated training images; runs that agree on all of them share one
+# image folder (for Stable Diffusion: hours of generation done once, not per trial).
+DATA_KEYS = ("model", "concept", "diversity", "num_pairs", "data_steps", "data_guidance", "resolution",
+             "mixed_precision", "device")
+
+
+def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str,
+                params: dict | None = None) -> Path | None:
     """The training images of ``seed`` (shared by every method and trial), built once; None for a
-    class-conditional model (its runs draw their images from the class data, no generation)."""
+    class-conditional model (its runs draw their images from the class data, no generation). A
+    trial whose searched settings change the data (``--space diversity=diverse,uniform``) gets
+    its own folder, ``data/seed-S-<hash of those settings>``."""
+    import hashlib
+
     from .data.build import build_data
 
-    if model_kind(build_config(None, _base_overrides(spec)).model) == "class":
+    if model_kind(_cfg(spec).model) == "class":
         return None
-    folder = out / "data" / f"seed-{seed}"
+    own = {k: v for k, v in (params or {}).items() if k in DATA_KEYS}
+    name = f"seed-{seed}" + (f"-{hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:10]}"
+                             if own else "")
+    folder = (out / "data" / name).resolve()  # absolute: config.yaml stays valid from any directory
     if not (folder / "forget" / "manifest.json").is_file() or not (folder / "remain" / "manifest.json").is_file():
-        cfg = build_config(None, [*_base_overrides(spec), f"method={spec.methods[0]}", f"data_seed={seed}"])
+        cfg = _cfg(spec, f"method={spec.methods[0]}", f"data_seed={seed}", *(f"{k}={v}" for k, v in own.items()))
         build_data(cfg, folder, progress, command)
     return folder
 
@@ -360,39 +554,42 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    data_dir = ensure_data(spec, out, spec.seeds[0], progress, command)
+    ensure_data(spec, out, spec.seeds[0], progress, command)
     for method, space in space_by_method.items():
         study = _load_study(spec, out, method, space)
         optuna.storages.fail_stale_trials(study)  # trials of a killed worker (heartbeat too old) become FAIL,
         requeue_interrupted(study)                # then run again under their own numbers
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        left = spec.trials - len(done) - len(running)  # queued re-runs are part of what is left
+        total = budget(spec, space)
+        left = total - len(done) - len(running)  # queued re-runs are part of what is left
         if left <= 0:
             continue
-        bar = tqdm(total=spec.trials, initial=len(done), desc=f"study {spec.concept}: {method} trials",
+        bar = tqdm(total=total, initial=len(done), desc=f"study {spec.concept}: {method} trials",
                    disable=not progress)
 
-        def objective(trial, method=method, space=space, study=study):
+        def objective(trial, method=method, space=space, study=study, total=total):
             others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                       if t.number != trial.number]
-            if len(others) >= spec.trials:  # two workers asked at the same moment: the budget is used up
+            if len(others) >= total:  # two workers asked at the same moment: the budget is used up
                 study.stop()
                 raise optuna.TrialPruned("the study has its trials")
             params = {key: dim.suggest(trial, key) for key, dim in space.items()}
-            cfg = build_config(None, [*_base_overrides(spec), f"method={method}", f"seed={spec.seeds[0]}",
-                                      f"data_seed={spec.seeds[0]}", "eval_split=train", f"eval_seed={TUNE_SEED}",
-                                      *([f"data_dir={data_dir}"] if data_dir else []),
-                                      *(f"{k}={v}" for k, v in params.items())])
+            data_dir = ensure_data(spec, out, spec.seeds[0], False, command, params)
+            cfg = _cfg(spec, f"method={method}", f"seed={spec.seeds[0]}", f"data_seed={spec.seeds[0]}",
+                       "eval_split=train", f"eval_seed={TUNE_SEED}", *([f"data_dir={data_dir}"] if data_dir else []),
+                       *(f"{k}={v}" for k, v in params.items()))
             run_dir = out / "trials" / method / f"trial-{_root(trial):04d}"
             trial.set_user_attr("run", str(run_dir))
             trial.set_user_attr("worker", os.getpid())
-            results = _run(cfg, run_dir, f"{command} (trial {_root(trial)} of {method})", False)
+            where = f"{command} (trial {_root(trial)} of {method})"
+            results = _run(cfg, run_dir, where, False)
+            found = _score(spec, run_dir, cfg, results, "train", where)
             attack = _attack(spec, run_dir, cfg, False, command) if "attack" in spec.objectives else None
             trial.set_user_attr("seconds", results.get("seconds"))
             if attack is not None:
                 trial.set_user_attr("asr", attack)
-            return _objectives_of(results, attack, spec)
+            return _objectives_of(found, attack, spec)
 
         def tick(study, trial, bar=bar):
             bar.n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -403,7 +600,7 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
 
         try:
             study.optimize(objective, n_trials=left,
-                           callbacks=[MaxTrialsCallback(spec.trials, states=(TrialState.COMPLETE,
+                           callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,
                                                                              TrialState.RUNNING)), tick],
                            catch=())
         finally:
@@ -464,17 +661,20 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         flags = pareto([list(t.values) for t in done], [d.name.lower() for d in study.directions])
         chosen = _select([t for t, f in zip(done, flags) if f], spec.front)
         plan += [(method, t) for t in chosen]
-    data = {seed: ensure_data(spec, out, seed, progress, command) for seed in spec.seeds}
+    for seed in spec.seeds:
+        ensure_data(spec, out, seed, progress, command)  # with its own bar, before the runs' bar
     bar = tqdm(total=len(plan) * len(spec.seeds), desc=f"study {spec.concept}: held-out runs", disable=not progress)
     for method, trial in plan:
         runs = []
         for seed in spec.seeds:
-            cfg = build_config(None, [*_base_overrides(spec), f"method={method}", f"seed={seed}", f"data_seed={seed}",
-                                      *([f"data_dir={data[seed]}"] if data[seed] else []),
-                                      *(f"{k}={v}" for k, v in trial.params.items())])
+            data_dir = ensure_data(spec, out, seed, progress, command, trial.params)
+            cfg = _cfg(spec, f"method={method}", f"seed={seed}", f"data_seed={seed}",
+                       *([f"data_dir={data_dir}"] if data_dir else []), *(f"{k}={v}" for k, v in trial.params.items()))
             run_dir = out / "heldout" / method / f"trial-{_root(trial):04d}" / f"seed-{seed}"
-            results = _run(cfg, run_dir, f"{command} (held-out, {method} trial {_root(trial)}, seed {seed})", False)
-            entry = {"seed": seed, **scores(results), "seconds": results.get("seconds")}
+            where = f"{command} (held-out, {method} trial {_root(trial)}, seed {seed})"
+            results = _run(cfg, run_dir, where, False)
+            entry = {"seed": seed, **_score(spec, run_dir, cfg, results, "test", where),
+                     "seconds": results.get("seconds")}
             if spec.attack:
                 entry["asr"] = _attack(spec, run_dir, cfg, False, command)
             runs.append(entry)
@@ -516,32 +716,41 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def _is_class(spec: StudySpec) -> bool:
-    return model_kind(build_config(None, _base_overrides(spec)).model) == "class"
+    return model_kind(_cfg(spec).model) == "class"
 
 
 def _pm(point: dict, key: str) -> str:
     return f"{point[key]:.3f} ± {point[key + '_std']:.3f}" if key in point else "-"
 
 
+def _settings(params: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()) or "config"
+
+
 def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict], command: str, out: Path,
-           seconds: float) -> str:
+           seconds: float, trials: dict[str, list[dict]] | None = None) -> str:
     attack = f" | ASR {spec.attack} ↓" if spec.attack else ""
     lines = ["# Method study", "", f"`{command}`", "",
-             f"Concept `{spec.concept}`; {spec.trials} search trials per method ({spec.sampler}) on TRAINING-"
+             f"Concept `{spec.concept}`; "
+             + (f"{spec.trials} search trials per method ({spec.sampler})" if spec.sampler != "grid" else
+                "every grid point (grid)") + " on TRAINING-"
              f"vocabulary prompts; each method's Pareto front ({spec.front} points at most) re-run on HELD-OUT "
              f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = best held-out alignment "
              f"with forget ≤ {FORGET_LIMIT}, else the lowest forget. HV = hypervolume of the held-out front "
              "(forget × (1 − alignment)" + (f" × ASR {spec.attack}" if spec.attack else "") + ", reference 1; "
              f"higher is better). {seconds / 60:.0f} minutes."
              + (" Class-conditional model: forget = 1 − UA, alignment = RA, FD on every class; held-out = "
-                "evaluation seeds the search never used." if _is_class(spec) else ""), "",
+                "evaluation seeds the search never used." if _is_class(spec) else "")
+             + (f" Stable Diffusion: forget and alignment are the `diffunlearn eval` numbers of --metrics "
+                f"{','.join(spec.metrics)} (as `compare` picks them), searched on "
+                f"{' '.join(spec.search_prompts or search_prompt_specs(spec.prompts)[0])}, reported on "
+                f"{' '.join(spec.prompts)}." if spec.metrics else ""), "",
              f"| method | chosen settings | forget ↓ | alignment ↑{attack} | HV clean ↑"
              + (" | HV with attack ↑" if spec.attack else "") + " | reaches forget ≤ 0.05 |",
              "|---|---|---|---|" + ("---|" if spec.attack else "") + "---|" + ("---|" if spec.attack else "") + "---|"]
     for method, entry in summary.items():
         p = entry["chosen"]
-        settings = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p["params"].items())
-        cells = [method, settings, _pm(p, "forget_score"), _pm(p, "alignment")]
+        cells = [method, _settings(p["params"]), _pm(p, "forget_score"), _pm(p, "alignment")]
         if spec.attack:
             cells.append(_pm(p, "asr"))
         cells.append(f"{entry['hypervolume']:.3f}")
@@ -560,10 +769,20 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
               "|---|---|---|---|---|---|" + ("---|" if spec.attack else "")]
     for method, points in rows.items():
         for p in points:
-            settings = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p["params"].items())
-            lines.append(f"| {method} | {p['trial']} | {settings} | {_pm(p, 'forget_score')} | {_pm(p, 'alignment')} | "
-                         f"{_pm(p, 'quality_fd')}" + (f" | {_pm(p, 'asr')}" if spec.attack else "") + " |")
+            lines.append(f"| {method} | {p['trial']} | {_settings(p['params'])} | {_pm(p, 'forget_score')} | "
+                         f"{_pm(p, 'alignment')} | {_pm(p, 'quality_fd')}"
+                         + (f" | {_pm(p, 'asr')}" if spec.attack else "") + " |")
     lines += ["", "![held-out fronts](front.png)", ""]
+    if trials:
+        lines += ["## Every search trial (training prompts, one seed)", "",
+                  "| method | trial | settings | forget ↓ | alignment ↑ | front |", "|---|---|---|---|---|---|"]
+        for method, entries in trials.items():
+            done = [t for t in entries if t["state"] == "COMPLETE"]
+            flags = pareto([t["values"][:2] for t in done], ["minimize", "maximize"])
+            for t, flag in zip(done, flags):
+                lines.append(f"| {method} | {t['root']} | {_settings(t['params'])} | {t['values'][0]:.3f} | "
+                             f"{t['values'][1]:.3f} | {'✓' if flag else ''} |")
+        lines.append("")
     text = "\n".join(lines)
     atomic_write_text(out / "study.md", text)
     return text
@@ -593,6 +812,18 @@ def front_plot(rows: dict[str, list[dict]], path: Path, concept: str) -> None:
     plt.close(fig)
 
 
+def _worker_env(index: int) -> dict[str, str]:
+    """Worker ``index``'s environment: one torch thread, no bars, and on a machine with several GPUs
+    the GPU ``index`` modulo their number (the main process, worker 0, uses the first)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    return env
+
+
 def _worker_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "diffunlearn.cli", *argv, "--worker"]
 
@@ -601,6 +832,11 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
               worker: bool = False, argv: list[str] | None = None) -> dict:
     """Search, re-evaluate on held-out prompts, report. With ``worker`` only the search phase runs
     (the processes that ``--workers`` starts)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would ask Optuna for its own trial; a search parallelises better by trials anyway.
+        raise UserError("the study runs its trials in parallel itself; start it without `accelerate launch` and "
+                        "use --workers N (on a machine with several GPUs each worker takes its own GPU)")
+    spec = resolve(spec)
     space_by_method = validate(spec)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose a folder path")
@@ -614,9 +850,8 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
     if spec.workers > 1:
         if argv is None:
             raise UserError("--workers needs the command line to start its workers with")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        children = [subprocess.Popen(_worker_command(argv), env=env, stdout=subprocess.DEVNULL)
-                    for _ in range(spec.workers - 1)]
+        children = [subprocess.Popen(_worker_command(argv), env=_worker_env(i), stdout=subprocess.DEVNULL)
+                    for i in range(1, spec.workers)]
     try:
         search(spec, out, space_by_method, command, progress, clock)
     finally:
@@ -636,7 +871,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
                           for t in study.get_trials()]
     seconds = clock.tick()
     front_plot(rows, out / "front.png", spec.concept)
-    text = report(spec, rows, summary, command, out, seconds)
+    text = report(spec, rows, summary, command, out, seconds, trials)
     result = {"command": command, "spec": dataclasses.asdict(spec),
               "spaces": {m: {k: d.describe() for k, d in s.items()} for m, s in space_by_method.items()},
               "trials": trials, "heldout": rows, "summary": summary, "seconds": seconds, "table": text}
