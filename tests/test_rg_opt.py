@@ -68,6 +68,28 @@ def test_restrict_realised_update_projects_the_step_in_place():
     assert step.norm() > 0  # a useful part of the step is kept
 
 
+@pytest.mark.parametrize("margin", [0.05, 0.2, 0.5])
+def test_a_cone_margin_leaves_each_loss_a_guaranteed_first_order_decrease(margin):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))]
+    before = [p.detach().clone() for p in params]
+    g_f = [torch.randn(6, 4, generator=gen, dtype=torch.float64)]
+    g_r = [-(g_f[0] + 0.5 * torch.randn(6, 4, generator=gen, dtype=torch.float64))]
+    with torch.no_grad():
+        params[0].add_(g_f[0], alpha=0.1)
+    flat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
+    gram = (float(flat(g_f) @ flat(g_f)), float(flat(g_r) @ flat(g_r)), float(flat(g_f) @ flat(g_r)))
+    u0 = float((flat([p.detach() for p in params]) - flat(before)).norm())
+    restrict_realised_update(params, [b.clone() for b in before], g_f, g_r, gram, margin)
+    step = flat([p.detach() for p in params]) - flat(before)
+    # Both first-order changes are at least κ·|g|·|u0| below zero (the shifted constraints are tight or slack).
+    for g, gg in ((g_f, gram[0]), (g_r, gram[1])):
+        assert float(flat(g) @ step) <= -margin * gg ** 0.5 * u0 * (1 - 1e-9)
+    plain = [torch.nn.Parameter(b + 0.1 * f) for b, f in zip(before, g_f)]
+    restrict_realised_update(plain, [b.clone() for b in before], g_f, g_r, gram)
+    assert float(flat(g_r) @ (flat([p.detach() for p in plain]) - flat(before))) > -1e-9 * u0  # on the boundary
+
+
 def _train(text_encoder, method, lr, steps=12):
     from test_methods import snapshot
 

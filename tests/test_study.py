@@ -14,7 +14,7 @@ import pytest
 
 from diffunlearn.cli import main
 from diffunlearn.errors import UserError
-from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, run_study, validate
+from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, run_study, summarise, validate
 
 FAST = ("steps=3", "num_pairs=8", "batch_size=4", "eval_prompts=4", "data_steps=2", "eval_steps=2",
         "diagnose=false", "threads=1")
@@ -27,6 +27,26 @@ def test_hypervolume_and_pareto_are_exact():
     assert hypervolume([[0.5, 0.5, 0.5]]) == pytest.approx(0.125)
     assert hypervolume([[0.0, 0.0, 0.5], [0.5, 0.5, 0.0]]) == pytest.approx(0.5 + 0.25 - 0.125)
     assert pareto([[0.1, 0.9], [0.2, 0.95], [0.3, 0.8]], ["minimize", "maximize"]) == [True, True, False]
+
+
+def _point(trial, train, heldout, train_fd):
+    return {"trial": trial, "params": {}, "train_objectives": list(train), "train_quality_fd": train_fd,
+            "forget_score": heldout[0], "alignment": heldout[1], "forget_score_std": 0.0, "alignment_std": 0.0}
+
+
+def test_the_chosen_point_is_chosen_on_training_scores_never_held_out():
+    spec = StudySpec(methods=("rg",))
+    # Trial 2 looks better held out, but trial 1 is better on the training prompts: trial 1 is chosen.
+    rows = {"rg": [_point(1, (0.0, 1.0), (0.04, 0.90), 900.0), _point(2, (0.0, 0.95), (0.0, 1.0), 800.0)]}
+    chosen = summarise(spec, rows)["rg"]
+    assert chosen["chosen"]["trial"] == 1 and chosen["reaches_forget_limit"]
+    # A tie on the training objectives goes to the lower training FD, whatever the held-out numbers say.
+    rows = {"rg": [_point(1, (0.0, 1.0), (0.0, 1.0), 2500.0), _point(2, (0.0, 1.0), (0.01, 0.99), 1800.0)]}
+    assert summarise(spec, rows)["rg"]["chosen"]["trial"] == 2
+    # Nothing forgets on the training prompts: the lowest training forget, and its held-out miss is reported.
+    rows = {"rg": [_point(1, (0.3, 1.0), (0.01, 1.0), 500.0), _point(2, (0.2, 0.9), (0.4, 0.9), 500.0)]}
+    entry = summarise(spec, rows)["rg"]
+    assert entry["chosen"]["trial"] == 2 and not entry["reaches_forget_limit"]
 
 
 def test_search_space_defaults_and_overrides():

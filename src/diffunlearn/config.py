@@ -55,6 +55,7 @@ class UnlearnConfig:
     max_grad_norm: float = 0.0     # clip the combined direction to this norm; 0 disables
     esd_eta: float = 1.0           # ESD negative-guidance scale η (methods esd-u, esd-x)
     saliency_fraction: float = 0.5 # SalUn: fraction of parameter entries kept trainable by the saliency mask
+    cone_margin: float = 0.0       # rg-opt: each loss must improve by at least this × |g|·|u| to first order
     anchor: str = ""               # SalUn remap prompt; empty = each forget prompt's paired remain prompt
     seed: int = 0                  # batch order, noise and timesteps
     # --- memory, speed and faults ---
@@ -293,6 +294,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
             errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.saliency_fraction <= 1:
         errors.append(f"`saliency_fraction` must be in (0, 1], got {cfg.saliency_fraction}")
+    if not 0 <= cfg.cone_margin < 1:
+        errors.append(f"`cone_margin` must be in [0, 1) (a cosine), got {cfg.cone_margin}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
     kind = model_kind(cfg.model)

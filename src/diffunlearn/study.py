@@ -681,8 +681,12 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
             bar.update(1)
             if clock is not None:
                 clock.tick()
+        searched = out / "trials" / method / f"trial-{_root(trial):04d}" / "results.json"
+        train_fd = scores(json.loads(searched.read_text())).get("quality_fd") if (
+            searched.is_file() and not spec.metrics) else None
         rows.setdefault(method, []).append({"trial": _root(trial), "params": dict(trial.params),
-                                            "train_objectives": list(trial.values), "runs": runs,
+                                            "train_objectives": list(trial.values), "train_quality_fd": train_fd,
+                                            "runs": runs,
                                             **_aggregate(runs)})
     bar.close()
     return rows
@@ -699,16 +703,26 @@ def _aggregate(runs: list[dict]) -> dict[str, Any]:
 
 
 def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per method: the chosen point (best held-out alignment with forget ≤ 0.05, else lowest forget)
-    and the held-out front's hypervolume (forget × alignment, and × attack when attacked)."""
+    """Per method: the chosen point and the held-out front's hypervolume (forget × alignment, and ×
+    attack when attacked). The choice is made on the TRAINING-prompt scores of the search (best
+    alignment with forget ≤ 0.05, else the lowest forget), so the held-out numbers reported for it
+    (and the defaults taken from it) are never selected on held-out prompts."""
     summary = {}
     for method, points in rows.items():
-        forgets = [p for p in points if p["forget_score"] <= FORGET_LIMIT]
-        # Ties in alignment (common at 0.997) go to the lower attack success, then the lower forget score.
-        best = (max(forgets, key=lambda p: (round(p["alignment"], 3), -p.get("asr", 0.0), -p["forget_score"]))
-                if forgets else min(points, key=lambda p: (p["forget_score"], -p["alignment"])))
+        def train(p):
+            return p["train_objectives"][0], p["train_objectives"][1]
+
+        def fd(p):
+            return p.get("train_quality_fd") if p.get("train_quality_fd") is not None else math.inf
+
+        forgets = [p for p in points if train(p)[0] <= FORGET_LIMIT]
+        # Ties (common: several points at training forget 0, alignment 1) go to the lower training
+        # forget score, then the lower training quality FD (the README "Tuning" rule).
+        best = (max(forgets, key=lambda p: (round(train(p)[1], 3), -train(p)[0], -fd(p))) if forgets
+                else min(points, key=lambda p: (train(p)[0], -train(p)[1], fd(p))))
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
-        entry = {"chosen": best, "reaches_forget_limit": bool(forgets), "hypervolume": hypervolume(clean)}
+        entry = {"chosen": best, "reaches_forget_limit": best["forget_score"] <= FORGET_LIMIT,
+                 "hypervolume": hypervolume(clean)}
         if spec.attack and all("asr" in p for p in points):
             entry["hypervolume_attack"] = hypervolume([c + [p["asr"]] for c, p in zip(clean, points)])
         summary[method] = entry
@@ -735,8 +749,10 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
              + (f"{spec.trials} search trials per method ({spec.sampler})" if spec.sampler != "grid" else
                 "every grid point (grid)") + " on TRAINING-"
              f"vocabulary prompts; each method's Pareto front ({spec.front} points at most) re-run on HELD-OUT "
-             f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = best held-out alignment "
-             f"with forget ≤ {FORGET_LIMIT}, else the lowest forget. HV = hypervolume of the held-out front "
+             f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = the front point with the "
+             f"best TRAINING-prompt alignment at training forget ≤ {FORGET_LIMIT}, else the lowest training "
+             "forget; ties go to the lower training FD (so its held-out numbers are not selected on). "
+             "HV = hypervolume of the held-out front "
              "(forget × (1 − alignment)" + (f" × ASR {spec.attack}" if spec.attack else "") + ", reference 1; "
              f"higher is better). {seconds / 60:.0f} minutes."
              + (" Class-conditional model: forget = 1 − UA, alignment = RA, FD on every class; held-out = "

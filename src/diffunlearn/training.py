@@ -264,17 +264,26 @@ def initial_forget_loss(engine: GradientEngine, forget_x0: torch.Tensor, forget_
 
 
 def restrict_realised_update(params: list[torch.nn.Parameter], before: list[torch.Tensor],
-                             g_f: list[torch.Tensor], g_r: list[torch.Tensor], gram) -> dict[str, Any]:
+                             g_f: list[torch.Tensor], g_r: list[torch.Tensor], gram,
+                             margin: float = 0.0) -> dict[str, Any]:
     """``rg-opt``: replace the optimizer's realised change u = after − before by its projection onto
     the cone where neither loss rises to first order (:func:`updates.cone_correction`), in place.
-    On return ``before`` holds the step taken (for :func:`backtrack_step`)."""
+    With ``margin`` κ > 0 the cone is narrowed to g·u ≤ −κ·|g|·|u| for both gradients: on the plain
+    cone's boundary a loss has no first-order change at all, so curvature decides its sign and the
+    backtracking check rejects the step; inside the narrowed cone halving the step shrinks the
+    curvature term four times faster than the guaranteed decrease. On return ``before`` holds the
+    step taken (for :func:`backtrack_step`)."""
     from .updates import cone_correction, global_dot
 
     with torch.no_grad():
         for p, b in zip(params, before):
             b.sub_(p).neg_()  # b now holds u = after − before (no extra buffer)
-        forget_dot, remain_dot = torch.stack([global_dot(g_f, before), global_dot(g_r, before)]).tolist()
-        coef = cone_correction(forget_dot, remain_dot, gram)
+        forget_dot, remain_dot, uu = torch.stack([global_dot(g_f, before), global_dot(g_r, before),
+                                                  global_dot(before, before)]).tolist()
+        # The narrowed cone is the plain cone shifted by the margins (the same 2-constraint KKT).
+        shift = margin * math.sqrt(max(uu, 0.0))
+        coef = cone_correction(forget_dot + shift * math.sqrt(max(gram[0], 0.0)),
+                               remain_dot + shift * math.sqrt(max(gram[1], 0.0)), gram)
         if coef is None:  # rounding rejected every candidate: undo the update
             for p, u in zip(params, before):
                 p.sub_(u)
@@ -482,7 +491,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             optimizer.zero_grad(set_to_none=True)
             checked = False
             if restrict:
-                record.update(restrict_realised_update(params, before, g_f, g_r, gram))
+                record.update(restrict_realised_update(params, before, g_f, g_r, gram, cfg.cone_margin))
                 del g_f, g_r
                 if method.backtrack:
                     record.update(backtrack_step(engine, params, before, f_chunks, r_chunks, record["forget_loss"],
