@@ -3,8 +3,11 @@
 # The one prepared GPU check (issue 3 §4). On a CUDA machine it builds a Stable Diffusion v1.x-sized
 # UNet, VAE and text encoder from config with random weights (no download) and benchmarks ga,
 # graddiff, rg and rg-flat at batch 8 in bf16; it takes a few minutes on one H100. Without a GPU it
-# runs the same bench small (tiny preset, batch 2, fp32) so CI keeps the script working.
-# Writes OUT_DIR/bench.json and OUT_DIR/bench.md (OUT_DIR defaults to $OUT, else ./gpu-check).
+# runs the same bench small (tiny preset, batch 2, fp32) so CI keeps the script working. Then a short
+# class-track run (embedded class-conditional model, device=auto) whose recorded device must be the
+# GPU when there is one: a class-conditional model once trained on the CPU even with device: cuda.
+# Writes OUT_DIR/bench.json, OUT_DIR/bench.md and OUT_DIR/class-run (OUT_DIR defaults to $OUT, else
+# ./gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -16,12 +19,22 @@ if ! "$py" -c "import diffunlearn" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    want=cuda
     args=(--preset sd15 --batch-size 8 --mixed-precision bf16 --steps 5 --warmup 2)
     "$py" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 else
     echo "no CUDA GPU: running the small CPU version of the check"
+    want=cpu
     args=(--preset tiny --batch-size 2 --steps 2 --warmup 1)
 fi
 start=$(date +%s)
 "$py" -m diffunlearn.cli bench "${args[@]}" --json "$out/bench.json" --quiet | tee "$out/bench.md"
+"$py" -m diffunlearn.cli unlearn model=embedded:digits-class concept=three steps=5 remain_per_class=8 \
+    eval_prompts=8 eval_steps=4 device=auto --out "$out/class-run" --force --quiet > /dev/null
+"$py" - "$out/class-run/environment.json" "$want" <<'PY'
+import json, sys
+device = json.load(open(sys.argv[1]))["device"]
+print(f"class track ran on: {device}")
+sys.exit(0 if device.startswith(sys.argv[2]) else f"class track ran on {device}, expected {sys.argv[2]}")
+PY
 echo "gpu-check finished in $(( $(date +%s) - start )) s"

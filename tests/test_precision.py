@@ -87,3 +87,6 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     assert sorted(data) == ["ga", "graddiff", "rg", "rg-flat"]
     assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in data.values())
     assert "| rg-flat |" in (tmp_path / "bench.md").read_text()
+    # The class-track step: on this machine it must report the CPU (on a GPU machine, cuda).
+    assert "class track ran on: cpu" in proc.stdout
+    assert json.loads((tmp_path / "class-run" / "environment.json").read_text())["device"] == "cpu"

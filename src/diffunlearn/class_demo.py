@@ -36,7 +36,7 @@ from .demo import same_config
 from .errors import UserError
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
-from .runner import trainable_copy, training_summary
+from .runner import training_summary
 from .training import unlearn
 from .utils import atomic_write_text, environment, image_seeds
 
@@ -82,7 +82,7 @@ def _run_one(adapter, oracle, cfg: UnlearnConfig, folder: Path, command: str, ke
     folder.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, folder / "config.yaml", command)
     fx, fc, rx, rc, target, _ = class_training_data(adapter, cfg, folder / "data")
-    model = trainable_copy(adapter)
+    model = adapter.clone()
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     history = unlearn(model, get_method(cfg.method), cfg, fx, fc, rx, rc, folder / "metrics.jsonl", progress)

@@ -110,12 +110,10 @@ def samples_picture(before: torch.Tensor, after: torch.Tensor, names, target: in
 def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, progress: bool = True,
                          resume: bool = False) -> dict:
     """``diffunlearn unlearn`` with a class-conditional model."""
-    from .models import load_adapter
-    from .runner import apply_process_settings, check_out_dir, save_model, training_summary, write_run_header
+    from .runner import check_out_dir, load_for_run, save_model, training_summary, write_run_header
 
     parallel = Parallel.from_environment()
-    adapter, folder = load_adapter(cfg.model)
-    apply_process_settings(cfg, next(adapter.unet.parameters()).device, parallel)
+    adapter, folder = load_for_run(cfg, parallel)  # on cfg.device, with the process settings applied
     fx, fc, rx, rc, target, record = class_training_data(adapter, cfg)  # bad data fails before anything is written
     if parallel.is_main:
         check_out_dir(out, force, resume)

@@ -10,22 +10,29 @@ from torch import Tensor
 CAPS = ("hinge", "elementwise", "none")
 
 
-def draw_noise(x0: Tensor, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Noise ε ~ N(0, I) like ``x0`` and timesteps t ~ U{0..T−1}, one per sample, from ``generator``."""
+def draw_noise(x0: Tensor, adapter, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Noise ε ~ N(0, I) like ``x0``, then one training timestep per sample from the model's own
+    density (``adapter.draw_timesteps``; an int ``T`` means uniform over {0..T−1}), both from
+    ``generator`` in that order."""
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    t = torch.randint(num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-    return noise, t
+    if isinstance(adapter, int):
+        t = torch.randint(adapter, (x0.shape[0],), generator=generator)
+    else:
+        t = adapter.draw_timesteps(x0.shape[0], generator)
+    return noise, t.to(x0.device)
+
+
+def _weighted(err: Tensor, weight: Tensor | None) -> Tensor:
+    return err if weight is None else err * weight.to(err.device, err.dtype).view(-1, *([1] * (err.ndim - 1)))
 
 
 def noise_prediction_error(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """Element-wise squared error (ε_θ(x_t, t, c) − ε)², shape of ``x0``.
-
-    For a v-prediction model (SD 2.x at 768 px) the target is the velocity the adapter's
-    ``prediction_target`` returns instead of ε: the same denoising loss in that model's own output.
-    """
-    x_t = adapter.add_noise(x0, noise, timesteps)
-    target = adapter.prediction_target(x0, noise, timesteps) if hasattr(adapter, "prediction_target") else noise
-    return (adapter.predict_noise(x_t, timesteps, condition).float() - target.float()) ** 2
+    """Element-wise squared error (f_θ(x_t, t, c) − target)², shape of ``x0``, with x_t, the target
+    and an optional per-sample weight from the model's ``training_terms`` (ε for ε-prediction, the
+    velocity for v-prediction models such as SD 2.x at 768 px: the denoising loss in each model's
+    own output)."""
+    x_t, target, weight = adapter.training_terms(x0, noise, timesteps)
+    return _weighted((adapter.predict_noise(x_t, timesteps, condition).float() - target.float()) ** 2, weight)
 
 
 def denoising_loss(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -80,7 +87,7 @@ def matching_loss(adapter, x0: Tensor, condition, noise: Tensor, timesteps: Tens
     Returns:
         (scalar objective to minimise, per-sample loss ``(N,)`` detached)
     """
-    x_t = adapter.add_noise(x0, noise, timesteps)
+    x_t = adapter.training_terms(x0, noise, timesteps)[0]
     with torch.no_grad():
         target = target_fn(x_t, timesteps)
     per_sample = ((adapter.predict_noise(x_t, timesteps, condition).float() - target.float()) ** 2).flatten(1).mean(1)

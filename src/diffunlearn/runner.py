@@ -14,7 +14,6 @@ Run folder layout::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import shutil
@@ -174,14 +173,6 @@ def build_training_data(adapter, model_folder: Path | None, cfg: UnlearnConfig, 
             adapter.encode_images(sets["remain"]), adapter.encode_prompts(prompt_texts(remain_p)), forget_p, remain_p)
 
 
-def trainable_copy(adapter):
-    """A copy of ``adapter`` whose UNet can be trained without touching the original's weights
-    (the frozen text encoder and its cache are shared)."""
-    clone = copy.copy(adapter)
-    clone.unet = copy.deepcopy(adapter.unet)
-    return clone
-
-
 def save_format(cfg: UnlearnConfig, adapter) -> str:
     if hasattr(adapter, "class_names"):
         return "class"
@@ -253,7 +244,7 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
     if parallel.is_main and not resume:
         write_run_header(cfg, out, command, parallel, base_adapter)
     method = get_method(cfg.method)
-    adapter = trainable_copy(base_adapter) if copy_model else base_adapter
+    adapter = base_adapter.clone() if copy_model else base_adapter
     forget_x0, forget_cond, remain_x0, remain_cond = data[:4]
     is_world = cfg.concept not in TEMPLATES
     before = None

@@ -9,7 +9,6 @@ across processes, writes the combined direction into ``.grad`` and steps the opt
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -132,7 +131,7 @@ class GradientEngine:
 
     def chunks(self, x0: torch.Tensor, cond, rows: torch.Tensor) -> list[Chunk]:
         """Noise and timesteps for the GLOBAL batch ``rows``, then this process's rows in micro-batches."""
-        noise, t = draw_noise(x0[rows], self.adapter.num_train_timesteps, self.gen)
+        noise, t = draw_noise(x0[rows], self.adapter, self.gen)
         mine = torch.arange(len(rows))[self.parallel.shard(len(rows))]
         out = []
         for part in mine.tensor_split(min(self.micro_batches, max(len(mine), 1))):
@@ -226,13 +225,6 @@ class GradientEngine:
                 acc.add_(g)
             loss_sum += loss * len(rows)
         return total, loss_sum / n
-
-
-def frozen_copy(adapter):
-    """A frozen copy of the model as it is now (ESD's and SalUn's reference ε₀); costs one UNet of memory."""
-    clone = copy.copy(adapter)
-    clone.unet = copy.deepcopy(adapter.unet).eval().requires_grad_(False)
-    return clone
 
 
 def saliency_masks(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond, cfg: UnlearnConfig
@@ -354,7 +346,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         raise ValueError(f"paired batches need forget and remain sets of equal length, got "
                          f"{len(forget_x0)} and {len(remain_x0)}")
     parallel = parallel or Parallel()
-    reference = frozen_copy(adapter) if method.needs_reference else None  # before LoRA is injected
+    # A frozen copy of the model as it is now (ESD's and SalUn's reference ε₀): one more UNet of memory.
+    reference = adapter.clone(frozen=True) if method.needs_reference else None
     named = adapter.trainable_parameters(cfg.selection)
     params = [p for _, p in named]
     optimizer = make_optimizer(cfg, params)

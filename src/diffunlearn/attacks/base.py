@@ -113,9 +113,8 @@ def is_text_model(adapter: Any) -> bool:
 
 
 def device_of(adapter: Any) -> torch.device:
-    """Where the adapter's networks live (Stable Diffusion may be on CUDA; world models on the CPU)."""
-    device = getattr(adapter, "device", None)
-    return torch.device(device) if device is not None else next(adapter.unet.parameters()).device
+    """Where the adapter's networks live (every adapter says so through ``device``)."""
+    return torch.device(adapter.device)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..losses import denoising_loss
+from ..losses import denoising_loss, draw_noise
 from .base import AttackOutput, AttackSamples, AttackTarget, device_of, positive
 
 
@@ -54,13 +54,11 @@ class RelearnAttack:
     def run(self, target: AttackTarget) -> AttackOutput:
         from tqdm.auto import tqdm
 
-        from ..runner import trainable_copy
-
         adapter = target.adapter
         if len(target.images) < self.images:
             raise UserError(f"relearn needs {self.images} concept images but only {len(target.images)} were given; "
                             "pass more with --images or set --option relearn.images=N")
-        model = trainable_copy(adapter)
+        model = adapter.clone()
         params = list(model.unet.parameters())
         for p in params:
             p.requires_grad_(True)
@@ -77,8 +75,7 @@ class RelearnAttack:
             for _ in range(k - done):
                 idx = torch.randint(len(x0_all), (min(self.batch_size, len(x0_all)),), generator=generator)
                 x0 = x0_all[idx].to(device)
-                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-                t = torch.randint(int(model.num_train_timesteps), (len(idx),), generator=generator).to(device)
+                noise, t = draw_noise(x0, model, generator)  # the model's own timestep density
                 loss = denoising_loss(model, x0, condition_all[idx], noise, t).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -91,9 +91,10 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
         model: ``embedded:digits``, ``embedded:digits-class``, a model folder, or a Hub id ``org/name``
             (Stable Diffusion only).
         text_encoder: the digit world's shared ``FrozenTextEncoder`` (pixel models only).
-        device, frozen_dtype: placement of a Stable Diffusion model (see
-            ``StableDiffusionAdapter.from_pretrained``); pixel and class-conditional models stay on the
-            CPU in fp32.
+        device: where the model runs (every family; ``None`` = the family's default: CUDA when
+            present for Stable Diffusion, the CPU for the pixel-space models).
+        frozen_dtype: precision of a Stable Diffusion model's frozen parts (see
+            ``StableDiffusionAdapter.from_pretrained``); the pixel-space models stay in fp32.
 
     Returns:
         ``(adapter, folder)``; ``folder`` is ``None`` for a Hub id (its files live in the HF cache).
@@ -115,9 +116,11 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{index_path} is corrupt (not JSON); restore or rebuild that model folder") from exc
     if index.get("_diffunlearn_adapter") == "pixel":
-        return PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder), folder
+        adapter = PixelTextToImage.from_pretrained(folder, text_encoder=text_encoder)
+        return (adapter.to(device) if device is not None else adapter), folder
     if model_kind(str(folder)) == "class":  # diffunlearn's class folders and class-conditional DDPM pipelines
-        return ClassConditionalAdapter.from_pretrained(folder), folder
+        adapter = ClassConditionalAdapter.from_pretrained(folder)
+        return (adapter.to(device) if device is not None else adapter), folder
     check_pipeline_index(index_path, str(folder))  # SDXL and other pipelines fail here with their own message
     return StableDiffusionAdapter.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
 

@@ -32,9 +32,7 @@ from torch import nn
 
 from ..config import EMBEDDED_CLASS
 from ..errors import UserError
-
-# Output kinds the training target (``prediction_target``) and DDIM both understand.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .pixel_base import PixelSpaceAdapter
 
 
 def build_class_unet(num_classes: int, sample_size: int = 16, channels: int = 3,
@@ -82,7 +80,7 @@ def _checked_names(class_names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-class ClassConditionalAdapter:
+class ClassConditionalAdapter(PixelSpaceAdapter):
     """Adapter for a class-conditional ``UNet2DModel`` (implements ``DiffusionAdapter``).
 
     Attributes:
@@ -115,18 +113,10 @@ class ClassConditionalAdapter:
             raise UserError(f"the UNet has {embeds} class embeddings but {len(names)} class names were given; "
                             f"pass {embeds} names (no null class) or {embeds - 1} (the last embedding is the "
                             "null class)")
-        prediction = scheduler.config.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            raise UserError(f"unsupported scheduler prediction_type {prediction!r}; "
-                            f"use one of: {', '.join(PREDICTION_TYPES)}")
-        self.unet = unet
-        self.scheduler = scheduler
+        super().__init__(unet, scheduler)  # checks the prediction type
         self.class_names = names
-        self.prediction_type = prediction
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.image_size = unet.config.sample_size
         self.channels = int(unet.config.in_channels)
-        self._alphas_cumprod = scheduler.alphas_cumprod.float()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -169,9 +159,7 @@ class ClassConditionalAdapter:
             UserError: the folder is missing, incomplete or corrupt, or not class-conditional.
         """
         folder = Path(folder)
-        if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
-            raise UserError(f"{folder} is not a class-conditional model folder (expected unet/ and scheduler/ "
-                            "inside); pass a folder written by diffunlearn or a diffusers DDPMPipeline folder")
+        unet, scheduler = cls.load_parts(folder, UNet2DModel, DDPMScheduler, "a class-conditional model folder")
         index: dict = {}
         index_path = folder / "model_index.json"
         if index_path.is_file():
@@ -181,13 +169,6 @@ class ClassConditionalAdapter:
                 raise UserError(f"{index_path} is corrupt (not JSON); restore or rebuild that model folder") from exc
             if not isinstance(index, dict):
                 raise UserError(f"{index_path} is not a JSON object; restore or rebuild that model folder")
-        try:
-            unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
-            scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-        except Exception as exc:  # diffusers raises several types for truncated or bad files
-            raise UserError(f"could not load the model in {folder} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no message'}); "
-                            "restore or rebuild that folder") from exc
         embeds = unet.config.get("num_class_embeds")
         if embeds is None:
             raise UserError(f"the UNet in {folder} is not class-conditional (no num_class_embeds); "
@@ -204,24 +185,18 @@ class ClassConditionalAdapter:
         else:
             count = embeds - 1 if null_flag is True else embeds
             names = [str(i) for i in range(count)]
-        unet.eval()
         return cls(unet, scheduler, names)
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write ``unet/`` (safetensors), ``scheduler/`` and ``model_index.json`` (with the class names)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.scheduler.save_pretrained(folder / "scheduler")
-        index = {
+        self.save_parts(folder, {
             "_class_name": "ClassConditionalUNet",
             "_diffunlearn_adapter": "class",
             "unet": ["diffusers", "UNet2DModel"],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
             "_diffunlearn_classes": list(self.class_names),
             "_diffunlearn_null_class": self.null_class is not None,
-        }
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        })
 
     # ---- the protocol -------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -261,33 +236,20 @@ class ClassConditionalAdapter:
                             f"(N, {self.channels}, {height}, {width}); resize or convert them first")
         return images
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward diffusion x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with the training scheduler's ᾱ."""
-        a = self._alphas_cumprod.to(x0.device)[timesteps.to(x0.device)].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What ``predict_noise`` should output: ε (epsilon models), v = √ᾱ_t ε − √(1−ᾱ_t) x₀
-        (``v_prediction``) or x₀ (``sample``)."""
-        if self.prediction_type == "v_prediction":
-            a = self._alphas_cumprod.to(x0.device)[timesteps.to(x0.device)].view(-1, 1, 1, 1)
-            return a.sqrt() * noise - (1 - a).sqrt() * x0
-        if self.prediction_type == "sample":
-            return x0
-        return noise
-
     def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """The UNet's output for ``x_t`` given class labels ``condition`` ``(N,)`` (ε for epsilon models).
 
         A floating-point ``condition`` ``(N, D)`` is taken as class-embedding VECTORS instead of labels
         (the embedding attack optimises them): the UNet's embedding table is bypassed for this call.
         """
+        device = self.device
+        x_t, timesteps = x_t.to(device), timesteps.to(device)
         if not condition.is_floating_point():
-            return self.unet(x_t, timesteps, class_labels=condition.to(x_t.device)).sample
+            return self.unet(x_t, timesteps, class_labels=condition.to(device)).sample
         table = self.unet.class_embedding
         self.unet.class_embedding = nn.Identity()  # diffusers adds class_embedding(class_labels) to the time embedding
         try:
-            return self.unet(x_t, timesteps, class_labels=condition.to(x_t.device, x_t.dtype)).sample
+            return self.unet(x_t, timesteps, class_labels=condition.to(device, x_t.dtype)).sample
         finally:
             self.unet.class_embedding = table
 
@@ -339,7 +301,7 @@ class ClassConditionalAdapter:
         seeds give every model the same start, so grids before and after unlearning line up.
 
         Returns:
-            ``(N, channels, H, W)`` float32 on the UNet's device, clamped to [-1, 1].
+            ``(N, channels, H, W)`` float32 on the CPU (wherever the UNet runs), clamped to [-1, 1].
 
         Raises:
             ValueError: seeds and prompts differ in number, or a non-positive ``steps``/``batch_size``.
@@ -360,10 +322,9 @@ class ClassConditionalAdapter:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
         from tqdm.auto import tqdm
 
-        device = next(self.unet.parameters()).device
+        device = self.device
         height, width = self._height_width
-        noise = torch.stack([torch.randn(self.channels, height, width,
-                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = self.initial_noise(seeds, (self.channels, height, width))
         solver = DDIMScheduler.from_config(self.scheduler.config)
         guided = guidance != 1 and self.null_class is not None
         vectors = condition.is_floating_point()
@@ -390,7 +351,7 @@ class ClassConditionalAdapter:
                     else:
                         eps = self.predict_noise(x, t.repeat(n).to(device), cond)
                     x = solver.step(eps, t, x, eta=0.0).prev_sample
-                out.append(x.float().clamp(-1, 1))
+                out.append(x.float().clamp(-1, 1).cpu())
                 bar.update(n)
         finally:
             bar.close()

@@ -6,7 +6,6 @@ solver for sampling. It is Stable Diffusion without the VAE, saved in the same f
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from torch import nn
 
 from ..errors import UserError
+from .pixel_base import PixelSpaceAdapter
 from .selection import select_parameters
 from .text import FrozenTextEncoder
 
@@ -35,21 +35,22 @@ class PixelCondition:
     def __getitem__(self, index: slice | torch.Tensor) -> PixelCondition:
         return PixelCondition(self.states[index], self.mask[index])
 
+    def to(self, device: torch.device | str) -> PixelCondition:
+        return PixelCondition(self.states.to(device), self.mask.to(device))
+
     @staticmethod
     def cat(parts: Sequence[PixelCondition]) -> PixelCondition:
         return PixelCondition(torch.cat([p.states for p in parts]), torch.cat([p.mask for p in parts]))
 
 
-class PixelTextToImage:
-    """Adapter for the pixel-space model (implements ``DiffusionAdapter``)."""
+class PixelTextToImage(PixelSpaceAdapter):
+    """Adapter for the pixel-space model (implements ``DiffusionAdapter``). The frozen text encoder
+    stays on the CPU (shared by every copy of the model); its token states move to the UNet."""
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
                  text_encoder: FrozenTextEncoder | None = None) -> None:
-        self.unet = unet
-        self.scheduler = scheduler
+        super().__init__(unet, scheduler)
         self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder()
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self._alphas_cumprod = scheduler.alphas_cumprod.float()
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -60,33 +61,19 @@ class PixelTextToImage:
         Raises:
             UserError: the folder is missing, incomplete or corrupt.
         """
-        folder = Path(folder)
-        if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
-            raise UserError(f"{folder} is not a diffunlearn model folder (expected unet/ and scheduler/ inside); "
-                            "pass the folder written by `diffunlearn world train-base` or an unlearning run")
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-            scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-        except Exception as exc:  # diffusers raises several types for truncated or bad files
-            raise UserError(f"could not load the model in {folder} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]}); restore or rebuild that folder") from exc
-        unet.eval()
+        unet, scheduler = cls.load_parts(Path(folder), UNet2DConditionModel, DDPMScheduler,
+                                         "a diffunlearn model folder")
         return cls(unet, scheduler, text_encoder)
 
     def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.scheduler.save_pretrained(folder / "scheduler")
-        index = {
+        self.save_parts(folder, {
             "_class_name": "PixelTextToImage",
             "_diffunlearn_adapter": "pixel",
             "unet": ["diffusers", "UNet2DConditionModel"],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
             # The frozen encoder is installed as a package; it is referenced, not copied.
             "text_encoder": ["package", TEXT_ENCODER_PACKAGE],
-        }
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        })
 
     # ---- the protocol -------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> PixelCondition:
@@ -96,13 +83,10 @@ class PixelTextToImage:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        a = self._alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
     def predict_noise(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: PixelCondition) -> torch.Tensor:
-        return self.unet(x_t, timesteps, encoder_hidden_states=condition.states,
-                         encoder_attention_mask=condition.mask).sample
+        device = self.device
+        return self.unet(x_t.to(device), timesteps.to(device), encoder_hidden_states=condition.states.to(device),
+                         encoder_attention_mask=condition.mask.to(device)).sample
 
     def trainable_parameters(self, selection: str) -> list[tuple[str, nn.Parameter]]:
         """``full``, ``cross-attention`` (attn2, the reference's xattn) or ``non-cross-attention``; see
@@ -125,6 +109,7 @@ class PixelTextToImage:
         Image i starts from noise drawn with ``torch.Generator().manual_seed(seeds[i])``: the image
         depends on its own prompt and seed only (not on batch size or neighbours), and the same
         seeds give every model the same start, so grids before and after unlearning line up.
+        Returns ``(N, 3, H, W)`` float32 on the CPU, wherever the UNet runs.
         """
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -140,10 +125,10 @@ class PixelTextToImage:
 
         was_training = self.unet.training
         self.unet.eval()
+        device = self.device
         size = int(self.unet.config.sample_size)
         channels = int(self.unet.config.in_channels)
-        noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(int(s)))
-                             for s in seeds])
+        noise = self.initial_noise(seeds, (channels, size, size))
         solver = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         uncond = self.encode_prompts([""])
         out = []
@@ -153,14 +138,14 @@ class PixelTextToImage:
             cond = condition[start:start + batch_size]
             n = len(cond)
             both = PixelCondition.cat([PixelCondition(uncond.states.expand(n, -1, -1),
-                                                      uncond.mask.expand(n, -1)), cond])
-            x = noise[start:start + batch_size].clone()
+                                                      uncond.mask.expand(n, -1)), cond.to("cpu")]).to(device)
+            x = noise[start:start + batch_size].to(device, copy=True)
             solver.set_timesteps(steps)
             for t in solver.timesteps:
                 eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * n), both)
                 e_u, e_c = eps.chunk(2)
                 x = solver.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
-            out.append(x.clamp(-1, 1))
+            out.append(x.clamp(-1, 1).cpu())
             bar.update(n)
         bar.close()
         self.unet.train(was_training)

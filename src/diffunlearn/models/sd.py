@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .pixel_base import DenoisingObjective
 from .selection import LoraSettings, has_lora, select_parameters
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
@@ -113,7 +114,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
 
 
-class StableDiffusionAdapter:
+class StableDiffusionAdapter(DenoisingObjective):
     """Adapter for diffusers ``StableDiffusionPipeline`` models (SD 1.x and 2.x, ε- or v-prediction).
 
     Attributes:
