@@ -8,7 +8,8 @@ import torch
 from diffunlearn.config import build_config
 from diffunlearn.losses import draw_noise, esd_target
 from diffunlearn.methods import get_method
-from diffunlearn.training import GradientEngine, saliency_masks, unlearn
+from diffunlearn.methods.salun import saliency_masks
+from diffunlearn.training import GradientEngine, unlearn
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 

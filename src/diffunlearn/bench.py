@@ -34,7 +34,6 @@ def _worker(spec: dict) -> dict:
     from .methods import get_method
     from .parallel import Parallel
     from .runner import load_for_run, prompt_texts, training_prompts
-    from .training import unlearn
 
     torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
     cfg = build_config(None, [f"model={spec['model']}", f"method={spec['method']}", f"selection={spec['selection']}",
@@ -57,7 +56,7 @@ def _worker(spec: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    history = unlearn(adapter, get_method(cfg.method), cfg, fx, fc, rx, rc, progress=False)
+    history = get_method(cfg.method).apply(adapter, cfg, fx, fc, rx, rc, progress=False)
     if cuda:
         torch.cuda.synchronize()
         peak_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -37,7 +37,6 @@ from .errors import UserError
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
 from .runner import training_summary
-from .training import unlearn
 from .utils import atomic_write_text, environment, image_seeds
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")
@@ -85,7 +84,8 @@ def _run_one(adapter, oracle, cfg: UnlearnConfig, folder: Path, command: str, ke
     model = adapter.clone()
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    history = unlearn(model, get_method(cfg.method), cfg, fx, fc, rx, rc, folder / "metrics.jsonl", progress)
+    history = get_method(cfg.method).apply(model, cfg, fx, fc, rx, rc, metrics_path=folder / "metrics.jsonl",
+                                           progress=progress)
     seconds = time.perf_counter() - started
     evaluation = evaluate_classes(model, oracle, target, cfg.eval_prompts, cfg.eval_seed, cfg.eval_steps,
                                   cfg.eval_guidance, progress)

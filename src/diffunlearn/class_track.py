@@ -28,7 +28,6 @@ from .evaluate.classes import evaluate_classes
 from .methods import get_method
 from .modelcard import write_model_card
 from .parallel import Parallel
-from .training import unlearn
 from .utils import atomic_write_text, image_seeds
 
 SAMPLES_PER_CLASS = 4  # columns per class in samples.png
@@ -125,8 +124,9 @@ def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: st
     before = class_samples(adapter, cfg) if parallel.is_main else None
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    history = unlearn(adapter, get_method(cfg.method), cfg, fx, fc, rx, rc, out / "metrics.jsonl", progress,
-                      checkpoint_dir=out / "checkpoints", resume=resume, parallel=parallel)
+    history = get_method(cfg.method).apply(adapter, cfg, fx, fc, rx, rc, metrics_path=out / "metrics.jsonl",
+                                           progress=progress, checkpoint_dir=out / "checkpoints", resume=resume,
+                                           parallel=parallel)
     seconds = time.perf_counter() - started
     training = training_summary(history, seconds)
     metrics = None

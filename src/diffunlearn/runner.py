@@ -33,7 +33,6 @@ from .methods import get_method
 from .modelcard import write_model_card
 from .models import load_adapter
 from .parallel import Parallel
-from .training import unlearn
 from .utils import atomic_write_text, environment, folder_fingerprint, image_seeds
 from .worlds import digits as world
 from .worlds.oracle import load_oracle
@@ -253,8 +252,9 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
                           parallel)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    history = unlearn(adapter, method, cfg, forget_x0, forget_cond, remain_x0, remain_cond, out / "metrics.jsonl",
-                      progress, checkpoint_dir=out / "checkpoints", resume=resume, parallel=parallel)
+    history = method.apply(adapter, cfg, forget_x0, forget_cond, remain_x0, remain_cond,
+                           metrics_path=out / "metrics.jsonl", progress=progress, checkpoint_dir=out / "checkpoints",
+                           resume=resume, parallel=parallel)
     seconds = time.perf_counter() - started
     training = training_summary(history, seconds)
     evaluation, metrics = None, None

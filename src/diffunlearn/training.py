@@ -23,8 +23,9 @@ import torch
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UnlearnConfig
 from .errors import UserError
-from .losses import denoising_loss, draw_noise, esd_target, forget_objective, matching_loss
+from .losses import denoising_loss, draw_noise, forget_objective, matching_loss
 from .methods import Method
+from .methods.objectives import Bound
 from .parallel import Parallel
 from .updates import gradient_gram, gradient_stats
 from .utils import atomic_write_text
@@ -227,24 +228,6 @@ class GradientEngine:
         return total, loss_sum / n
 
 
-def saliency_masks(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond, cfg: UnlearnConfig
-                   ) -> list[torch.Tensor]:
-    """SalUn's weight saliency (Fan et al. 2024): keep the ``cfg.saliency_fraction`` of parameter
-    entries with the largest |∇ forget denoising loss|, over up to four batches of forget data.
-
-    The threshold is global over all trainable entries (ties at the threshold are kept, so the kept
-    fraction can exceed the target only by tied entries). Returns one bool mask per parameter.
-    """
-    n = len(forget_x0)
-    rows = torch.randperm(n, generator=engine.gen)[:min(n, 4 * cfg.batch_size)]
-    grads, _ = engine.remain_grads(engine.chunks(forget_x0, forget_cond, rows))
-    magnitudes = torch.cat([g.abs().reshape(-1).float() for g in grads])
-    keep = max(1, round(cfg.saliency_fraction * magnitudes.numel()))
-    threshold = torch.kthvalue(magnitudes.cpu(), magnitudes.numel() - keep + 1).values.item()
-    del magnitudes
-    return [g.abs() >= threshold for g in grads]
-
-
 def initial_forget_loss(engine: GradientEngine, forget_x0: torch.Tensor, forget_cond, batch_size: int,
                         batches: int = 4) -> float:
     """Mean denoising loss of the model on up to ``batches`` random forget batches (no gradient): the
@@ -359,11 +342,11 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     cursor, first_step = 0, 1
     history: list[dict] = []
     masks = None  # computed before a checkpoint is restored
-    if method.saliency:
+    if method.mask is not None:
         # From the ORIGINAL weights with its own generator, so a resumed run rebuilds the same mask.
-        masks = saliency_masks(GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 7919),
-                                              parallel, None, amp_dtype, cfg.micro_batches),
-                               forget_x0, forget_cond, cfg)
+        masks = method.mask(GradientEngine(adapter, params, torch.Generator().manual_seed(cfg.seed + 7919),
+                                           parallel, None, amp_dtype, cfg.micro_batches),
+                            forget_x0, forget_cond, cfg)
     relative_margin = cfg.margin_mode == "relative" and method.forget_loss == "ascent"
     if relative_margin:
         # Scale-free cap: margin and alpha as multiples of this model's own forget loss, measured on the
@@ -398,21 +381,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         raise UserError(f"{parallel.world_size} processes cannot share a batch of {cfg.batch_size}; use batch_size >= "
                         "the number of processes")
     engine = GradientEngine(adapter, params, gen, parallel, scaler, amp_dtype, cfg.micro_batches)
-    target_fn = None
-    device = engine.device
-    if method.forget_loss == "esd":
-        uncond = adapter.encode_prompts([""])
-
-        def target_fn(c: Chunk, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            empty = _to(uncond[torch.zeros(len(x_t), dtype=torch.long)], device)
-            return esd_target(reference.predict_noise(x_t, t, empty), reference.predict_noise(x_t, t, c.cond),
-                              cfg.esd_eta)
-    elif method.forget_loss == "remap":
-        anchors = remain_cond if not cfg.anchor else adapter.encode_prompts([cfg.anchor])
-
-        def target_fn(c: Chunk, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            rows = c.rows if not cfg.anchor else torch.zeros(len(x_t), dtype=torch.long)
-            return reference.predict_noise(x_t, t, _to(anchors[rows], device))
+    # The method's forget objective, bound once (ESD's guided target and SalUn's anchors live with them).
+    forget_step = method.forget.bind(Bound(adapter, reference, cfg, engine, remain_cond))
 
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path and parallel.is_main else None
     bar = tqdm(range(first_step, cfg.steps + 1), desc=f"unlearn {method.name}", leave=False,
@@ -425,15 +395,9 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
             f_chunks = engine.chunks(forget_x0, forget_cond, idx)
-            if not method.uses_forget:  # fine-tuning: the forget batch is only logged
-                g_f, f_loss = None, engine.mean_loss(f_chunks)
-            elif target_fn is not None:
-                g_f, f_loss = engine.matching_grads(f_chunks, target_fn)
-            else:
-                g_f, f_loss = engine.forget_grads(f_chunks, cfg)
+            g_f, f_loss = forget_step(f_chunks)  # None for fine-tuning: the forget batch is only measured
             record = {"step": step, "forget_loss": f_loss}
-            record["forget_active"] = (method.uses_forget and (method.forget_loss != "ascent"
-                                                               or cfg.forget_cap != "hinge" or f_loss <= cfg.margin))
+            record["forget_active"] = method.forget.active(f_loss, cfg)
             if relative_margin:
                 record["margin"] = cfg.margin
             r_chunks = engine.chunks(remain_x0, remain_cond, idx)

@@ -1,4 +1,5 @@
-"""What a method is: which gradients it needs and how it combines them."""
+"""What a method is: which gradients it needs, its forget objective, how it combines them, and the
+procedure that applies it (the shared gradient loop unless the method brings its own)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
+
+from .objectives import ASCENT
 
 # (forget_grads, remain_grads | None, remain_weight, gram | None) -> direction; gram is
 # updates.gradient_gram of the two gradients when the loop has computed it (shared, not recomputed).
@@ -28,12 +31,14 @@ class Method:
         defaults: config values tuned for this method (digit world, training prompts; README
             "Tuning"); they override the global defaults and are overridden by config files and
             ``key=value``.
-        forget_loss: the objective on forget batches (:mod:`diffunlearn.losses`): ``"ascent"``
-            (capped gradient ascent on the denoising loss), ``"esd"`` (match a frozen copy's
-            negatively guided prediction), ``"remap"`` (match a frozen copy's prediction for an
-            anchor prompt), or ``"none"`` (no forget gradient: fine-tuning on the remain set).
-        saliency: train only the parameters entries with the largest forget-gradient magnitude
-            (SalUn's mask, fraction ``saliency_fraction``).
+        forget: the objective on forget batches (:mod:`diffunlearn.methods.objectives`): capped
+            gradient ascent (the default), ESD's negatively guided target (``esd.py``), SalUn's remap
+            to an anchor prompt (``salun.py``) or none (fine-tuning); ``forget_loss`` names its kind.
+        mask: ``(engine, forget_x0, forget_cond, cfg) -> one bool mask per parameter``, computed once
+            on the original weights; only masked entries train (SalUn's saliency, ``salun.py``).
+        procedure: how the method is applied, ``(adapter, method, cfg, forget_x0, forget_cond,
+            remain_x0, remain_cond, **run) -> history``; None = the shared gradient loop
+            (:func:`diffunlearn.training.unlearn`). A closed-form method brings its own.
         variant: config values that define this method (e.g. ESD-x's cross-attention selection);
             applied for every model family, under config files and ``key=value``.
         restrict_update: after the optimizer's step, project the REALISED parameter change onto the
@@ -53,8 +58,9 @@ class Method:
     combine: Combine
     projects: bool = False
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    forget_loss: str = "ascent"
-    saliency: bool = False
+    forget: Any = ASCENT
+    mask: Callable | None = None
+    procedure: Callable | None = None
     variant: dict[str, Any] = dataclasses.field(default_factory=dict)
     restrict_update: bool = False
     backtrack: int = 0
@@ -68,10 +74,28 @@ class Method:
         return {**self.defaults, **(self.modifier_defaults if concept in COLOURS else {})}
 
     @property
+    def forget_loss(self) -> str:
+        """The kind of forget objective: ``ascent``, ``esd``, ``remap`` or ``none``."""
+        return self.forget.kind
+
+    @property
+    def saliency(self) -> bool:
+        return self.mask is not None
+
+    @property
     def uses_forget(self) -> bool:
         return self.forget_loss != "none"
 
     @property
     def needs_reference(self) -> bool:
         """Whether the loss compares with a frozen copy of the original model."""
-        return self.forget_loss in ("esd", "remap")
+        return bool(self.forget.needs_reference)
+
+    def apply(self, adapter, cfg, forget_x0, forget_cond, remain_x0, remain_cond, **run) -> list[dict]:
+        """Unlearn in place on ``adapter`` and return one record per step (``run``: metrics_path,
+        progress, checkpoint_dir, resume, parallel)."""
+        if self.procedure is not None:
+            return self.procedure(adapter, self, cfg, forget_x0, forget_cond, remain_x0, remain_cond, **run)
+        from ..training import unlearn
+
+        return unlearn(adapter, self, cfg, forget_x0, forget_cond, remain_x0, remain_cond, **run)

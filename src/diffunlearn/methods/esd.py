@@ -7,8 +7,28 @@ an equivalent of ESD's partial sampling that reuses the data every method here s
 Variants by parameter selection: ESD-u (``non-cross-attention``) and ESD-x (``cross-attention``).
 """
 
+import torch
+
+from ..losses import esd_target
 from ..updates import gradient_ascent
 from .base import Method
+from .objectives import Bound, Matching
+
+
+def _guided_target(run: Bound):
+    """``fn(chunk, x_t, t)``: the frozen reference's ε(∅) − η·(ε(c) − ε(∅)) at the chunk's x_t."""
+    uncond = run.adapter.encode_prompts([""])
+    device, reference, eta = run.engine.device, run.reference, run.cfg.esd_eta
+
+    def target(c, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        empty = uncond[torch.zeros(len(x_t), dtype=torch.long)]
+        empty = empty.to(device) if hasattr(empty, "to") else empty
+        return esd_target(reference.predict_noise(x_t, t, empty), reference.predict_noise(x_t, t, c.cond), eta)
+
+    return target
+
+
+ESD_OBJECTIVE = Matching("esd", _guided_target)
 
 
 def _esd(name: str, selection: str, summary: str, lr: float) -> Method:
@@ -19,7 +39,7 @@ def _esd(name: str, selection: str, summary: str, lr: float) -> Method:
         remain_scope="batch",
         # The ESD loss is minimised directly: the direction is its gradient (no remain term).
         combine=lambda forget, remain, weight, gram=None: gradient_ascent(forget),
-        forget_loss="esd",
+        forget=ESD_OBJECTIVE,
         variant={"selection": selection},
         # Tuned on training prompts with `scripts/tune-baselines.sh` (README "Tuning").
         defaults={"lr": lr, "steps": 100, "esd_eta": 1.0},

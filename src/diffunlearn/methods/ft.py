@@ -2,6 +2,7 @@
 relies on catastrophic forgetting of everything the remain set does not show."""
 
 from .base import Method
+from .objectives import NO_FORGET
 
 METHOD = Method(
     name="ft",
@@ -9,7 +10,7 @@ METHOD = Method(
     uses_remain=True,
     remain_scope="batch",
     combine=lambda forget, remain, weight, gram=None: [r.clone() for r in remain],
-    forget_loss="none",
+    forget=NO_FORGET,
     # Tuned on training prompts with `scripts/tune-baselines.sh` (README "Tuning").
     defaults={"lr": 8e-4, "steps": 100},
 )

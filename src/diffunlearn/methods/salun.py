@@ -8,8 +8,42 @@ paired remain prompt, or ``anchor`` when set, e.g. "a person wearing clothes" fo
 times the remain loss: d = g_remap + λ·g_r, masked.
 """
 
+import torch
+
 from ..updates import gradient_difference
 from .base import Method
+from .objectives import Bound, Matching
+
+
+def _anchor_target(run: Bound):
+    """``fn(chunk, x_t, t)``: the frozen reference's prediction for the anchor prompt (each forget
+    row's paired remain prompt, or ``anchor`` when set)."""
+    cfg, device, reference = run.cfg, run.engine.device, run.reference
+    anchors = run.remain_cond if not cfg.anchor else run.adapter.encode_prompts([cfg.anchor])
+
+    def target(c, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows = c.rows if not cfg.anchor else torch.zeros(len(x_t), dtype=torch.long)
+        cond = anchors[rows]
+        return reference.predict_noise(x_t, t, cond.to(device) if hasattr(cond, "to") else cond)
+
+    return target
+
+
+def saliency_masks(engine, forget_x0: torch.Tensor, forget_cond, cfg) -> list[torch.Tensor]:
+    """SalUn's weight saliency (Fan et al. 2024): keep the ``cfg.saliency_fraction`` of parameter
+    entries with the largest |∇ forget denoising loss|, over up to four batches of forget data.
+
+    The threshold is global over all trainable entries (ties at the threshold are kept, so the kept
+    fraction can exceed the target only by tied entries). Returns one bool mask per parameter.
+    """
+    n = len(forget_x0)
+    rows = torch.randperm(n, generator=engine.gen)[:min(n, 4 * cfg.batch_size)]
+    grads, _ = engine.remain_grads(engine.chunks(forget_x0, forget_cond, rows))
+    magnitudes = torch.cat([g.abs().reshape(-1).float() for g in grads])
+    keep = max(1, round(cfg.saliency_fraction * magnitudes.numel()))
+    threshold = torch.kthvalue(magnitudes.cpu(), magnitudes.numel() - keep + 1).values.item()
+    del magnitudes
+    return [g.abs() >= threshold for g in grads]
 
 METHOD = Method(
     name="salun",
@@ -17,8 +51,8 @@ METHOD = Method(
     uses_remain=True,
     remain_scope="batch",
     combine=lambda forget, remain, weight, gram=None: gradient_difference(forget, remain, weight),
-    forget_loss="remap",
-    saliency=True,
+    forget=Matching("remap", _anchor_target),
+    mask=saliency_masks,
     # Tuned on training prompts with `scripts/tune-baselines.sh` (README "Tuning").
     defaults={"lr": 8e-4, "steps": 100, "remain_weight": 1.0},
 )
