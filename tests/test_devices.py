@@ -12,7 +12,7 @@ from diffunlearn.cli import main
 from diffunlearn.config import build_config
 from diffunlearn.models import load_adapter
 from diffunlearn.models.pixel_base import PixelSpaceAdapter
-from diffunlearn.runner import load_for_run
+from diffunlearn.runfolder import load_for_run
 
 
 @pytest.fixture

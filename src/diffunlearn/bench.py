@@ -31,9 +31,10 @@ BENCH_METHODS = ("ga", "graddiff", "rg", "rg-flat")
 def _worker(spec: dict) -> dict:
     """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
     from .config import build_config, model_kind
+    from .data.training import prompt_texts, training_prompts
     from .methods import get_method
     from .parallel import Parallel
-    from .runner import load_for_run, prompt_texts, training_prompts
+    from .runfolder import load_for_run
 
     torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
     cfg = build_config(None, [f"model={spec['model']}", f"method={spec['method']}", f"selection={spec['selection']}",

@@ -36,7 +36,7 @@ from .demo import same_config
 from .errors import UserError
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
-from .runner import training_summary
+from .runfolder import training_summary
 from .utils import atomic_write_text, environment, image_seeds
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")

@@ -109,7 +109,7 @@ def samples_picture(before: torch.Tensor, after: torch.Tensor, names, target: in
 def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, progress: bool = True,
                          resume: bool = False) -> dict:
     """``diffunlearn unlearn`` with a class-conditional model."""
-    from .runner import check_out_dir, load_for_run, save_model, training_summary, write_run_header
+    from .runfolder import check_out_dir, load_for_run, save_model, training_summary, write_run_header
 
     parallel = Parallel.from_environment()
     adapter, folder = load_for_run(cfg, parallel)  # on cfg.device, with the process settings applied

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 from .config import UnlearnConfig, build_config
+from .data.training import build_training_data
 from .errors import UserError
 from .evaluate.world import evaluate_world
 from .jobs.attack import red_team
 from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
-from .runner import build_training_data, check_out_dir, run_method
+from .runfolder import check_out_dir
+from .runner import run_method
 from .utils import atomic_write_text, environment
 from .worlds.oracle import load_oracle
 

@@ -32,7 +32,8 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
     Raises:
         UserError: bad model, or ``out`` holds images made with other settings.
     """
-    from ..runner import build_training_data, load_for_run, prompt_texts, training_prompts
+    from ..runfolder import load_for_run
+    from .training import build_training_data, prompt_texts, training_prompts
 
     parallel = Parallel.from_environment()
     adapter, folder = load_for_run(cfg, parallel)
