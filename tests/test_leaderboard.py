@@ -56,7 +56,7 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_same_config_treats_keys_added_later_as_their_defaults():
     from diffunlearn.config import build_config
-    from diffunlearn.demo import same_config
+    from diffunlearn.runfolder import same_config
 
     cfg = build_config(None, ["method=rg", "steps=7"])
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("images", "remain_per_class", "remain_classes")}

@@ -32,11 +32,11 @@ import torch
 
 from .class_track import class_training_data
 from .config import EMBEDDED_CLASS, UnlearnConfig, build_config, dump_config
-from .demo import same_config
 from .errors import UserError
 from .evaluate.classes import evaluate_classes
 from .methods import get_method
-from .runfolder import training_summary
+from .report import mean_std_table
+from .runfolder import finished_run, training_summary
 from .utils import atomic_write_text, environment, image_seeds
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")
@@ -50,29 +50,9 @@ def control_classes(target: int, num_classes: int) -> tuple[int, int]:
     return (target + 1) % num_classes, (target + 2) % num_classes
 
 
-def _finished(folder: Path, cfg: UnlearnConfig) -> dict | None:
-    import yaml
-
-    results, config = folder / "results.json", folder / "config.yaml"
-    if results.is_file() and config.is_file() and same_config(yaml.safe_load(config.read_text()), cfg):
-        return json.loads(results.read_text())
-    return None
-
-
-def _mean_std(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def class_table(rows: dict[str, list[dict]]) -> str:
     """Markdown: one row per method, mean ± std over target classes."""
-    lines = ["| method | " + " | ".join(title for _, title, _ in FIELDS) + " | classes |",
-             "|---|" + "---|" * (len(FIELDS) + 1)]
-    for name, runs in rows.items():
-        cells = [_mean_std([r[key] for r in runs], digits) for key, _, digits in FIELDS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
-    return "\n".join(lines)
+    return mean_std_table(["method"], {(name,): runs for name, runs in rows.items()}, FIELDS, count="classes")
 
 
 def _run_one(adapter, oracle, cfg: UnlearnConfig, folder: Path, command: str, keep_model: bool,
@@ -155,7 +135,7 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
         for name in names:
             cfg = configs[(target, name)]
             folder = out / target / name
-            results, model = (None if force else _finished(folder, cfg)), None
+            results, model = (None if force else finished_run(folder, cfg, need_model=False)), None
             if results is None:
                 if progress:
                     print(f"demo (class track): forgetting {target} with {name}", file=sys.stderr, flush=True)

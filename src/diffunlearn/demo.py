@@ -13,42 +13,17 @@ from pathlib import Path
 
 from .config import UnlearnConfig, build_config
 from .data.training import build_training_data
-from .errors import UserError
 from .evaluate.world import evaluate_world
 from .jobs.attack import red_team
 from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
-from .runfolder import check_out_dir
+from .runfolder import check_out_dir, finished_run
 from .runner import run_method
 from .utils import atomic_write_text, environment
 from .worlds.oracle import load_oracle
 
 DEMO_METHODS = ("ga", "graddiff", "rg")
 GRID_COLUMNS = 8
-
-
-def finished_run(folder: Path, cfg: UnlearnConfig) -> dict | None:
-    """The results of a method folder that finished with exactly ``cfg``, else None."""
-    import yaml
-
-    results, config = folder / "results.json", folder / "config.yaml"
-    if not results.is_file() or not config.is_file() or not (folder / "model").is_dir():
-        return None
-    if not same_config(yaml.safe_load(config.read_text()), cfg):  # the first line is a comment
-        return None
-    return json.loads(results.read_text())
-
-
-def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
-    """Whether a run's recorded config equals ``cfg``. The record is resolved by ``build_config`` (as
-    ``sweep`` does with a run's config.yaml), so a key added to diffunlearn after that run takes the
-    default that run used; an unreadable record never matches."""
-    if not isinstance(recorded, dict):
-        return False
-    try:
-        return build_config(None, None, base=recorded).to_dict() == cfg.to_dict()
-    except UserError:
-        return False
 
 
 def red_team_demo(summary: dict, out: Path, cfg: UnlearnConfig, attacks: tuple[str, ...], progress: bool,

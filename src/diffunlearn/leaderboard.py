@@ -17,7 +17,6 @@ that never learned the concept.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from .config import build_config
@@ -26,6 +25,7 @@ from .errors import UserError
 from .evaluate.world import evaluate_world
 from .jobs.attack import red_team
 from .methods import METHODS
+from .report import mean_std, mean_std_table
 from .utils import atomic_write_text, environment
 
 LEADERBOARD_METHODS = tuple(name for name in METHODS if name != "rg-flat")
@@ -34,25 +34,17 @@ FIELDS = (("forget_score", "forget score ↓", 3), ("alignment", "alignment ↑"
           ("seconds", "seconds", 0))
 
 
-def _mean_std(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def leaderboard_table(results: dict[str, dict[str, list[dict]]], attacks: tuple[str, ...] = ()) -> str:
     """Markdown: one row per (concept, method), mean ± std over seeds; one ASR column per attack."""
-    lines = ["| concept | method | " + " | ".join(title for _, title, _ in FIELDS)
-             + "".join(f" | ASR {a} ↓" for a in attacks) + " | seeds |",
-             "|---|---|" + "---|" * (len(FIELDS) + len(attacks) + 1)]
-    for concept, methods in results.items():
-        for name, runs in methods.items():
-            cells = [_mean_std([r[key] for r in runs], digits) for key, _, digits in FIELDS]
-            for a in attacks:
-                values = [r["asr"][a] for r in runs if a in r.get("asr", {})]
-                cells.append(_mean_std(values, 3) if len(values) == len(runs) else "-")
-            lines.append(f"| {concept} | {name} | " + " | ".join(cells) + f" | {len(runs)} |")
-    return "\n".join(lines)
+    def asr(runs: list[dict]) -> list[str]:
+        out = []
+        for a in attacks:
+            values = [r["asr"][a] for r in runs if a in r.get("asr", {})]
+            out.append(mean_std(values, 3) if len(values) == len(runs) else "-")
+        return out
+
+    rows = {(concept, name): runs for concept, methods in results.items() for name, runs in methods.items()}
+    return mean_std_table(["concept", "method"], rows, FIELDS, ([f"ASR {a} ↓" for a in attacks], asr))
 
 
 def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progress: bool, command: str
@@ -78,7 +70,7 @@ def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progre
 
 def _current(summary: dict, concept: str, methods: tuple[str, ...], overrides: list[str]) -> bool:
     """Whether a finished demo holds every method with exactly the configs this leaderboard asks for."""
-    from .demo import same_config
+    from .runfolder import same_config
 
     settings = summary.get("settings", {})
     return all(m in settings and same_config(settings[m], build_config(None, overrides, base={"concept": concept,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,3 +79,30 @@ def markdown_table(methods: dict[str, dict]) -> str:
             f"{m['quality_fd']:.2f} | {m['seconds']:.1f} |"
             + "".join(f" {asr[a]:.3f} |" if a in asr else " - |" for a in attacks))
     return "\n".join(lines)
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """``mean ± std`` (sample std; 0 for one value) with ``digits`` decimals."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def mean_std_table(keys: list[str], rows: dict[tuple[str, ...], list[dict]], fields, extra=None, count: str = "seeds"
+                   ) -> str:
+    """Markdown: one row per key tuple (e.g. (concept, method)), each field's mean ± std over the runs,
+    then ``extra(runs) -> cells`` (e.g. attack success columns) and the number of runs.
+
+    Args:
+        keys: the key columns' titles; fields: ``(key, title, digits)`` per number column;
+        extra: ``(titles, fn)`` or None.
+    """
+    titles = [title for _, title, _ in fields] + (list(extra[0]) if extra else [])
+    lines = ["| " + " | ".join([*keys, *titles, count]) + " |", "|" + "---|" * (len(keys) + len(titles) + 1)]
+    for key, runs in rows.items():
+        cells = [mean_std([r[k] for r in runs], digits) for k, _, digits in fields]
+        if extra:
+            cells += extra[1](runs)
+        lines.append("| " + " | ".join([*key, *cells, str(len(runs))]) + " |")
+    return "\n".join(lines)
+

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UnlearnConfig, dump_config
+from .config import UnlearnConfig, build_config, dump_config
 from .errors import UserError
 from .models import load_adapter
 from .parallel import Parallel
@@ -138,3 +138,28 @@ def training_summary(history: list[dict], seconds: float) -> dict:
         "both_improved_fraction": (sum(h["forget_loss_change"] > 0 and h["remain_loss_change"] < 0 for h in diagnosed)
                                    / len(diagnosed)) if diagnosed else None,
     }
+
+
+def finished_run(folder: Path, cfg: UnlearnConfig, need_model: bool = True) -> dict | None:
+    """The results of a run folder that finished with exactly ``cfg`` (and, with ``need_model``, kept
+    its model), else None: how every demo and study decides that a run can be reused."""
+    import yaml
+
+    results, config = folder / "results.json", folder / "config.yaml"
+    if not results.is_file() or not config.is_file() or (need_model and not (folder / "model").is_dir()):
+        return None
+    if not same_config(yaml.safe_load(config.read_text()), cfg):  # the first line is a comment
+        return None
+    return json.loads(results.read_text())
+
+
+def same_config(recorded: dict, cfg: UnlearnConfig) -> bool:
+    """Whether a run's recorded config equals ``cfg``. The record is resolved by ``build_config`` (as
+    ``sweep`` does with a run's config.yaml), so a key added to diffunlearn after that run takes the
+    default that run used; an unreadable record never matches."""
+    if not isinstance(recorded, dict):
+        return False
+    try:
+        return build_config(None, None, base=recorded).to_dict() == cfg.to_dict()
+    except UserError:
+        return False
