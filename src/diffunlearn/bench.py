@@ -53,7 +53,7 @@ def _worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     fx, rx = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     fc, rc = adapter.encode_prompts(forget_p), adapter.encode_prompts(remain_p)
-    cuda = adapter.device.type == "cuda" if hasattr(adapter, "device") else False
+    cuda = adapter.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -66,7 +66,7 @@ def _worker(spec: dict) -> dict:
     timed = [h["seconds"] for h in history[spec["warmup"]:]]
     return {"step_seconds": statistics.median(timed), "peak_memory_mb": peak_mb,
             "projected_fraction": sum(bool(h.get("projected")) for h in history) / len(history),
-            "device": str(adapter.device) if hasattr(adapter, "device") else "cpu"}
+            "device": str(adapter.device)}
 
 
 def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: int = 8, steps: int = 5,

@@ -101,10 +101,10 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
 
 
 def save_format(cfg: UnlearnConfig, adapter) -> str:
-    if hasattr(adapter, "class_names"):
-        return "class"
-    if not hasattr(adapter, "save_lora"):
-        return "pixel"
+    """The format the run's model is saved in: the family's only one, or for Stable Diffusion the
+    config's ``save`` (``auto``: LoRA weights for a LoRA run, else the full pipeline)."""
+    if len(adapter.save_formats) == 1:
+        return adapter.save_formats[0]
     if cfg.save != "auto":
         return cfg.save
     return "lora" if cfg.selection == "lora" else "pipeline"

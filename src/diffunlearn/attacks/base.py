@@ -109,7 +109,7 @@ class Attack(Protocol):
 
 def is_text_model(adapter: Any) -> bool:
     """Whether the model is conditioned on text (token states) rather than on class labels."""
-    return not hasattr(adapter, "class_names")
+    return adapter.condition_kind == "text"
 
 
 def device_of(adapter: Any) -> torch.device:

@@ -39,7 +39,7 @@ def sample_batch(adapter, cfg: UnlearnConfig) -> int:
     uses the training batch size, which the GPU is known to hold."""
     if cfg.sample_batch_size:
         return cfg.sample_batch_size
-    return cfg.batch_size if hasattr(adapter, "vae") else 256
+    return adapter.sample_batch_default or cfg.batch_size
 
 
 def prompt_texts(prompts: list) -> list[str]:

@@ -87,15 +87,8 @@ def default_sampler(adapter, run_cfg) -> tuple[int, float, int]:
     """(steps, guidance, seed): the run's evaluation settings, else the model family's defaults."""
     if run_cfg is not None:
         return run_cfg.eval_steps, run_cfg.eval_guidance, run_cfg.eval_seed
-    if hasattr(adapter, "vae"):
-        return 50, 7.5, 1  # the diffusers pipeline defaults the paper assumes (PAPER.md §3)
-    if hasattr(adapter, "class_names"):
-        from ..config import CLASS_DEFAULTS
-
-        return CLASS_DEFAULTS["eval_steps"], CLASS_DEFAULTS["eval_guidance"], 1
-    from ..worlds.base_model import GUIDANCE, SAMPLE_STEPS
-
-    return SAMPLE_STEPS, GUIDANCE, 1
+    steps, guidance = adapter.sampler_defaults
+    return steps, guidance, 1
 
 
 def _check_prompts_fit_model(adapter, specs: list[str]) -> None:

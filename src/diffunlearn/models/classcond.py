@@ -93,6 +93,10 @@ class ClassConditionalAdapter(PixelSpaceAdapter):
     """
 
     sampler_name = "DDIMScheduler"
+    family = "class"
+    condition_kind = "class"
+    save_formats = ("class",)
+    sampler_defaults = (50, 1.0)  # DDIM 50 steps, no guidance (the CIFAR-10 reference; config.CLASS_DEFAULTS)
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, class_names: Sequence[str]) -> None:
         """Raises:

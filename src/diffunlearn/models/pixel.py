@@ -47,6 +47,11 @@ class PixelTextToImage(PixelSpaceAdapter):
     """Adapter for the pixel-space model (implements ``DiffusionAdapter``). The frozen text encoder
     stays on the CPU (shared by every copy of the model); its token states move to the UNet."""
 
+    family = "pixel"
+    condition_kind = "text"
+    save_formats = ("pixel",)
+    sampler_defaults = (12, 4.0)  # the digit world's sampler (worlds.base_model SAMPLE_STEPS, GUIDANCE)
+
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
                  text_encoder: FrozenTextEncoder | None = None) -> None:
         super().__init__(unet, scheduler)

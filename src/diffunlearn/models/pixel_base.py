@@ -51,9 +51,18 @@ class DenoisingObjective:
 
 
 class PixelSpaceAdapter(DenoisingObjective):
-    """Base of the pixel-space adapters: a UNet and its DDPM scheduler on one device."""
+    """Base of the pixel-space adapters: a UNet and its DDPM scheduler on one device.
+
+    Every adapter declares what it is instead of callers probing its attributes: ``family`` (the
+    kind ``config.model_kind`` reads from folders: ``pixel``, ``class`` or ``text``),
+    ``condition_kind`` (``text`` or ``class``), ``save_formats`` (the first is the default),
+    ``sample_batch_default`` (images per sampler call, None = the training batch size) and
+    ``sampler_defaults`` ((steps, guidance) of an evaluation without a run config).
+    """
 
     unet: nn.Module
+    save_formats: tuple[str, ...]
+    sample_batch_default: int | None = 256  # tiny models sample hundreds of images at once
 
     def __init__(self, unet: nn.Module, scheduler) -> None:
         prediction = scheduler.config.get("prediction_type", "epsilon")

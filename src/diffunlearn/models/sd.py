@@ -128,6 +128,11 @@ class StableDiffusionAdapter(DenoisingObjective):
     """
 
     sampler_name = SAMPLER_NAME
+    family = "text"
+    condition_kind = "text"
+    save_formats = ("pipeline", "unet", "lora")
+    sample_batch_default = None  # the training batch size, which the GPU is known to hold
+    sampler_defaults = (50, 7.5)  # the diffusers pipeline defaults the paper assumes (PAPER.md §3)
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
                  device: torch.device | str | None = None, frozen_dtype: torch.dtype | str | None = None,
