@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import EMBEDDED, model_kind
 from ..errors import UserError
-from .classcond import EMBEDDED_CLASS, ClassConditionalAdapter
+from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, model_kind
+from .classcond import ClassConditionalAdapter
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 
@@ -41,9 +41,6 @@ def embedded_class_folder() -> Path:
     from ..worlds.assets import asset_path
 
     return asset_path("digits-class")
-
-
-RETRAINED_PREFIX = "embedded:digits-without-"
 
 
 def retrained_name(concept: str) -> str:

@@ -30,8 +30,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
-from ..config import EMBEDDED_CLASS
 from ..errors import UserError
+from ..families import EMBEDDED_CLASS
 from .pixel_base import PixelSpaceAdapter
 
 
