@@ -134,6 +134,9 @@ def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):
     rerun = next(t for t in complete if t["root"] == 0)
     assert rerun["params"] == killed["params"] and rerun["number"] != 0
     assert sorted(p.name for p in (out / "trials" / "rg").iterdir()) == ["trial-0000", "trial-0002"]
+    # The resumed session's sampler does not replay the first session's draws: trial 2 is a new point.
+    new = next(t for t in complete if t["root"] == 2)
+    assert new["params"] != killed["params"]
 
 
 def test_a_class_world_study_scores_one_minus_ua_and_ra(tmp_path):
@@ -163,3 +166,5 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_pat
     assert len(complete) == 5 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t["root"] for t in complete}) == 5 and all(t["worker"] for t in complete)
     assert len(list((out / "trials" / "rg").iterdir())) == 5
+    # Each worker samples its own sequence: no two trials propose the same settings.
+    assert len({json.dumps(t["params"], sort_keys=True) for t in complete}) == 5

@@ -356,16 +356,23 @@ def _storage(spec: StudySpec, out: Path):
     return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
 
 
-def _sampler(spec: StudySpec, space: dict[str, Dimension]):
+def _sampler(spec: StudySpec, space: dict[str, Dimension], offset: int = 0):
+    """The sampler, seeded with ``sampler_seed + offset``. A sampler replays its random draws from its
+    seed, so a resumed session or a second worker seeded like the first would propose the same
+    points again; :func:`search` passes an offset unique to (trials already stored, worker)."""
     import optuna
 
+    seed = spec.sampler_seed + offset
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(d.choices) for k, d in space.items()}, seed=spec.sampler_seed)
+        return optuna.samplers.GridSampler({k: list(d.choices) for k, d in space.items()}, seed=seed)
     if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.sampler_seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.sampler_seed)
-    return optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(6, spec.trials))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(6, spec.trials))
+
+
+WORKER_ENV = "DIFFUNLEARN_STUDY_WORKER"  # the index of a --workers process (0 = the main process)
 
 
 def budget(spec: StudySpec, space: dict[str, Dimension]) -> int:
@@ -559,6 +566,9 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
         study = _load_study(spec, out, method, space)
         optuna.storages.fail_stale_trials(study)  # trials of a killed worker (heartbeat too old) become FAIL,
         requeue_interrupted(study)                # then run again under their own numbers
+        # A fresh draw sequence for this session and worker (the first session of worker 0 keeps the
+        # plain seed, so a study run in one go is reproducible from --sampler-seed).
+        study.sampler = _sampler(spec, space, len(study.trials) + 7919 * int(os.environ.get(WORKER_ENV, "0")))
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         total = budget(spec, space)
@@ -831,7 +841,7 @@ def front_plot(rows: dict[str, list[dict]], path: Path, concept: str) -> None:
 def _worker_env(index: int) -> dict[str, str]:
     """Worker ``index``'s environment: one torch thread, no bars, and on a machine with several GPUs
     the GPU ``index`` modulo their number (the main process, worker 0, uses the first)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", WORKER_ENV: str(index)}
     import torch
 
     gpus = torch.cuda.device_count()
