@@ -71,7 +71,7 @@ def _run_one(adapter, oracle, cfg: UnlearnConfig, folder: Path, command: str, ke
                                   cfg.eval_guidance, progress)
     results = {"concept": cfg.concept, "target_class": target, "method": cfg.method,
                "remain_classes": cfg.remain_classes, "seconds": seconds, **evaluation.metrics(),
-               "training": training_summary(history, seconds)}
+               "training": training_summary(history, seconds), "metrics": evaluation.as_eval_metrics()}
     if keep_model:
         model.save(folder / "model")
     atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")

@@ -142,6 +142,8 @@ def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: st
         results = {"concept": cfg.concept, "target_class": target, "method": cfg.method,
                    "seconds": training["seconds"],
                    **(metrics or {}), "training": training}
+        if metrics is not None:
+            results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
         fmt = save_model(adapter, cfg, out)
         data_info = {"images": record["source"], "forget_images": record["forget_count"],
                      "remain": record["mode"], "remain_per_class": record["per_class"],

@@ -27,7 +27,9 @@ ALIGNMENT = [("alignment", "remain", "alignment"), ("oracle", "remain", "alignme
 
 
 def _eval_folder(run: Path) -> Path:
-    for candidate in (run, run / "eval"):
+    # A run's own eval/ (an explicit `diffunlearn eval`) first, then the folder itself: an evaluation,
+    # or a run whose in-run scores are written in the same schema.
+    for candidate in (run / "eval", run):
         results = candidate / "results.json"
         if results.is_file() and "metrics" in json.loads(results.read_text()):
             return candidate
@@ -69,6 +71,7 @@ def _load_evaluation(run: Path) -> dict[str, float]:
     except UserError:
         results_path = run / "results.json"
         plain = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        # Run folders written before in-run scores carried the eval schema ("metrics"): translated here.
         if "ua" in plain:
             # A class-conditional world run: the oracle's UA/RA/FD, under the classifier metric's names.
             return {"classifier/forget/ua": plain["ua"], "classifier/forget/ua_complement": 1.0 - plain["ua"],

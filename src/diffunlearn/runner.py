@@ -106,6 +106,8 @@ def run_method(base_adapter, data, cfg: UnlearnConfig, out: Path, oracle, comman
                        "held-out prompts WITHOUT the concept: same prompts and seeds in both rows")
     results = {"concept": cfg.concept, "method": cfg.method, "seconds": training["seconds"], **(metrics or {}),
                "training": training}
+    if evaluation is not None:
+        results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
     if parallel.is_main:
         fmt = save_model(adapter, cfg, out)
         write_model_card(out / "model", cfg, fmt, base_model or cfg.model, command, data_info or {}, training, metrics)

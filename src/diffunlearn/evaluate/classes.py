@@ -36,6 +36,12 @@ class ClassEvaluation:
     def metrics(self) -> dict:
         return {"ua": self.ua, "ra": self.ra, "fd": self.fd, "accuracy_per_class": self.accuracy_per_class}
 
+    def as_eval_metrics(self) -> dict:
+        """UA, RA and FD in the ``diffunlearn eval`` schema, under the ``classifier`` metric's names
+        (UA on the ``forget`` set, RA on ``remain``) and FD as the oracle's quality."""
+        return {"classifier": {"forget": {"ua": self.ua, "ua_complement": 1.0 - self.ua}, "remain": {"ra": self.ra}},
+                "oracle": {"remain": {"quality_fd": self.fd}}}
+
 
 def unlearning_accuracy(predicted: torch.Tensor, target: int) -> float:
     """UA = 1 − fraction of ``predicted`` labels equal to ``target`` (NaN for no samples)."""

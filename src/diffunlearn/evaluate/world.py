@@ -39,6 +39,13 @@ class WorldEvaluation:
         return {"forget_score": self.forget_score, "alignment": self.alignment,
                 "alignment_per_attribute": self.alignment_per_attribute, "quality_fd": self.quality_fd}
 
+    def as_eval_metrics(self) -> dict:
+        """The same numbers in the ``diffunlearn eval`` schema (metric -> set -> aggregate), under the
+        names the ``oracle`` metric uses, so ``compare`` reads every run the same way."""
+        remain = {"alignment": self.alignment, **{f"alignment_{k}": v for k, v in self.alignment_per_attribute.items()},
+                  "quality_fd": self.quality_fd}
+        return {"oracle": {"forget": {"forget_score": self.forget_score}, "remain": remain}}
+
 
 def forget_score(predicted: torch.Tensor, concept: str) -> float:
     """Fraction of ``(N, 3)`` oracle predictions that show ``concept``."""
