@@ -49,6 +49,25 @@ def test_the_chosen_point_is_chosen_on_training_scores_never_held_out():
     assert entry["chosen"]["trial"] == 2 and not entry["reaches_forget_limit"]
 
 
+class _T:
+    def __init__(self, number, values):
+        self.number, self.values = number, values
+
+
+def test_the_rule_choice_is_always_re_run_held_out():
+    from diffunlearn.study import _select
+
+    # The front of a search: the rule's pick (forget 0.01 <= 0.05 with the best alignment) lies inside it.
+    front = [_T(7, [0.0, 0.74]), _T(0, [0.01, 0.99]), _T(5, [0.4, 0.995]), _T(3, [0.98, 1.0])]
+    assert [t.number for t in _select(front, 1)] == [0]
+    assert [t.number for t in _select(front, 2)] == [7, 0]      # the pick, then the front's low-forget end
+    assert [t.number for t in _select(front, 3)] == [7, 0, 3]   # the pick, then both ends
+    # 5/100 in float32 is 0.0500000007: it still forgets.
+    assert [t.number for t in _select([_T(1, [0.05000000074505806, 0.75]), _T(2, [0.02, 0.6])], 1)] == [1]
+    # Nothing forgets: the lowest forget score.
+    assert [t.number for t in _select([_T(1, [0.3, 0.9]), _T(2, [0.2, 0.5]), _T(4, [0.9, 1.0])], 1)] == [2]
+
+
 def test_search_space_defaults_and_overrides():
     spec = StudySpec(methods=("rg", "ga", "esd-u"), space=("rg.margin=0.05,0.2", "lr=1e-4:1e-3:log"))
     spaces = validate(spec)

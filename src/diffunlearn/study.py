@@ -646,15 +646,34 @@ def hypervolume(points: list[list[float]]) -> float:
     return total
 
 
+def forgets(value: float) -> bool:
+    """Forget score at most ``FORGET_LIMIT`` (scores are float32 fractions: 5/100 is 0.0500000007)."""
+    return value <= FORGET_LIMIT + 1e-6
+
+
+def rule_choice(points: list, scores) -> Any:
+    """The README's tuning rule on ``scores(point) -> (forget, alignment)``: the best alignment among
+    points that forget, ties to the lower forget score; if none forgets, the lowest forget score."""
+    ok = [p for p in points if forgets(scores(p)[0])]
+    if ok:
+        return max(ok, key=lambda p: (round(scores(p)[1], 3), -scores(p)[0]))
+    return min(points, key=lambda p: (scores(p)[0], -scores(p)[1]))
+
+
 def _select(front: list, k: int) -> list:
-    """Up to ``k`` front trials spread along the forget axis (its ends included)."""
+    """Up to ``k`` front trials to re-run held out: first the one the tuning rule picks on the
+    training scores (so the reported choice is always among them), then the rest spread along the
+    forget axis (its ends first)."""
     front = sorted(front, key=lambda t: (t.values[0], -t.values[1]))
     if len(front) <= k:
         return front
+    first = rule_choice(front, lambda t: t.values)
+    rest = [t for t in front if t is not first]
     if k == 1:
-        return [front[len(front) // 2]]
-    picks = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)})
-    return [front[i] for i in picks]
+        return [first]
+    spread = sorted({round(i * (len(rest) - 1) / (k - 2)) for i in range(k - 1)}) if k > 2 else [0, len(rest) - 1]
+    picks = [rest[i] for i in dict.fromkeys(spread)][:k - 1]
+    return sorted([first, *picks], key=lambda t: (t.values[0], -t.values[1]))
 
 
 def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dimension]], command: str,
@@ -725,13 +744,13 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
         def fd(p):
             return p.get("train_quality_fd") if p.get("train_quality_fd") is not None else math.inf
 
-        forgets = [p for p in points if train(p)[0] <= FORGET_LIMIT]
+        forgets_ = [p for p in points if forgets(train(p)[0])]
         # Ties (common: several points at training forget 0, alignment 1) go to the lower training
         # forget score, then the lower training quality FD (the README "Tuning" rule).
-        best = (max(forgets, key=lambda p: (round(train(p)[1], 3), -train(p)[0], -fd(p))) if forgets
+        best = (max(forgets_, key=lambda p: (round(train(p)[1], 3), -train(p)[0], -fd(p))) if forgets_
                 else min(points, key=lambda p: (train(p)[0], -train(p)[1], fd(p))))
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
-        entry = {"chosen": best, "reaches_forget_limit": best["forget_score"] <= FORGET_LIMIT,
+        entry = {"chosen": best, "reaches_forget_limit": forgets(best["forget_score"]),
                  "hypervolume": hypervolume(clean)}
         if spec.attack and all("asr" in p for p in points):
             entry["hypervolume_attack"] = hypervolume([c + [p["asr"]] for c, p in zip(clean, points)])

@@ -111,10 +111,13 @@ def weighting_combine(weighting_name: str, method: str) -> Combine:
 START_DEFAULTS = {"lr": 5e-5, "steps": 100, "remain_weight": 1.6}
 
 
-def gramian_method(name: str, weighting_name: str, projects: bool, summary: str):
+def gramian_method(name: str, weighting_name: str, projects: bool, summary: str, defaults: dict | None = None,
+                   modifier_defaults: dict | None = None):
     """The :class:`~diffunlearn.methods.base.Method` of a torchjd Gramian weighting: paired remain
-    batches, :func:`weighting_combine`, :data:`START_DEFAULTS` (each rule file states only what differs)."""
+    batches, :func:`weighting_combine`, :data:`START_DEFAULTS` unless the rule was tuned (each rule
+    file states only what differs)."""
     from .base import Method
 
     return Method(name=name, summary=summary, uses_remain=True, remain_scope="batch",
-                  combine=weighting_combine(weighting_name, name), projects=projects, defaults=dict(START_DEFAULTS))
+                  combine=weighting_combine(weighting_name, name), projects=projects,
+                  defaults={**START_DEFAULTS, **(defaults or {})}, modifier_defaults=dict(modifier_defaults or {}))
