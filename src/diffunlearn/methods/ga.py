@@ -9,5 +9,7 @@ METHOD = Method(
     uses_remain=False,
     remain_scope="batch",
     combine=lambda forget, remain, weight, gram=None: gradient_ascent(forget),
+    # README "Tuning"; the method study (4 trials) found nothing better on the training prompts: every
+    # setting forgets by destroying the model (alignment about 0.02).
     defaults={"lr": 5e-5, "steps": 100},
 )

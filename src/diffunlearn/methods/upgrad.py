@@ -18,4 +18,7 @@ from .jd import gramian_method
 
 METHOD = gramian_method(
     "upgrad", "UPGradWeighting", projects=True,
-    summary="UPGrad (Quinton & Rey 2024): each of g_f, λ·g_r projected onto their dual cone, then averaged")
+    summary="UPGrad (Quinton & Rey 2024): each of g_f, λ·g_r projected onto their dual cone, then averaged",
+    # From `diffunlearn study` (README "Method study"), the training-side pick of 4 trials per concept.
+    defaults={"lr": 5.85e-5, "remain_weight": 6.73, "margin": 0.165},
+    modifier_defaults={"lr": 1.25e-4, "remain_weight": 4.89, "margin": 0.244})
