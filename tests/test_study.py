@@ -51,7 +51,7 @@ def test_the_chosen_point_is_chosen_on_training_scores_never_held_out():
 
 class _T:
     def __init__(self, number, values):
-        self.number, self.values = number, values
+        self.number, self.values, self.user_attrs = number, values, {}
 
 
 def test_the_rule_choice_is_always_re_run_held_out():
@@ -64,6 +64,12 @@ def test_the_rule_choice_is_always_re_run_held_out():
     assert [t.number for t in _select(front, 3)] == [7, 0, 3]   # the pick, then both ends
     # 5/100 in float32 is 0.0500000007: it still forgets.
     assert [t.number for t in _select([_T(1, [0.05000000074505806, 0.75]), _T(2, [0.02, 0.6])], 1)] == [1]
+    # A tie already re-run held out serves for the rule's pick (no runs repeated for a tie).
+    from diffunlearn.study import prefer_ran
+
+    a, b, c = _T(0, [0.0, 0.02]), _T(2, [0.0, 0.02]), _T(3, [0.1, 0.5])
+    assert prefer_ran([a], [a, b, c], ran={2}) == [b] and prefer_ran([c], [a, b, c], ran={2}) == [c]
+    assert prefer_ran([a, b], [a, b, c], ran={2}) == [b]
     # Nothing forgets: the lowest forget score.
     assert [t.number for t in _select([_T(1, [0.3, 0.9]), _T(2, [0.2, 0.5]), _T(4, [0.9, 1.0])], 1)] == [2]
 

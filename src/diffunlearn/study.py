@@ -676,6 +676,14 @@ def _select(front: list, k: int) -> list:
     return sorted([first, *picks], key=lambda t: (t.values[0], -t.values[1]))
 
 
+def prefer_ran(chosen: list, front: list, ran: set[int]) -> list:
+    """A tie is arbitrary: a chosen trial not yet re-run held out is replaced by a front trial with
+    the same training scores that has been (no runs repeated for a tie); duplicates dropped."""
+    out = [t if _root(t) in ran else next((u for u in front if _root(u) in ran and u.values == t.values), t)
+           for t in chosen]
+    return list(dict.fromkeys(out))
+
+
 def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dimension]], command: str,
             progress: bool, clock: Clock | None = None) -> dict[str, list[dict]]:
     """Re-run each method's selected front points on held-out prompts over ``spec.seeds``."""
@@ -688,8 +696,10 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         study = _load_study(spec, out, method, space)
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         flags = pareto([list(t.values) for t in done], [d.name.lower() for d in study.directions])
-        chosen = _select([t for t, f in zip(done, flags) if f], spec.front)
-        plan += [(method, t) for t in chosen]
+        front = [t for t, f in zip(done, flags) if f]
+        chosen = _select(front, spec.front)
+        ran = {_root(t) for t in front if (out / "heldout" / method / f"trial-{_root(t):04d}").is_dir()}
+        plan += [(method, t) for t in prefer_ran(chosen, front, ran)]
     for seed in spec.seeds:
         ensure_data(spec, out, seed, progress, command)  # with its own bar, before the runs' bar
     bar = tqdm(total=len(plan) * len(spec.seeds), desc=f"study {spec.concept}: held-out runs", disable=not progress)
