@@ -50,6 +50,10 @@ def test_the_chosen_point_is_chosen_on_training_scores_never_held_out():
 
 
 class _T:
+    """A stand-in for Optuna's FrozenTrial, unhashable like it."""
+
+    __hash__ = None
+
     def __init__(self, number, values):
         self.number, self.values, self.user_attrs = number, values, {}
 

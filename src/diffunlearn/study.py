@@ -681,7 +681,7 @@ def prefer_ran(chosen: list, front: list, ran: set[int]) -> list:
     the same training scores that has been (no runs repeated for a tie); duplicates dropped."""
     out = [t if _root(t) in ran else next((u for u in front if _root(u) in ran and u.values == t.values), t)
            for t in chosen]
-    return list(dict.fromkeys(out))
+    return list({_root(t): t for t in out}.values())  # (Optuna's FrozenTrial is not hashable)
 
 
 def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dimension]], command: str,
