@@ -27,7 +27,7 @@ def test_esd_first_step_loss_matches_a_hand_computation(text_encoder, eta):
     history = unlearn(fresh_adapter(text_encoder), get_method("esd-x"), cfg, fx, fc, rx, rc, progress=False)
     gen = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(8, generator=gen)[:4]
-    noise, t = draw_noise(fx[idx], adapter.num_train_timesteps, gen)
+    noise, t = draw_noise(fx[idx], adapter, gen)
     with torch.no_grad():
         x_t = adapter.add_noise(fx[idx], noise, t)
         e_c = adapter.predict_noise(x_t, t, fc[idx])

@@ -80,7 +80,7 @@ def test_same_seed_same_result(text_encoder, name):
 def test_pinned_denoising_loss(text_encoder):
     adapter = fresh_adapter(text_encoder)
     fx, fc, _, _ = tiny_data(adapter, n=4)
-    noise, t = draw_noise(fx, adapter.num_train_timesteps, torch.Generator().manual_seed(0))
+    noise, t = draw_noise(fx, adapter, torch.Generator().manual_seed(0))
     with torch.no_grad():
         per_sample = denoising_loss(adapter, fx, fc, noise, t)
     assert per_sample.shape == (4,)
@@ -93,7 +93,7 @@ PINNED_LOSSES = [1.2164212, 1.2835952, 1.1352726, 1.1319700]  # torch 2.13 CPU, 
 def test_forget_caps(text_encoder):
     adapter = fresh_adapter(text_encoder)
     fx, fc, _, _ = tiny_data(adapter, n=4)
-    noise, t = draw_noise(fx, adapter.num_train_timesteps, torch.Generator().manual_seed(0))
+    noise, t = draw_noise(fx, adapter, torch.Generator().manual_seed(0))
     obj, per_sample = forget_objective(adapter, fx, fc, noise, t, cap="hinge", margin=10.0)
     assert obj.item() == pytest.approx(-per_sample.mean().item(), rel=1e-6)
     # Above the margin the hinge is a hard stop: zero objective, zero gradient.
@@ -122,7 +122,7 @@ def test_rgd_remain_gradient_is_the_mean_over_the_whole_remain_set(text_encoder)
     losses = []
     for start, size in ((0, 4), (4, 2)):
         x0 = rx[start:start + size]
-        noise, t = draw_noise(x0, adapter.num_train_timesteps, gen)
+        noise, t = draw_noise(x0, adapter, gen)
         per = denoising_loss(adapter, x0, rc[start:start + size], noise, t)
         losses.append(per)
         for acc, g in zip(manual, torch.autograd.grad(per.sum() / 6, params, allow_unused=True)):

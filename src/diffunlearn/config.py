@@ -16,7 +16,7 @@ from .errors import UserError
 
 # The embedded names and how a folder tells its family belong to the model families; the config
 # needs both for its defaults (families.py imports nothing of diffunlearn but its errors).
-from .families import EMBEDDED, EMBEDDED_CLASS, model_kind  # noqa: E402, F401
+from .families import EMBEDDED, EMBEDDED_CLASS, model_kind  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass

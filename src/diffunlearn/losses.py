@@ -12,14 +12,9 @@ CAPS = ("hinge", "elementwise", "none")
 
 def draw_noise(x0: Tensor, adapter, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Noise ε ~ N(0, I) like ``x0``, then one training timestep per sample from the model's own
-    density (``adapter.draw_timesteps``; an int ``T`` means uniform over {0..T−1}), both from
-    ``generator`` in that order."""
+    density (``adapter.draw_timesteps``), both from ``generator`` in that order."""
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    if isinstance(adapter, int):
-        t = torch.randint(adapter, (x0.shape[0],), generator=generator)
-    else:
-        t = adapter.draw_timesteps(x0.shape[0], generator)
-    return noise, t.to(x0.device)
+    return noise, adapter.draw_timesteps(x0.shape[0], generator).to(x0.device)
 
 
 def _weighted(err: Tensor, weight: Tensor | None) -> Tensor:

@@ -651,13 +651,14 @@ def forgets(value: float) -> bool:
     return value <= FORGET_LIMIT + 1e-6
 
 
-def rule_choice(points: list, scores) -> Any:
+def rule_choice(points: list, scores, tiebreak=lambda p: 0.0) -> Any:
     """The README's tuning rule on ``scores(point) -> (forget, alignment)``: the best alignment among
-    points that forget, ties to the lower forget score; if none forgets, the lowest forget score."""
+    points that forget, ties to the lower forget score, then the lower ``tiebreak(point)``; if none
+    forgets, the lowest forget score."""
     ok = [p for p in points if forgets(scores(p)[0])]
     if ok:
-        return max(ok, key=lambda p: (round(scores(p)[1], 3), -scores(p)[0]))
-    return min(points, key=lambda p: (scores(p)[0], -scores(p)[1]))
+        return max(ok, key=lambda p: (round(scores(p)[1], 3), -scores(p)[0], -tiebreak(p)))
+    return min(points, key=lambda p: (scores(p)[0], -scores(p)[1], tiebreak(p)))
 
 
 def _select(front: list, k: int) -> list:
@@ -748,17 +749,10 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     (and the defaults taken from it) are never selected on held-out prompts."""
     summary = {}
     for method, points in rows.items():
-        def train(p):
-            return p["train_objectives"][0], p["train_objectives"][1]
-
-        def fd(p):
-            return p.get("train_quality_fd") if p.get("train_quality_fd") is not None else math.inf
-
-        forgets_ = [p for p in points if forgets(train(p)[0])]
         # Ties (common: several points at training forget 0, alignment 1) go to the lower training
-        # forget score, then the lower training quality FD (the README "Tuning" rule).
-        best = (max(forgets_, key=lambda p: (round(train(p)[1], 3), -train(p)[0], -fd(p))) if forgets_
-                else min(points, key=lambda p: (train(p)[0], -train(p)[1], fd(p))))
+        # quality FD (the README "Tuning" rule).
+        best = rule_choice(points, lambda p: p["train_objectives"][:2],
+                           lambda p: math.inf if p.get("train_quality_fd") is None else p["train_quality_fd"])
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
         entry = {"chosen": best, "reaches_forget_limit": forgets(best["forget_score"]),
                  "hypervolume": hypervolume(clean)}

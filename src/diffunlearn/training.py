@@ -85,10 +85,6 @@ class Chunk(NamedTuple):
     rows: torch.Tensor    # the chunk's row indices in the data set (to fetch paired anchors)
 
 
-def _to(condition, device: torch.device):
-    return condition.to(device) if hasattr(condition, "to") else condition
-
-
 def _finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -138,7 +134,7 @@ class GradientEngine:
         for part in mine.tensor_split(min(self.micro_batches, max(len(mine), 1))):
             if len(part):
                 local = rows[part]
-                out.append(Chunk(x0[local].to(self.device), _to(cond[local], self.device),
+                out.append(Chunk(x0[local].to(self.device), cond[local].to(self.device),
                                  noise[part].to(self.device), t[part].to(self.device), len(part) / len(rows), local))
         return out
 

@@ -21,8 +21,7 @@ def _guided_target(run: Bound):
     device, reference, eta = run.engine.device, run.reference, run.cfg.esd_eta
 
     def target(c, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        empty = uncond[torch.zeros(len(x_t), dtype=torch.long)]
-        empty = empty.to(device) if hasattr(empty, "to") else empty
+        empty = uncond[torch.zeros(len(x_t), dtype=torch.long)].to(device)
         return esd_target(reference.predict_noise(x_t, t, empty), reference.predict_noise(x_t, t, c.cond), eta)
 
     return target

@@ -24,7 +24,7 @@ def _anchor_target(run: Bound):
     def target(c, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         rows = c.rows if not cfg.anchor else torch.zeros(len(x_t), dtype=torch.long)
         cond = anchors[rows]
-        return reference.predict_noise(x_t, t, cond.to(device) if hasattr(cond, "to") else cond)
+        return reference.predict_noise(x_t, t, cond.to(device))
 
     return target
 
