@@ -49,7 +49,7 @@ def test_interrupted_demo_never_looks_complete(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "run_method", interrupted)
+    monkeypatch.setattr(demo, "run_job", interrupted)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet", *SMALL]) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -60,22 +60,22 @@ def test_a_demo_interrupted_after_some_methods_reuses_them(tmp_path, monkeypatch
     import diffunlearn.demo as demo
 
     out = tmp_path / "demo"
-    real = demo.run_method
+    real = demo.run_job
     calls = []
 
-    def second_is_interrupted(adapter, data, cfg, *args, **kwargs):
+    def second_is_interrupted(task, adapter, data, cfg, *args, **kwargs):
         calls.append(cfg.method)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(adapter, data, cfg, *args, **kwargs)
+        return real(task, adapter, data, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(demo, "run_method", second_is_interrupted)
+    monkeypatch.setattr(demo, "run_job", second_is_interrupted)
     assert main(["demo", "--out", str(out), "--methods", "ga,rg", "--quiet", *SMALL]) == 130
     first = json.loads((out / "ga" / "results.json").read_text())
-    monkeypatch.setattr(demo, "run_method", real)
+    monkeypatch.setattr(demo, "run_job", real)
     calls.clear()
-    monkeypatch.setattr(demo, "run_method", lambda adapter, data, cfg, *a, **k: (calls.append(cfg.method),
-                                                                                 real(adapter, data, cfg, *a, **k))[1])
+    monkeypatch.setattr(demo, "run_job", lambda task, adapter, data, cfg, *a, **k: (calls.append(cfg.method),
+                                                                           real(task, adapter, data, cfg, *a, **k))[1])
     assert main(["demo", "--out", str(out), "--methods", "ga,rg", "--quiet", *SMALL]) == 0
     assert calls == ["rg"]  # ga was finished and is reused
     summary = json.loads((out / "summary.json").read_text())

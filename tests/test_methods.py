@@ -130,3 +130,26 @@ def test_rgd_remain_gradient_is_the_mean_over_the_whole_remain_set(text_encoder)
                 acc.add_(g)
     assert loss == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(full, manual))
+
+
+def test_each_method_says_which_settings_it_reads_and_checks_its_own_all_at_once():
+    from diffunlearn.config import build_config
+    from diffunlearn.errors import UserError
+    from diffunlearn.methods import METHODS
+
+    assert METHODS["ft"].settings == ()                       # λ means nothing to fine-tuning
+    assert METHODS["ga"].settings == ("forget_cap", "margin", "alpha", "margin_mode")
+    assert "remain_weight" in METHODS["rg"].settings and "cone_margin" not in METHODS["rg"].settings
+    assert METHODS["rg-opt"].settings[-1] == "cone_margin" and "esd_eta" in METHODS["esd-u"].settings
+    assert METHODS["salun"].settings == ("remain_weight", "saliency_fraction")
+    with pytest.raises(UserError) as err:
+        build_config(None, ["method=salun", "saliency_fraction=2", "margin_mode=relative", "lr=-1"])
+    message = str(err.value)
+    assert "`saliency_fraction` must be in (0, 1]" in message and "method salun has no hinge" in message
+    assert "`lr` must be > 0" in message                       # the loop's and the method's problems in one message
+    with pytest.raises(UserError, match="use method=rg-opt"):
+        build_config(None, ["method=rg", "cone_margin=0.1"])
+    with pytest.raises(UserError, match="must be in \\[0, 1\\)"):
+        build_config(None, ["method=rg-opt", "cone_margin=1.5"])
+    assert build_config(None, ["method=rg-opt", "cone_margin=0.1"]).cone_margin == 0.1
+    assert build_config(None, ["method=rg", "saliency_fraction=0.5"]).method == "rg"  # a default is never refused

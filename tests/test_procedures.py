@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from diffunlearn import methods as registry
 from diffunlearn.config import build_config
+from diffunlearn.jobs.run import run_unlearning
 from diffunlearn.methods import METHODS, Method, get_method
 from diffunlearn.methods.objectives import ASCENT, NO_FORGET
 from diffunlearn.models import resolve_model_folder
-from diffunlearn.runner import run_unlearning
 
 QUICK = ["steps=2", "num_pairs=8", "batch_size=4", "eval_prompts=4", "eval_steps=2", "data_steps=2", "threads=1",
          "diagnose=false"]

@@ -101,13 +101,13 @@ def test_resume_refuses_folders_that_are_not_runs(pixel_folder, tmp_path, capsys
 
 
 def test_an_early_interruption_leaves_a_resumable_run_and_says_how(pixel_folder, tmp_path, capsys, monkeypatch):
-    import diffunlearn.runner as runner
+    import diffunlearn.tasks.prompts as prompts_task
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     out = tmp_path / "run"
-    monkeypatch.setattr(runner, "build_training_data", interrupted)  # Ctrl-C while the images are made
+    monkeypatch.setattr(prompts_task, "build_training_data", interrupted)  # Ctrl-C while the images are made
     assert main(["unlearn", f"model={pixel_folder}", *QUICK, "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert f"continue with: diffunlearn unlearn --resume {out}" in err

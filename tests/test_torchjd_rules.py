@@ -13,7 +13,7 @@ from diffunlearn.errors import UserError
 from diffunlearn.methods import METHODS, get_method
 from diffunlearn.methods.jd import make_weighting, weighting_combine
 from diffunlearn.training import unlearn
-from diffunlearn.updates import gradient_gram, restricted_gradient
+from diffunlearn.updates import gradient_gram, gram_matrix, restricted_gradient
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 aggregation = pytest.importorskip("torchjd.aggregation")
@@ -64,7 +64,7 @@ def test_combine_equals_torchjd_aggregator_on_the_stacked_rows(name, cos, lam):
     g_f, g_r = gradients(1, cos)
     gram = gradient_gram(g_f, g_r)
     assert (gram[2] < 0) == (cos < 0)
-    ours = METHODS[name].combine(g_f, g_r, lam, gram)
+    ours = METHODS[name].combine([g_f], g_r, lam, gram_matrix([g_f, g_r]))
     assert [d.shape for d in ours] == [g.shape for g in g_f] and all(d.dtype == torch.float32 for d in ours)
     # The reference stacks the flattened rows [g_f, λ·g_r] as torchjd expects. It runs in float64 because our
     # Gramian is float64 (updates.gradient_gram sums in float64): a float32 Gramian would differ from ours by
@@ -72,7 +72,7 @@ def test_combine_equals_torchjd_aggregator_on_the_stacked_rows(name, cos, lam):
     # in float64 only our final float32 per-parameter assembly is left to compare.
     reference = RULES[name]()(torch.stack([flat64(g_f), lam * flat64(g_r)]))
     assert rel_err(ours, reference) < 1e-5
-    assert rel_err(METHODS[name].combine(g_f, g_r, lam), reference) < 1e-5  # gram computed when not given
+    assert rel_err(METHODS[name].combine([g_f], g_r, lam), reference) < 1e-5  # gram computed when not given
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
@@ -81,7 +81,7 @@ def test_restricted_gradient_is_pcgrad_on_forget_and_weighted_remain(cos, lam):
     g_f, g_r = gradients(2, cos)
     reference = aggregation.PCGrad()(torch.stack([flat64(g_f), lam * flat64(g_r)]))
     assert rel_err(restricted_gradient(g_f, g_r, lam), reference) < 1e-6
-    assert rel_err(METHODS["rg"].combine(g_f, g_r, lam, gradient_gram(g_f, g_r)), reference) < 1e-6
+    assert rel_err(METHODS["rg"].combine([g_f], g_r, lam, gram_matrix([g_f, g_r])), reference) < 1e-6
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
@@ -92,7 +92,7 @@ def test_upgrad_on_two_rows_is_half_the_restricted_gradient(cos, lam):
     Gramian moves it by 1e-5 to 1e-3 relative (more for nearly opposite rows of unequal norms; 5e-4 here)."""
     g_f, g_r = gradients(3, cos)
     half_rg = flat64(restricted_gradient(g_f, g_r, lam)) / 2
-    assert rel_err(METHODS["upgrad"].combine(g_f, g_r, lam), half_rg) < (1e-3 if cos < 0 else 1e-6)
+    assert rel_err(METHODS["upgrad"].combine([g_f], g_r, lam), half_rg) < (1e-3 if cos < 0 else 1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -101,9 +101,9 @@ def test_tiny_gradients_scale_the_direction_and_keep_the_rule(name):
     gradients 1e-4 times smaller (trace ~1e-7, under the projector's 1e-4 guard) give a direction exactly
     1e-4 times smaller, not a different rule."""
     g_f, g_r = gradients(4, -0.6)
-    big = flat64(METHODS[name].combine(g_f, g_r, 1.6))
+    big = flat64(METHODS[name].combine([g_f], g_r, 1.6))
     c = 1e-4
-    tiny = METHODS[name].combine([c * g for g in g_f], [c * g for g in g_r], 1.6)
+    tiny = METHODS[name].combine([[c * g for g in g_f]], [c * g for g in g_r], 1.6)
     assert rel_err(tiny, c * big) < 1e-5
 
 
@@ -114,7 +114,7 @@ def test_zero_gradients_give_finite_directions(name, lam):
     zeros = [torch.zeros_like(g) for g in g_f]
     combine = METHODS[name].combine
     # Zero forget gradient (a hinge-capped batch): finite, and as torchjd computes it.
-    out = combine(zeros, g_r, lam)
+    out = combine([zeros], g_r, lam)
     assert all(torch.isfinite(d).all() for d in out)
     reference = RULES[name]()(torch.stack([flat64(zeros), lam * flat64(g_r)]))
     assert float((flat64(out) - reference).norm()) <= 1e-5 * float(flat64(g_r).norm())
@@ -124,12 +124,12 @@ def test_zero_gradients_give_finite_directions(name, lam):
         cos = flat64(out) @ flat64(g_r) / (flat64(out).norm() * flat64(g_r).norm())
         assert float(cos) == pytest.approx(1.0, abs=1e-6)
     # Zero remain gradient: finite.
-    assert all(torch.isfinite(d).all() for d in combine(g_f, zeros, lam))
+    assert all(torch.isfinite(d).all() for d in combine([g_f], zeros, lam))
     # Both zero (G all zeros): a zero direction, no NaN.
-    both = combine(zeros, [z.clone() for z in zeros], lam)
+    both = combine([zeros], [z.clone() for z in zeros], lam)
     assert all(torch.equal(d, torch.zeros_like(d)) for d in both)
     # Remain weight 0 makes the second row zero, too.
-    assert all(torch.isfinite(d).all() for d in combine(g_f, g_r, 0.0))
+    assert all(torch.isfinite(d).all() for d in combine([g_f], g_r, 0.0))
 
 
 def test_missing_torchjd_is_a_user_error_naming_the_install(monkeypatch):
@@ -138,7 +138,7 @@ def test_missing_torchjd_is_a_user_error_naming_the_install(monkeypatch):
         make_weighting("UPGradWeighting", "upgrad")
     g_f, g_r = gradients(6, -0.6)
     with pytest.raises(UserError, match="method upgrad needs torchjd"):
-        weighting_combine("UPGradWeighting", "upgrad")(g_f, g_r, 1.6)
+        weighting_combine("UPGradWeighting", "upgrad")([g_f], g_r, 1.6)
 
 
 def test_rules_are_registered_after_the_existing_methods():

@@ -137,3 +137,38 @@ def test_flat_variant_equals_per_parameter_rg_and_returns_split_shapes():
             got = restricted_gradient_flat(gf, gr, lam)
             assert [tuple(g.shape) for g in got] == SHAPES
             assert torch.allclose(flat(got), flat(restricted_gradient(gf, gr, lam)), atol=1e-5)
+
+
+def test_the_loop_gramian_has_every_pairwise_dot_and_equals_the_two_gradient_numbers():
+    from diffunlearn.updates import gradient_gram, gram_matrix, pair_gram
+
+    gen = torch.Generator().manual_seed(11)
+    rows = [split_like(torch.randn(25, generator=gen), SHAPES) for _ in range(4)]
+    G = gram_matrix(rows)
+    for i in range(4):
+        for j in range(4):
+            assert G[i][j] == pytest.approx(float(flat(rows[i]).double() @ flat(rows[j]).double()), rel=1e-6)
+            assert G[i][j] == G[j][i]
+    # k = 1: exactly the numbers the two-gradient rules used before the list signature.
+    assert pair_gram(gram_matrix(rows[:2])) == gradient_gram(rows[0], rows[1])
+    with pytest.raises(ValueError, match="2x2"):
+        pair_gram(G)
+
+
+def test_combine_takes_a_list_of_forget_gradients():
+    from diffunlearn.methods import METHODS
+    from diffunlearn.updates import gram_matrix
+
+    gen = torch.Generator().manual_seed(12)
+    f1, f2, r = (split_like(torch.randn(25, generator=gen), SHAPES) for _ in range(3))
+    lam = 2.5
+    # GradDiff and GA sum the k forget gradients; with k = 1 they are today's rules, value for value.
+    both = METHODS["graddiff"].combine([f1, f2], r, lam)
+    assert torch.allclose(flat(both), flat(f1) + flat(f2) + lam * flat(r), atol=1e-6)
+    assert torch.equal(flat(METHODS["ga"].combine([f1, f2], None, lam)), flat(f1) + flat(f2))
+    assert torch.equal(flat(METHODS["graddiff"].combine([f1], r, lam)), flat(gradient_difference(f1, r, lam)))
+    assert torch.equal(flat(METHODS["rg"].combine([f1], r, lam, gram_matrix([f1, r]))),
+                       flat(restricted_gradient(f1, r, lam)))
+    # The projection rules are two-gradient rules so far: several forget gradients are refused, not summed.
+    with pytest.raises(ValueError, match="combines one forget gradient"):
+        METHODS["rg"].combine([f1, f2], r, lam)

@@ -25,18 +25,17 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from .class_track import class_training_data
-from .config import EMBEDDED_CLASS, UnlearnConfig, build_config, dump_config
+from .config import EMBEDDED_CLASS, UnlearnConfig, build_config
 from .errors import UserError
 from .evaluate.classes import evaluate_classes
-from .methods import get_method
+from .jobs.run import run_job
 from .report import mean_std_table
-from .runfolder import finished_run, training_summary
+from .runfolder import finished_run
+from .tasks.classes import ClassTask
 from .utils import atomic_write_text, environment, image_seeds
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")
@@ -55,26 +54,12 @@ def class_table(rows: dict[str, list[dict]]) -> str:
     return mean_std_table(["method"], {(name,): runs for name, runs in rows.items()}, FIELDS, count="classes")
 
 
-def _run_one(adapter, oracle, cfg: UnlearnConfig, folder: Path, command: str, keep_model: bool,
+def _run_one(task, adapter, cfg: UnlearnConfig, folder: Path, command: str, keep_model: bool,
              progress: bool) -> tuple[dict, object]:
     """Unlearn a copy of ``adapter`` with ``cfg`` into ``folder``; returns (results, unlearned model)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, folder / "config.yaml", command)
-    fx, fc, rx, rc, target, _ = class_training_data(adapter, cfg, folder / "data")
-    model = adapter.clone()
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-    history = get_method(cfg.method).apply(model, cfg, fx, fc, rx, rc, metrics_path=folder / "metrics.jsonl",
-                                           progress=progress)
-    seconds = time.perf_counter() - started
-    evaluation = evaluate_classes(model, oracle, target, cfg.eval_prompts, cfg.eval_seed, cfg.eval_steps,
-                                  cfg.eval_guidance, progress)
-    results = {"concept": cfg.concept, "target_class": target, "method": cfg.method,
-               "remain_classes": cfg.remain_classes, "seconds": seconds, **evaluation.metrics(),
-               "training": training_summary(history, seconds), "metrics": evaluation.as_eval_metrics()}
-    if keep_model:
-        model.save(folder / "model")
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    data = task.build(adapter, None, cfg, folder / "data", progress)
+    results, _, model = run_job(task, adapter, data, cfg, folder, command, progress, keep_model=keep_model,
+                                pictures=False)  # the demo draws one grid of every method instead
     return results, model
 
 
@@ -107,8 +92,9 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     # Every config is validated before any work starts (unknown class or method, bad override).
     configs = {(t, n): config(t, n) for t in targets for n in names}
     adapter, _ = load_adapter(EMBEDDED_CLASS)
+    task = ClassTask()
     for cfg in configs.values():
-        class_training_data(adapter, cfg)  # every data selection is checked before any training
+        task.check(adapter, cfg)  # every data selection is checked before any training
     # A finished or interrupted demo in ``out`` is continued: finished runs with the same config are
     # reused, so rerunning with more --classes only trains what is new.
     if out.exists() and not out.is_dir():
@@ -139,7 +125,7 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
             if results is None:
                 if progress:
                     print(f"demo (class track): forgetting {target} with {name}", file=sys.stderr, flush=True)
-                results, model = _run_one(adapter, oracle, cfg, folder, f"{command} (class {target}, {name})",
+                results, model = _run_one(task, adapter, cfg, folder, f"{command} (class {target}, {name})",
                                           keep_models, progress)
             elif (folder / "model").is_dir():
                 model, _ = load_adapter(str(folder / "model"))

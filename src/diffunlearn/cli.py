@@ -159,7 +159,7 @@ def _config_args(args: argparse.Namespace):
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from .config import build_config
-    from .runner import run_unlearning
+    from .jobs.run import run_unlearning
 
     if args.resume:
         if args.config or args.overrides or args.out:
@@ -182,7 +182,9 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         args.resume_hint += " (no checkpoints: it reuses the finished training images, but training starts over)"
     results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet, resume=bool(args.resume))
     shown = ("forget_score", "alignment", "quality_fd", "seconds")
-    _emit(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]}, indent=2))
+    if results:  # the main process (the others return {})
+        _emit(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]},
+                         indent=2))
     _note(f"wrote {out}")
 
 
@@ -532,7 +534,8 @@ def cmd_methods(args: argparse.Namespace) -> None:
     from .methods import METHODS
 
     for m in METHODS.values():
-        _emit(f"{m.name:10s} {m.summary}")
+        keys = ", ".join(m.settings) or "none beyond lr and steps"
+        _emit(f"{m.name:12s} {m.summary}\n{'':12s} settings: {keys}")
 
 
 def cmd_env(args: argparse.Namespace) -> None:

@@ -252,10 +252,6 @@ def validate(cfg: UnlearnConfig) -> list[str]:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
-    if not 0 < cfg.saliency_fraction <= 1:
-        errors.append(f"`saliency_fraction` must be in (0, 1], got {cfg.saliency_fraction}")
-    if not 0 <= cfg.cone_margin < 1:
-        errors.append(f"`cone_margin` must be in [0, 1) (a cosine), got {cfg.cone_margin}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
     kind = model_kind(cfg.model)
@@ -303,6 +299,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
                           "or use optimizer=adam")
     if cfg.method not in METHODS:
         errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
+    else:
+        errors.extend(METHODS[cfg.method].validate(cfg))  # the method's own settings, in the same message
     return errors
 
 

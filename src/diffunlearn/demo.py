@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 
 from .config import UnlearnConfig, build_config
-from .data.training import build_training_data
-from .evaluate.world import evaluate_world
 from .jobs.attack import red_team
+from .jobs.run import run_job
 from .models import load_adapter
 from .report import image_grid, markdown_table, tradeoff_plot
 from .runfolder import check_out_dir, finished_run
-from .runner import run_method
+from .tasks.prompts import PromptTask
 from .utils import atomic_write_text, environment
-from .worlds.oracle import load_oracle
 
 DEMO_METHODS = ("ga", "graddiff", "rg")
 GRID_COLUMNS = 8
@@ -50,14 +48,13 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
     base_cfg: UnlearnConfig = configs[methods[0]] if methods else build_config(None, overrides, {"concept": concept})
     adapter, folder = load_adapter(base_cfg.model)  # a bad model folder fails before anything is written
     check_out_dir(out, force)
-    oracle = load_oracle()
-    data = build_training_data(adapter, folder, base_cfg, out / "data", progress)
+    task = PromptTask()
+    data = task.build(adapter, folder, base_cfg, out / "data", progress)
 
     summary: dict = {"concept": concept, "methods": {}}
     evaluations = {}
     started = time.perf_counter()
-    evaluation = evaluate_world(adapter, oracle, concept, base_cfg.eval_prompts, "test", base_cfg.eval_seed,
-                                base_cfg.eval_steps, base_cfg.eval_guidance, progress)
+    evaluation = task.evaluate(adapter, base_cfg, data, progress)
     summary["methods"]["base"] = {**evaluation.metrics(), "seconds": 0.0,
                                   "evaluation_seconds": time.perf_counter() - started}
     evaluations["base"] = evaluation
@@ -66,10 +63,9 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
         if results is not None:
             # Finished before an interruption: reuse it, re-scoring only to get its pictures back.
             trained, _ = load_adapter(str(out / name / "model"), text_encoder=adapter.text_encoder)
-            evaluation = evaluate_world(trained, oracle, concept, base_cfg.eval_prompts, "test", base_cfg.eval_seed,
-                                        base_cfg.eval_steps, base_cfg.eval_guidance, progress)
+            evaluation = task.evaluate(trained, base_cfg, data, progress)
         else:
-            results, evaluation = run_method(adapter, data, configs[name], out / name, oracle,
+            results, evaluation, _ = run_job(task, adapter, data, configs[name], out / name,
                                              f"{command} (method {name})", progress)
         summary["methods"][name] = {k: results[k] for k in ("forget_score", "alignment", "alignment_per_attribute",
                                                             "quality_fd", "seconds")}

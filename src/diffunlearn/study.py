@@ -89,15 +89,15 @@ def default_space(method: str, forget_cap: str = "hinge") -> dict[str, Dimension
     base loss ≈ 0.02 and the SD reference's 1.1), ESD's η, SalUn's saliency fraction."""
     from .methods import get_method
 
-    m = get_method(method)
+    settings = get_method(method).settings  # the keys the method itself says it reads
     space = {"lr": Dimension("float", 1e-5, 1e-3, log=True)}
-    if m.uses_remain:
+    if "remain_weight" in settings:
         space["remain_weight"] = Dimension("float", 0.25, 16.0, log=True)
-    if m.forget_loss == "ascent" and forget_cap == "hinge":
+    if "margin" in settings and forget_cap == "hinge":
         space["margin"] = Dimension("float", 0.01, 2.0, log=True)
-    if m.forget_loss == "esd":
+    if "esd_eta" in settings:
         space["esd_eta"] = Dimension("float", 0.5, 4.0)
-    if m.saliency:
+    if "saliency_fraction" in settings:
         space["saliency_fraction"] = Dimension("float", 0.2, 0.9)
     return space
 
@@ -486,14 +486,14 @@ def _objectives_of(found: dict, attack: float | None, spec: StudySpec) -> list[f
 
 def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
     """A finished run's results, or train (resuming an interrupted one with the same config)."""
-    from . import runner
+    from .jobs import run as job
 
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     # An interrupted trial continues in its own folder: from its checkpoint, or from step 1 (the
     # training images are shared, so nothing but training time is repeated).
     resume = (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
-    return runner.run_unlearning(cfg, run_dir, force=False, command=command, progress=progress, resume=resume)
+    return job.run_unlearning(cfg, run_dir, force=False, command=command, progress=progress, resume=resume)
 
 
 def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -> float:

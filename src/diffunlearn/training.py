@@ -27,7 +27,7 @@ from .losses import denoising_loss, draw_noise, forget_objective, matching_loss
 from .methods import Method
 from .methods.objectives import Bound
 from .parallel import Parallel
-from .updates import gradient_gram, gradient_stats
+from .updates import gradient_stats, gram_matrix, pair_gram
 from .utils import atomic_write_text
 
 
@@ -420,12 +420,14 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 raise TrainingDiverged(f"step {step}: a loss or gradient became NaN/inf; lower `lr` (now {cfg.lr}) "
                                        f"or set `max_grad_norm`, then rerun with --force{kept}")
             gram = None
-            if g_r is not None and g_f is not None:
-                gram = gradient_gram(g_f, g_r)  # shared by the log and the update rule: computed once
-                stats = gradient_stats(g_f, g_r, gram)
+            forget_list = [g_f] if g_f is not None else []  # one forget objective per concept (one today)
+            if g_r is not None and forget_list:
+                gram = gram_matrix([*forget_list, g_r])  # shared by the log and the update rule: computed once
+                stats = gradient_stats(g_f, g_r, pair_gram(gram))
                 record.update(stats)
                 record["projected"] = bool(stats["conflict"] and method.projects)
-            direction = method.combine(g_f, g_r, cfg.remain_weight, gram)
+            direction = method.combine(forget_list, g_r, cfg.remain_weight, gram)
+            del forget_list
             if masks is not None:
                 for d, m in zip(direction, masks):
                     d.mul_(m)  # SalUn: entries outside the saliency mask get no gradient, so Adam leaves them
@@ -444,7 +446,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             optimizer.zero_grad(set_to_none=True)
             checked = False
             if restrict:
-                record.update(restrict_realised_update(params, before, g_f, g_r, gram, cfg.cone_margin))
+                record.update(restrict_realised_update(params, before, g_f, g_r, pair_gram(gram), cfg.cone_margin))
                 del g_f, g_r
                 if method.backtrack:
                     record.update(backtrack_step(engine, params, before, f_chunks, r_chunks, record["forget_loss"],

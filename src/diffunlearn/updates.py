@@ -35,6 +35,52 @@ def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
 
 
+Gram = tuple[tuple[float, ...], ...]  # (k+1)×(k+1): rows g_f1..g_fk, then g_r
+
+
+def gram_matrix(rows: Sequence[Sequence[Tensor]]) -> Gram:
+    """The Gramian G_ij = Σ_params ⟨row_i, row_j⟩ of gradients given per parameter (the loop passes the
+    k forget gradients, then the remain gradient): one dot product per parameter and pair, summed in
+    float64, one host sync for the whole matrix. No row is flattened or copied."""
+    for row in rows[1:]:
+        _check(rows[0], row)
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i, len(rows))]
+    values = torch.stack([global_dot(rows[i], rows[j]) for i, j in pairs]).tolist() if pairs else []
+    G = [[0.0] * len(rows) for _ in rows]
+    for (i, j), v in zip(pairs, values):
+        G[i][j] = G[j][i] = v
+    return tuple(tuple(row) for row in G)
+
+
+def pair_gram(gram: Gram) -> tuple[float, float, float]:
+    """(g_f·g_f, g_r·g_r, g_f·g_r) of a 2×2 :func:`gram_matrix` of [g_f, g_r]."""
+    if len(gram) != 2:
+        raise ValueError(f"a two-gradient rule needs the 2x2 Gramian of [g_f, g_r], got {len(gram)}x{len(gram)}")
+    return gram[0][0], gram[1][1], gram[0][1]
+
+
+def sum_forget(forget_grads: Sequence[Sequence[Tensor]]) -> Sequence[Tensor]:
+    """Σ_k g_fk per parameter (the forget term of GA and GradDiff over k concepts); the one gradient
+    itself, uncopied, when k = 1."""
+    if len(forget_grads) == 1:
+        return forget_grads[0]
+    for g in forget_grads[1:]:
+        _check(forget_grads[0], g)
+    return [torch.stack(parts).sum(0) for parts in zip(*forget_grads)]
+
+
+def single_forget(forget_grads: Sequence[Sequence[Tensor]], rule: str) -> Sequence[Tensor]:
+    """The one forget gradient of a two-gradient rule.
+
+    Raises:
+        ValueError: more than one forget gradient (the k-way projection rules are not written yet).
+    """
+    if len(forget_grads) != 1:
+        raise ValueError(f"the {rule} rule combines one forget gradient with the remain gradient; it got "
+                         f"{len(forget_grads)}")
+    return forget_grads[0]
+
+
 def gradient_gram(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor]) -> tuple[float, float, float]:
     """(g_f·g_f, g_r·g_r, g_f·g_r): every number RG and the step log need, computed once per step."""
     _check(forget_grads, remain_grads)

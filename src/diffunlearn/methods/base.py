@@ -11,8 +11,10 @@ from torch import Tensor
 
 from .objectives import ASCENT
 
-# (forget_grads, remain_grads | None, remain_weight, gram | None) -> direction; gram is
-# updates.gradient_gram of the two gradients when the loop has computed it (shared, not recomputed).
+# (forget_grads, remain_grads | None, remain_weight, gram | None) -> direction. forget_grads is a LIST
+# of k forget gradients (k = 1 today; several concepts at once need no new signature); gram is
+# updates.gram_matrix of [*forget_grads, remain_grads] when the loop has computed it (shared by the
+# step log and the rule, not recomputed).
 Combine = Callable[..., list[Tensor]]
 
 
@@ -26,7 +28,8 @@ class Method:
         uses_remain: whether a remain gradient is computed at all.
         remain_scope: ``"batch"`` (one remain minibatch per step, paired with the forget batch) or
             ``"full"`` (mean gradient over the whole remain set every step: RGD, PAPER.md §2).
-        combine: ``(forget_grads, remain_grads | None, remain_weight, gram=None) -> direction``.
+        combine: ``(forget_grads, remain_grads | None, remain_weight, gram=None) -> direction``, with
+            ``forget_grads`` a list of k forget gradients (see ``Combine``).
         projects: whether ``combine`` projects conflicting gradients (logged as ``projected``).
         defaults: config values tuned for this method (digit world, training prompts; README
             "Tuning"); they override the global defaults and are overridden by config files and
@@ -49,6 +52,9 @@ class Method:
         backtrack: with ``restrict_update``, keep the step only if the batch's remain loss fell and its
             forget loss rose, halving it up to this many times (then no step): the realised, not
             first-order, guarantee. Costs two forward passes per try.
+        weighs_remain: whether ``combine`` reads ``remain_weight`` (fine-tuning follows the remain
+            gradient alone, so λ means nothing to it).
+        checks: ``cfg -> list of problems`` with this method's own settings (see :meth:`validate`).
     """
 
     name: str
@@ -65,6 +71,37 @@ class Method:
     restrict_update: bool = False
     backtrack: int = 0
     modifier_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weighs_remain: bool = True
+    checks: Callable | None = None
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The config keys this method reads beyond the loop's own (lr, steps, batch, precision ...):
+        what a study searches for it and what :meth:`validate` checks."""
+        keys = list(self.forget.settings)
+        if self.uses_remain and self.weighs_remain:
+            keys.append("remain_weight")
+        if self.mask is not None:
+            keys.append("saliency_fraction")
+        if self.restrict_update:
+            keys.append("cone_margin")
+        return tuple(keys)
+
+    def validate(self, cfg) -> list[str]:
+        """Every problem of ``cfg`` that only this method can see (all at once, for the config's one
+        error message): a setting that changes another method's procedure but not this one's, and
+        the method's own ``checks``. Keys this method ignores at their default values are fine, so
+        every recorded config.yaml still loads."""
+        errors = []
+        if cfg.margin_mode == "relative" and "margin_mode" not in self.settings:
+            errors.append(f"`margin_mode: relative` scales the forget hinge of the ascent methods; method {self.name} "
+                          "has no hinge, so set margin_mode=absolute")
+        if cfg.cone_margin != 0 and "cone_margin" not in self.settings:
+            errors.append(f"`cone_margin` narrows rg-opt's no-regress cone; method {self.name} takes Adam's step as it "
+                          "is, so drop cone_margin or use method=rg-opt")
+        if self.checks is not None:
+            errors.extend(self.checks(cfg))
+        return errors
 
     def defaults_for(self, concept: str) -> dict[str, Any]:
         """The digit world's tuned values for ``concept``: ``defaults``, with ``modifier_defaults`` on

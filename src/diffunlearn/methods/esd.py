@@ -10,7 +10,7 @@ Variants by parameter selection: ESD-u (``non-cross-attention``) and ESD-x (``cr
 import torch
 
 from ..losses import esd_target
-from ..updates import gradient_ascent
+from ..updates import gradient_ascent, sum_forget
 from .base import Method
 from .objectives import Bound, Matching
 
@@ -27,7 +27,7 @@ def _guided_target(run: Bound):
     return target
 
 
-ESD_OBJECTIVE = Matching("esd", _guided_target)
+ESD_OBJECTIVE = Matching("esd", _guided_target, settings=("esd_eta",))
 
 
 def _esd(name: str, selection: str, summary: str, defaults: dict, modifier_defaults: dict | None = None) -> Method:
@@ -37,7 +37,7 @@ def _esd(name: str, selection: str, summary: str, defaults: dict, modifier_defau
         uses_remain=False,
         remain_scope="batch",
         # The ESD loss is minimised directly: the direction is its gradient (no remain term).
-        combine=lambda forget, remain, weight, gram=None: gradient_ascent(forget),
+        combine=lambda forget, remain, weight, gram=None: gradient_ascent(sum_forget(forget)),
         forget=ESD_OBJECTIVE,
         variant={"selection": selection},
         defaults={"steps": 100, **defaults},

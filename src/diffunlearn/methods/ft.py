@@ -6,10 +6,11 @@ from .objectives import NO_FORGET
 
 METHOD = Method(
     name="ft",
+    weighs_remain=False,
     summary="fine-tune on the remain set only (no forget term)",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: [r.clone() for r in remain],
+    combine=lambda forget, remain, weight, gram=None: [r.clone() for r in remain],  # the forget list is empty
     forget=NO_FORGET,
     # Tuned on training prompts with the grid sweep of README "Tuning"; the method study (4 trials) found no
     # point that forgets better on the training prompts, so these stay.

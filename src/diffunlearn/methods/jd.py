@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..updates import _check, gradient_gram
+from ..updates import _check, gradient_gram, pair_gram, single_forget
 from .base import Combine
 
 INSTALL_HINT = "pip install 'torchjd[quadprog_projector]'"
@@ -89,16 +89,16 @@ def weighting_combine(weighting_name: str, method: str) -> Combine:
     ``torchjd.aggregation.<weighting_name>`` (built once, on the first call)."""
     cache: list[Any] = []
 
-    def combine(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor], remain_weight: float,
-                gram: tuple[float, float, float] | None = None) -> list[Tensor]:
+    def combine(forget: Sequence[Sequence[Tensor]], remain_grads: Sequence[Tensor], remain_weight: float,
+                gram=None) -> list[Tensor]:
         if remain_grads is None:
             raise ValueError(f"method {method} needs remain gradients")
+        forget_grads = single_forget(forget, method)
         _check(forget_grads, remain_grads)
         if not cache:
             cache.append(make_weighting(weighting_name, method))
-        if gram is None:
-            gram = gradient_gram(forget_grads, remain_grads)
-        w0, w1 = row_weights(cache[0], gram, remain_weight)
+        pair = pair_gram(gram) if gram is not None else gradient_gram(forget_grads, remain_grads)
+        w0, w1 = row_weights(cache[0], pair, remain_weight)
         return weighted_direction(forget_grads, remain_grads, w0, w1 * remain_weight)
 
     combine.__name__ = f"{weighting_name}_combine"

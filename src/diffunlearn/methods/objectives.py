@@ -39,6 +39,7 @@ class Ascent:
 
     kind: str = "ascent"
     needs_reference: bool = False
+    settings: tuple[str, ...] = ("forget_cap", "margin", "alpha", "margin_mode")  # the config keys it reads
 
     def bind(self, run: Bound) -> Step:
         return lambda chunks: run.engine.forget_grads(chunks, run.cfg)
@@ -53,6 +54,7 @@ class NoForget:
 
     kind: str = "none"
     needs_reference: bool = False
+    settings: tuple[str, ...] = ()
 
     def bind(self, run: Bound) -> Step:
         return lambda chunks: (None, run.engine.mean_loss(chunks))
@@ -69,6 +71,7 @@ class Matching:
     kind: str
     target: Callable[[Bound], Callable]
     needs_reference: bool = True
+    settings: tuple[str, ...] = ()  # the config keys ``target`` reads (ESD: esd_eta)
 
     def bind(self, run: Bound) -> Step:
         fn = self.target(run)

@@ -3,15 +3,22 @@ Generative Models", NeurIPS 2024: conflict-only mutual projection of g_f and g_r
 with the remain gradient from the remain minibatch paired with the forget minibatch.
 """
 
-from ..updates import restricted_gradient
+from ..updates import pair_gram, restricted_gradient, single_forget
 from .base import Method
+
+
+def rg_combine(forget, remain, weight, gram=None):
+    """RG's ``combine``: the restricted gradient of the one forget gradient and the remain gradient."""
+    return restricted_gradient(single_forget(forget, "restricted-gradient"), remain, weight,
+                               pair_gram(gram) if gram is not None else None)
+
 
 METHOD = Method(
     name="rg",
     summary="restricted gradient (Ko et al. 2024) on paired minibatches",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: restricted_gradient(forget, remain, weight, gram),
+    combine=rg_combine,
     projects=True,
     # From `diffunlearn study` (README "Method study"): searched on training prompts, chosen on held-out
     # prompts over seeds 0-2. "three": forget 0.007, alignment 0.997, embedding ASR 0.23; "red" (a

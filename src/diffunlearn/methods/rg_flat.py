@@ -3,7 +3,7 @@ every gradient concatenated into one vector per loss, projected, split back. Sam
 kept so ``diffunlearn bench`` can measure the cost of the flat copies against ``rg``.
 """
 
-from ..updates import restricted_gradient_flat
+from ..updates import restricted_gradient_flat, single_forget
 from .base import Method
 from .rg import METHOD as RG
 
@@ -12,7 +12,8 @@ METHOD = Method(
     summary="rg with the reference code's flat gradient vectors (for benchmarks; same update as rg)",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: restricted_gradient_flat(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: restricted_gradient_flat(single_forget(forget, "rg-flat"), remain,
+                                                                                         weight),
     projects=True,
     defaults=dict(RG.defaults),
 )

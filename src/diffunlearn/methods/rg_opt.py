@@ -17,15 +17,23 @@ alive during the step, and two forward passes per check (the diagnostic's, so no
 ``diagnose`` is on).
 """
 
-from ..updates import restricted_gradient
 from .base import Method
+from .rg import rg_combine
+
+
+def _checks(cfg) -> list[str]:
+    if not 0 <= cfg.cone_margin < 1:
+        return [f"`cone_margin` must be in [0, 1) (a cosine), got {cfg.cone_margin}"]
+    return []
+
 
 METHOD = Method(
     name="rg-opt",
+    checks=_checks,
     summary="optimizer-aware RG: Adam's realised step projected onto the no-regress cone, then backtracked",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: restricted_gradient(forget, remain, weight, gram),
+    combine=rg_combine,
     projects=True,
     restrict_update=True,
     backtrack=3,

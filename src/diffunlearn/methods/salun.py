@@ -10,7 +10,7 @@ times the remain loss: d = g_remap + λ·g_r, masked.
 
 import torch
 
-from ..updates import gradient_difference
+from ..updates import gradient_difference, sum_forget
 from .base import Method
 from .objectives import Bound, Matching
 
@@ -45,12 +45,19 @@ def saliency_masks(engine, forget_x0: torch.Tensor, forget_cond, cfg) -> list[to
     del magnitudes
     return [g.abs() >= threshold for g in grads]
 
+def _checks(cfg) -> list[str]:
+    if not 0 < cfg.saliency_fraction <= 1:
+        return [f"`saliency_fraction` must be in (0, 1], got {cfg.saliency_fraction}"]
+    return []
+
+
 METHOD = Method(
     name="salun",
+    checks=_checks,
     summary="SalUn (Fan et al. 2024): saliency-masked remap to an anchor prompt plus the remain loss",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: gradient_difference(forget, remain, weight),
+    combine=lambda forget, remain, weight, gram=None: gradient_difference(sum_forget(forget), remain, weight),
     forget=Matching("remap", _anchor_target),
     mask=saliency_masks,
     # Tuned on training prompts with the grid sweep of README "Tuning"; the method study (4 trials) found no

@@ -1,4 +1,5 @@
-"""One unlearning job on a class-conditional model (the paper's CIFAR-10 setting, PAPER.md §3-4).
+"""The ``classes`` task: a class-conditional model unlearns one class (the paper's CIFAR-10 setting,
+PAPER.md §3-4).
 
 The data are real images with class labels: the embedded digits (``embedded:digits-class``) or the
 user's ImageFolder / ``.npz`` (config key ``images``). Forget set D_f = every image of the class
@@ -7,28 +8,22 @@ diverse set), or the same total from the classes named in ``remain_classes`` (th
 control). The training loop pairs forget and remain rows by index, so the shorter set is cycled
 (:func:`diffunlearn.data.classes.pair_indices`). The selection is written to ``data/selection.json``.
 
-The run folder has the same layout as a text-to-image run (``runner``): config.yaml, metrics.jsonl,
-model/ (diffusers ``UNet2DModel`` + scheduler, safetensors), results.json last; the embedded model's
-results carry UA/RA/FD from the oracle, and every run gets ``samples.png`` (each class, before and
-after, same seeds).
+The embedded model is scored in the run by the oracle (UA, RA, FD); every run gets ``samples.png``
+(each class, before and after, same seeds).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED_CLASS, UnlearnConfig
-from .data.classes import ClassDataset, load_class_images, pair_indices, resolve_class, select_sets, selection_record
-from .errors import UserError
-from .evaluate.classes import evaluate_classes
-from .methods import get_method
-from .modelcard import write_model_card
-from .parallel import Parallel
-from .utils import atomic_write_text, image_seeds
+from ..data.classes import ClassDataset, load_class_images, pair_indices, resolve_class, select_sets, selection_record
+from ..errors import UserError
+from ..families import EMBEDDED_CLASS
+from ..utils import atomic_write_text, image_seeds
+from . import TrainingSet
 
 SAMPLES_PER_CLASS = 4  # columns per class in samples.png
 
@@ -37,7 +32,7 @@ def _default_names(names: tuple[str, ...]) -> bool:
     return tuple(names) == tuple(str(i) for i in range(len(names)))
 
 
-def load_class_data(adapter, cfg: UnlearnConfig) -> ClassDataset:
+def load_class_data(adapter, cfg) -> ClassDataset:
     """The training images of a class-conditional run, checked against the model.
 
     A model that records no class names (a plain diffusers DDPM folder: "0".."K-1") takes the data
@@ -51,7 +46,7 @@ def load_class_data(adapter, cfg: UnlearnConfig) -> ClassDataset:
     if cfg.images:
         data = load_class_images(cfg.images, image_size=adapter.image_size, channels=adapter.channels)
     elif cfg.model == EMBEDDED_CLASS:
-        from .worlds.class_digits import class_dataset
+        from ..worlds.class_digits import class_dataset
 
         data = class_dataset(seed=cfg.data_seed)
     else:
@@ -67,7 +62,7 @@ def load_class_data(adapter, cfg: UnlearnConfig) -> ClassDataset:
     return data
 
 
-def class_training_data(adapter, cfg: UnlearnConfig, data_dir: Path | None = None):
+def class_training_data(adapter, cfg, data_dir: Path | None = None):
     """Index-paired forget and remain images with their labels (the loop's conditions).
 
     Returns:
@@ -88,7 +83,7 @@ def class_training_data(adapter, cfg: UnlearnConfig, data_dir: Path | None = Non
             data.labels[r], target, record)
 
 
-def class_samples(adapter, cfg: UnlearnConfig, k: int = SAMPLES_PER_CLASS) -> torch.Tensor:
+def class_samples(adapter, cfg, k: int = SAMPLES_PER_CLASS) -> torch.Tensor:
     """``k`` samples of every class, the same seeds for every model (class-major order)."""
     names = adapter.class_names
     prompts = [name for name in names for _ in range(k)]
@@ -99,58 +94,44 @@ def class_samples(adapter, cfg: UnlearnConfig, k: int = SAMPLES_PER_CLASS) -> to
 def samples_picture(before: torch.Tensor, after: torch.Tensor, names, target: int, method: str, path: Path,
                     k: int = SAMPLES_PER_CLASS) -> None:
     """Rows: base and unlearned; columns: ``k`` samples of each class (same seeds in both rows)."""
-    from .report import image_grid
+    from ..report import image_grid
 
     labels = [f"{name}{' (forgotten)' if i == target else ''}" for i, name in enumerate(names) for _ in range(k)]
     image_grid({"base": before, method: after}, labels, path,
                f"every class, {k} samples each; forgotten: {names[target]}")
 
 
-def run_class_unlearning(cfg: UnlearnConfig, out: Path, force: bool, command: str, progress: bool = True,
-                         resume: bool = False) -> dict:
-    """``diffunlearn unlearn`` with a class-conditional model."""
-    from .runfolder import check_out_dir, load_for_run, save_model, training_summary, write_run_header
+class ClassTask:
+    """See the module docstring."""
 
-    parallel = Parallel.from_environment()
-    adapter, folder = load_for_run(cfg, parallel)  # on cfg.device, with the process settings applied
-    fx, fc, rx, rc, target, record = class_training_data(adapter, cfg)  # bad data fails before anything is written
-    if parallel.is_main:
-        check_out_dir(out, force, resume)
-        (out / "data").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "data" / "selection.json", json.dumps(record, indent=2) + "\n")
-        if not resume:
-            write_run_header(cfg, out, command, parallel, adapter)
-    parallel.barrier()
-    before = class_samples(adapter, cfg) if parallel.is_main else None
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-    history = get_method(cfg.method).apply(adapter, cfg, fx, fc, rx, rc, metrics_path=out / "metrics.jsonl",
-                                           progress=progress, checkpoint_dir=out / "checkpoints", resume=resume,
-                                           parallel=parallel)
-    seconds = time.perf_counter() - started
-    training = training_summary(history, seconds)
-    metrics = None
-    if parallel.is_main:
-        if cfg.model == EMBEDDED_CLASS:
-            from .worlds.oracle import load_oracle
+    name = "classes"
 
-            evaluation = evaluate_classes(adapter, load_oracle(), target, cfg.eval_prompts, cfg.eval_seed,
-                                          cfg.eval_steps, cfg.eval_guidance, progress)
-            metrics = evaluation.metrics()
-        samples_picture(before, class_samples(adapter, cfg), adapter.class_names, target, cfg.method,
-                        out / "samples.png")
-        results = {"concept": cfg.concept, "target_class": target, "method": cfg.method,
-                   "seconds": training["seconds"],
-                   **(metrics or {}), "training": training}
-        if metrics is not None:
-            results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
-        fmt = save_model(adapter, cfg, out)
-        data_info = {"images": record["source"], "forget_images": record["forget_count"],
-                     "remain": record["mode"], "remain_per_class": record["per_class"],
-                     "data_seed": cfg.data_seed, "selection": str(out / "data" / "selection.json")}
-        write_model_card(out / "model", cfg, fmt, str(folder) if folder else cfg.model, command, data_info,
-                         training, metrics)
-        results["model"] = {"folder": str(out / "model"), "format": fmt}
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    parallel.barrier()
-    return results if parallel.is_main else {}
+    def check(self, adapter, cfg) -> None:
+        class_training_data(adapter, cfg)  # bad data (classes, sizes, the concept) fails before anything is written
+
+    def build(self, adapter, folder, cfg, data_dir: Path, progress: bool = True, parallel=None,
+              replace: bool = True) -> TrainingSet:
+        write = parallel is None or parallel.is_main
+        fx, fc, rx, rc, target, record = class_training_data(adapter, cfg, data_dir if write else None)
+        info = {"images": record["source"], "forget_images": record["forget_count"], "remain": record["mode"],
+                "remain_per_class": record["per_class"], "data_seed": cfg.data_seed,
+                "selection": str(data_dir / "selection.json")}
+        return TrainingSet(fx, fc, rx, rc, info, {"target_class": target, "remain_classes": cfg.remain_classes})
+
+    def before(self, adapter, cfg, out: Path, base_model: str, progress: bool, parallel):
+        return class_samples(adapter, cfg) if parallel.is_main else None
+
+    def evaluate(self, adapter, cfg, data: TrainingSet, progress: bool):
+        if cfg.model != EMBEDDED_CLASS:
+            return None
+        from ..evaluate.classes import evaluate_classes
+        from ..worlds.oracle import load_oracle
+
+        return evaluate_classes(adapter, load_oracle(), data.results["target_class"], cfg.eval_prompts, cfg.eval_seed,
+                                cfg.eval_steps, cfg.eval_guidance, progress)
+
+    def pictures(self, before, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:
+        if parallel.is_main and before is not None:
+            samples_picture(before, class_samples(adapter, cfg), adapter.class_names, data.results["target_class"],
+                            cfg.method,
+                            out / "samples.png")

@@ -1,0 +1,99 @@
+"""THE job path: one method on one task's data into a self-describing run folder. ``diffunlearn
+unlearn``, both demos, the leaderboard and every study trial write their runs through
+:func:`run_job`.
+
+Run folder layout::
+
+    config.yaml        resolved config; first line = the command that reproduces it
+    environment.json   library versions, device, world size
+    data/              generated training images (prompts task, unless `data_dir` points at a
+                       `data build` folder) or selection.json (classes task)
+    metrics.jsonl      one line per optimizer step (losses, cos, projection, realised changes)
+    checkpoints/       the newest resumable checkpoint (with `checkpoint_every`)
+    model/             the unlearned model (diffusers layout or LoRA, safetensors) with a model card
+    samples*.png       before/after pictures (Stable Diffusion and class-conditional runs)
+    results.json       evaluation and training summary; written LAST, so its presence means the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..methods import get_method
+from ..modelcard import write_model_card
+from ..parallel import Parallel
+from ..runfolder import check_out_dir, load_for_run, save_model, training_summary, write_run_header
+from ..tasks import Task, TrainingSet, task_for
+from ..utils import atomic_write_text
+
+
+def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command: str, progress: bool = True,
+            copy_model: bool = True, resume: bool = False, parallel: Parallel | None = None,
+            base_model: str | None = None, keep_model: bool = True, pictures: bool = True):
+    """Unlearn ``base_adapter`` (a COPY of it when ``copy_model``) with ``cfg.method`` on ``data``,
+    evaluate it as ``task`` says, and fill ``out``.
+
+    Args:
+        keep_model: save ``out/model`` with its model card (a demo that only needs the numbers
+            passes False).
+        pictures: the task's before/after pictures (a demo that draws its own grid passes False).
+
+    Returns:
+        (results as written to results.json ({} on processes other than the main one), the
+        task's evaluation or None, the unlearned adapter)
+    """
+    parallel = parallel or Parallel()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main and not resume:
+        write_run_header(cfg, out, command, parallel, base_adapter)
+    method = get_method(cfg.method)
+    adapter = base_adapter.clone() if copy_model else base_adapter
+    before = task.before(adapter, cfg, out, base_model or cfg.model, progress, parallel) if pictures else None
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    history = method.apply(adapter, cfg, data.forget_x0, data.forget_cond, data.remain_x0, data.remain_cond,
+                           metrics_path=out / "metrics.jsonl", progress=progress, checkpoint_dir=out / "checkpoints",
+                           resume=resume, parallel=parallel)
+    training = training_summary(history, time.perf_counter() - started)
+    evaluation = task.evaluate(adapter, cfg, data, progress) if parallel.is_main else None
+    metrics = evaluation.metrics() if evaluation is not None else None
+    if pictures:
+        task.pictures(before, adapter, cfg, data, out, progress, parallel)
+    results: dict = {}
+    if parallel.is_main:
+        results = {"concept": cfg.concept, "method": cfg.method, **data.results, "seconds": training["seconds"],
+                   **(metrics or {}), "training": training}
+        if evaluation is not None:
+            results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
+        if keep_model:
+            fmt = save_model(adapter, cfg, out)
+            write_model_card(out / "model", cfg, fmt, base_model or cfg.model, command, data.info, training, metrics)
+            results["model"] = {"folder": str(out / "model"), "format": fmt}
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    parallel.barrier()
+    return results, evaluation, adapter
+
+
+def run_unlearning(cfg, out: Path, force: bool, command: str, progress: bool = True, resume: bool = False) -> dict:
+    """``diffunlearn unlearn``: one method on one concept, in its own run folder (``resume``: continue
+    the interrupted run in ``out`` from its newest checkpoint)."""
+    parallel = Parallel.from_environment()
+    adapter, folder = load_for_run(cfg, parallel)  # a bad model folder fails before anything is written
+    task = task_for(cfg)
+    task.check(adapter, cfg)  # and so does bad data
+    if parallel.is_main:
+        check_out_dir(out, force, resume)
+        if not resume:
+            write_run_header(cfg, out, command, parallel, adapter)
+    parallel.barrier()
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
+    data = task.build(adapter, folder, cfg, data_dir, progress, parallel, replace=not cfg.data_dir)
+    results, _, _ = run_job(task, adapter, data, cfg, out, command, progress, copy_model=False, resume=resume,
+                            parallel=parallel, base_model=str(folder) if folder else cfg.model)
+    return results
