@@ -77,7 +77,6 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     from .models import load_adapter
     from .report import image_grid
     from .worlds.class_digits import CLASS_NAMES
-    from .worlds.oracle import load_oracle
 
     targets = tuple(classes) if classes else CLASS_NAMES
     names = list(methods) + ([ABLATION] if ablation else [])
@@ -100,7 +99,6 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
-    oracle = load_oracle()
     first = configs[(targets[0], names[0])] if names else build_config(None, overrides, {"model": EMBEDDED_CLASS})
     rows: dict[str, list[dict]] = {"base": []}
     per_class: dict[str, dict[str, dict]] = {}
@@ -114,7 +112,7 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
     grid_models["base"] = grid_samples(adapter)
     for target in targets:
         t = CLASS_NAMES.index(target)
-        base_eval = evaluate_classes(adapter, oracle, t, first.eval_prompts, first.eval_seed, first.eval_steps,
+        base_eval = evaluate_classes(adapter, t, first.eval_prompts, first.eval_seed, first.eval_steps,
                                      first.eval_guidance, progress)
         per_class[target] = {"base": {**base_eval.metrics(), "seconds": 0.0}}
         rows["base"].append(per_class[target]["base"])

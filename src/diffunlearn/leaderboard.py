@@ -52,14 +52,13 @@ def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progre
     """The gold standard's row (clean scores on the demo's held-out prompts, and its ASRs), or ``None``
     when no model retrained without ``concept`` is installed."""
     from .models import load_adapter, retrained_name
-    from .worlds.oracle import load_oracle
 
     name = retrained_name(concept)
     try:
         adapter, _ = load_adapter(name)
     except UserError:
         return None
-    evaluation = evaluate_world(adapter, load_oracle(), concept, cfg.eval_prompts, "test", cfg.eval_seed,
+    evaluation = evaluate_world(adapter, concept, cfg.eval_prompts, "test", cfg.eval_seed,
                                 cfg.eval_steps, cfg.eval_guidance, progress)
     row = {**evaluation.metrics(), "seconds": 0.0}
     if attacks:

@@ -39,10 +39,14 @@ class MetricOptions:
         feature: feature space of ``fid``/``kid``: ``"clip"``, ``"oracle"`` (digit world) or
             ``"inception"`` (needs torch-fidelity).
         reference: folder of real images (PNG/JPEG, searched recursively) for ``fid``/``kid``.
+        reference_images: real images in memory, ``(N, 3, H, W)`` float in [-1, 1], used instead of
+            ``reference`` (a run's in-run evaluation renders its references; they are quantised to
+            uint8 exactly as a PNG of them would be).
         classes: class names for the ``classifier`` metric (zero-shot prompts, truth parsing).
         target_class: the forgotten class (``classifier`` on the ``forget`` set).
         classifier: optional folder of a transformers image classifier (safetensors) used instead
-            of zero-shot CLIP; its labels come from ``config.id2label``.
+            of zero-shot CLIP; its labels come from ``config.id2label``. ``embedded:oracle`` is the
+            digit world's oracle (its digit reading), the classifier of the embedded class model.
         concept: the digit world's forgotten concept (``oracle`` metric), e.g. ``"three"``.
         kid_subset_size: KID subset size; the metric uses ``min(this, n_real, n_fake)``.
         batch_size: images (or texts) per forward pass.
@@ -54,6 +58,7 @@ class MetricOptions:
     nudenet_threshold: float = 0.6
     feature: str = "clip"
     reference: str = ""
+    reference_images: torch.Tensor | None = None
     classes: tuple[str, ...] = ()
     target_class: str = ""
     classifier: str = ""
@@ -169,6 +174,18 @@ FACTORIES: dict[str, Callable[[MetricOptions], Metric]] = {
     "oracle": _oracle,
     "nudenet": _nudenet,
 }
+
+
+def score_sets(plan: dict[str, tuple[str, ...]], sets: dict[str, tuple[torch.Tensor, list[str]]],
+               options: MetricOptions) -> dict[str, dict[str, MetricResult]]:
+    """Registry metrics on image sets already in memory: ``plan`` = {metric: the sets it scores},
+    ``sets`` = {set: (images, prompts)}. Each metric is built once. Returns {metric: {set: result}}
+    (the ``diffunlearn eval`` schema once each result is reduced to its ``aggregate``)."""
+    out: dict[str, dict[str, MetricResult]] = {}
+    for name, set_names in plan.items():
+        metric = build_metric(name, options)
+        out[name] = {s: metric.score(sets[s][0], sets[s][1], s) for s in set_names}
+    return out
 
 
 def build_metric(name: str, options: MetricOptions | None = None) -> Metric:

@@ -7,7 +7,9 @@
 * FD: Fréchet distance of the classifier's features between the remaining-class samples and real
   renders of the same classes from held-out glyphs (lower = better quality).
 
-The classifier is the digit world's oracle (trained on renders only). For a user's own model the
+The classifier is the digit world's oracle (trained on renders only), through the registry's
+``classifier`` metric (``classifier="embedded:oracle"``), so UA and RA are computed by the same code as
+``diffunlearn eval --metrics classifier``. For a user's own model the
 same numbers come from ``diffunlearn eval --metrics classifier,fid`` (zero-shot CLIP or a
 classifier folder, see :mod:`diffunlearn.evaluate.classifier`).
 """
@@ -19,8 +21,11 @@ import dataclasses
 import torch
 
 from ..utils import image_seeds
-from ..worlds.oracle import Oracle, OracleFeatures
-from .quality import frechet_distance
+from .base import MetricOptions, score_sets
+from .classifier import ORACLE
+
+PLAN = {"classifier": ("forget", "remain"), "fid": ("remain",)}  # the registry metrics of the in-run evaluation
+ORACLE_BATCH = 512  # images per oracle pass (the oracle's own default)
 
 
 @dataclasses.dataclass
@@ -43,39 +48,33 @@ class ClassEvaluation:
                 "oracle": {"remain": {"quality_fd": self.fd}}}
 
 
-def unlearning_accuracy(predicted: torch.Tensor, target: int) -> float:
-    """UA = 1 − fraction of ``predicted`` labels equal to ``target`` (NaN for no samples)."""
-    return float("nan") if len(predicted) == 0 else 1.0 - float((predicted == target).float().mean())
-
-
-def remaining_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """RA = fraction of ``predicted`` equal to the conditioning ``labels`` (NaN for no samples)."""
-    return float("nan") if len(predicted) == 0 else float((predicted == labels).float().mean())
-
-
 def remain_labels(target: int, num_classes: int, n: int) -> torch.Tensor:
     """``n`` labels cycling through every class except ``target`` (as even as ``n`` allows)."""
     others = torch.tensor([c for c in range(num_classes) if c != target])
     return others[torch.arange(n) % len(others)]
 
 
-def evaluate_classes(adapter, oracle: Oracle, target: int, n: int = 100, seed: int = 1, steps: int = 20,
-                     guidance: float = 2.0, progress: bool = True) -> ClassEvaluation:
+def evaluate_classes(adapter, target: int, n: int = 100, seed: int = 1, steps: int = 20, guidance: float = 2.0,
+                     progress: bool = True) -> ClassEvaluation:
     """Sample ``n`` images of the forgotten class and ``n`` spread over the others (image i uses seed
-    ``seed * 100000 + i``; the same seeds for every model) and score UA, RA and FD."""
+    ``seed * 100000 + i``; the same seeds for every model) and score UA, RA and FD with the registry's
+    ``classifier`` (the oracle's digit reading) and ``fid`` (oracle features) metrics."""
     from ..worlds.class_digits import render_classes
 
     names = adapter.class_names
     labels = torch.cat([torch.full((n,), target), remain_labels(target, len(names), n)])
-    images = adapter.sample([names[i] for i in labels.tolist()], image_seeds(seed, len(labels)), steps=steps,
-                            guidance=guidance,
+    prompts = [names[i] for i in labels.tolist()]
+    images = adapter.sample(prompts, image_seeds(seed, len(labels)), steps=steps, guidance=guidance,
                             progress=progress and f"sampling evaluation: every class ({names[target]} forgotten)")
-    predicted = oracle.predict(images)[:, 0]
-    per_class = {name: float((predicted[labels == i] == i).float().mean()) for i, name in enumerate(names)
-                 if bool((labels == i).any())}
     rest = labels[n:]
     real = render_classes(rest.repeat(4), torch.Generator().manual_seed(seed), split="test")
+    options = MetricOptions(classifier=ORACLE, classes=tuple(names), target_class=names[target], feature="oracle",
+                            reference_images=real, batch_size=ORACLE_BATCH)
+    scored = score_sets(PLAN, {"forget": (images[:n], prompts[:n]), "remain": (images[n:], prompts[n:])}, options)
+    predicted = [s["predicted"] for r in scored["classifier"].values() for s in r.per_sample]
+    per_class = {name: sum(p == name for p, q in zip(predicted, prompts) if q == name) / prompts.count(name)
+                 for name in names if name in prompts}
     return ClassEvaluation(
-        ua=unlearning_accuracy(predicted[:n], target), ra=remaining_accuracy(predicted[n:], rest),
-        fd=frechet_distance(OracleFeatures(oracle), real, images[n:]), accuracy_per_class=per_class,
+        ua=scored["classifier"]["forget"].aggregate["ua"], ra=scored["classifier"]["remain"].aggregate["ra"],
+        fd=scored["fid"]["remain"].aggregate["fid"], accuracy_per_class=per_class,
         forget_images=images[:n], remain_images=images[n:], remain_labels=rest)

@@ -4,8 +4,9 @@ PAPER.md §4: images are generated for the forgotten class and for the other cla
 labels them; UA = 1 − fraction of forget-class images labelled as the forgotten class, RA = accuracy
 on the other classes. The paper's classifier is zero-shot CLIP ViT-B/32 over the class names plus
 "random noise" (so an image of noise need not be forced into a class). Here the classifier is either
-that zero-shot CLIP (``options.clip_model``, prompts ``"a photo of a {name}."``) or a user's
-transformers image classifier (``options.classifier``, labels from its ``config.id2label``).
+that zero-shot CLIP (``options.clip_model``, prompts ``"a photo of a {name}."``), a user's
+transformers image classifier (``options.classifier``, labels from its ``config.id2label``), or, for the
+embedded class-conditional model, the digit world's oracle (``options.classifier="embedded:oracle"``).
 
 Ground truth of a remain image is parsed from its prompt: the class name that occurs in the prompt
 as a whole word or phrase, case-insensitively (the longest one when several match, e.g.
@@ -27,6 +28,7 @@ from .base import MetricOptions, MetricResult, check_inputs
 
 NOISE_CLASS = "random noise"
 PROMPT_TEMPLATE = "a photo of a {name}."
+ORACLE = "embedded:oracle"  # options.classifier: the digit world's oracle reads the digit (embedded class model)
 
 
 def _norm(label: str) -> str:
@@ -90,7 +92,12 @@ class ClassifierMetric:
         self._model: Any = None
         self._preprocess: Any = None
         self._text_emb: torch.Tensor | None = None
-        if options.classifier:
+        if options.classifier == ORACLE:
+            from ..worlds.digits import DIGITS
+
+            self.labels = list(DIGITS)
+            self.classes = list(options.classes) or list(self.labels)
+        elif options.classifier:
             folder = Path(options.classifier)
             if not (folder / "config.json").is_file():
                 raise UserError(f"the classifier folder {folder} has no config.json; pass a folder saved with "
@@ -123,7 +130,11 @@ class ClassifierMetric:
     def _load(self) -> None:
         if self._model is not None:
             return
-        if self.options.classifier:
+        if self.options.classifier == ORACLE:
+            from ..worlds.oracle import load_oracle
+
+            self._model = load_oracle().to(self.options.device)
+        elif self.options.classifier:
             from transformers import AutoModelForImageClassification
 
             from .clip import preprocess_from_config, read_preprocessor_config
@@ -152,7 +163,11 @@ class ClassifierMetric:
     def predict(self, images: torch.Tensor) -> list[str]:
         """Labels (from :attr:`labels`) of ``(N, 3, H, W)`` images in [-1, 1], by argmax."""
         self._load()
-        if self.options.classifier:
+        if self.options.classifier == ORACLE:
+            # Column 0 of the oracle's reading is the digit (16x16 images, as the class model makes).
+            x = images.float().clamp(-1, 1).to(self.options.device)
+            index = self._model.predict(x, batch_size=max(self.options.batch_size, 1))[:, 0].cpu()
+        elif self.options.classifier:
             device = next(self._model.parameters()).device
             out = []
             for i in range(0, len(images), self.options.batch_size):
@@ -174,7 +189,12 @@ class ClassifierMetric:
         info: dict[str, Any] = {"labels": list(self.labels), "classes": list(self.classes),
                                 "target_class": self.options.target_class,
                                 "truth": "class name occurring in the prompt (longest, then earliest)"}
-        if self.options.classifier:
+        if self.options.classifier == ORACLE:
+            from .fid import weights_fingerprint
+
+            info.update({"classifier": "digit-world oracle (digit reading)",
+                         "classifier_weights": weights_fingerprint(self._oracle_for_settings())})
+        elif self.options.classifier:
             from .fid import content_hash
 
             folder = Path(self.options.classifier)
@@ -186,6 +206,10 @@ class ClassifierMetric:
             info.update({"classifier": "zero-shot CLIP", "prompt_template": PROMPT_TEMPLATE,
                          **load_clip(self.options.clip_model, self.options.device).settings(self.options.clip_model)})
         return info
+
+    def _oracle_for_settings(self):
+        self._load()
+        return self._model
 
     def check(self, set_names: list[str]) -> None:
         """Before any image is made: the forget set needs the target class."""

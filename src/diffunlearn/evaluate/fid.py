@@ -251,6 +251,34 @@ def load_reference_images(files: list[Path], size: tuple[int, int]) -> torch.Ten
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+class MemoryReference:
+    """Real images held in memory (``MetricOptions.reference_images``), with the interface of
+    :class:`ReferenceFeatures`: quantised to uint8 as a PNG of them would be, at the generated size,
+    features computed once per feature extractor, never cached on disk."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError("reference_images must be a (N, 3, H, W) tensor in [-1, 1]")
+        self.pixels = quantize(images)
+        self.folder = f"in memory ({len(images)} images)"
+        self.count = len(images)
+        self.batch_size = batch_size
+        self.content_hash = hashlib.sha256(self.pixels.numpy().tobytes()).hexdigest()[:16]
+        self.last_cache_path = ""
+        self._memory: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
+
+    def features(self, space: FeatureSpace, size: tuple[int, int]) -> torch.Tensor:
+        key = (space.name, size)
+        if key not in self._memory:
+            pixels = self.pixels
+            if tuple(pixels.shape[-2:]) != tuple(size):
+                raise ValueError(f"reference images of size {tuple(pixels.shape[-2:])} for generated images of size "
+                                 f"{tuple(size)}: render the references at the generated size")
+            self._memory[key] = torch.cat([space(pixels[i:i + self.batch_size]).double().cpu()
+                                           for i in range(0, len(pixels), self.batch_size)])
+        return self._memory[key]
+
+
 class ReferenceFeatures:
     """Features of a reference folder, computed once per (content, feature extractor, size) and cached.
 
@@ -262,6 +290,7 @@ class ReferenceFeatures:
     def __init__(self, folder: str, cache_dir: str, batch_size: int) -> None:
         self.folder = folder
         self.files = reference_files(folder)  # fail early on a bad folder, before any image is generated
+        self.count = len(self.files)
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self._hash: str | None = None
@@ -359,7 +388,9 @@ class _DistanceMetric:
         if options.feature == "inception":
             require_torch_fidelity()  # fail before any image is generated
         self.options = options
-        self.reference = ReferenceFeatures(options.reference, options.cache_dir, options.batch_size)
+        self.reference: ReferenceFeatures | MemoryReference = (
+            MemoryReference(options.reference_images, options.batch_size) if options.reference_images is not None
+            else ReferenceFeatures(options.reference, options.cache_dir, options.batch_size))
         self._space: FeatureSpace | None = None
         self._last: dict[str, Any] = {}
 
@@ -371,8 +402,8 @@ class _DistanceMetric:
 
     def settings(self) -> dict[str, Any]:
         """Feature space and its weights, reference folder, its content hash and image count."""
-        return {"feature": self.options.feature, **self.space.settings(), "reference": str(self.options.reference),
-                "reference_sha256": self.reference.content_hash, "reference_images": len(self.reference.files),
+        return {"feature": self.options.feature, **self.space.settings(), "reference": str(self.reference.folder),
+                "reference_sha256": self.reference.content_hash, "reference_images": self.reference.count,
                 "pixels": "generated images quantised to uint8; reference centre-cropped and bicubic-resized "
                           "to the generated size", **self._last}
 
@@ -400,9 +431,9 @@ class FIDMetric(_DistanceMetric):
     def score(self, images: torch.Tensor, prompts: list[str], set_name: str) -> MetricResult:
         """Score one set against the reference folder; ``set_name`` is ignored."""
         check_inputs(images, prompts)
-        if len(images) < 2 or len(self.reference.files) < 2:
+        if len(images) < 2 or self.reference.count < 2:
             raise UserError(f"fid needs at least 2 generated and 2 reference images, got {len(images)} generated "
-                            f"and {len(self.reference.files)} reference images")
+                            f"and {self.reference.count} reference images")
         real, fake = self._features(images)
         value = frechet_distance_features(real, fake)
         return MetricResult(self.name, {"fid": value}, [], self.settings())
@@ -420,10 +451,10 @@ class KIDMetric(_DistanceMetric):
     def score(self, images: torch.Tensor, prompts: list[str], set_name: str) -> MetricResult:
         """Score one set against the reference folder; ``set_name`` is ignored."""
         check_inputs(images, prompts)
-        subset = min(self.options.kid_subset_size, len(self.reference.files), len(images))
+        subset = min(self.options.kid_subset_size, self.reference.count, len(images))
         if subset < 2:
             raise UserError(f"kid needs subsets of at least 2 images, got {len(images)} generated, "
-                            f"{len(self.reference.files)} reference images and kid_subset_size="
+                            f"{self.reference.count} reference images and kid_subset_size="
                             f"{self.options.kid_subset_size}")
         real, fake = self._features(images)
         mean, std = kernel_distance_features(real, fake, subset)

@@ -125,9 +125,8 @@ class ClassTask:
         if cfg.model != EMBEDDED_CLASS:
             return None
         from ..evaluate.classes import evaluate_classes
-        from ..worlds.oracle import load_oracle
 
-        return evaluate_classes(adapter, load_oracle(), data.results["target_class"], cfg.eval_prompts, cfg.eval_seed,
+        return evaluate_classes(adapter, data.results["target_class"], cfg.eval_prompts, cfg.eval_seed,
                                 cfg.eval_steps, cfg.eval_guidance, progress)
 
     def pictures(self, before, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:

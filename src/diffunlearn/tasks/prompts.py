@@ -62,9 +62,8 @@ class PromptTask:
         if not self.scored_in_run(cfg):
             return None
         from ..evaluate.world import evaluate_world
-        from ..worlds.oracle import load_oracle
 
-        return evaluate_world(adapter, load_oracle(), cfg.concept, cfg.eval_prompts, cfg.eval_split, cfg.eval_seed,
+        return evaluate_world(adapter, cfg.concept, cfg.eval_prompts, cfg.eval_split, cfg.eval_seed,
                               cfg.eval_steps, cfg.eval_guidance, progress)
 
     def pictures(self, before, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:
