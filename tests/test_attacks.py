@@ -243,7 +243,7 @@ def test_exclude_never_renders_the_excluded_concept():
 
 
 def test_compare_shows_asr_columns_of_a_runs_attack_report(tmp_path):
-    from diffunlearn.compare import compare, load_results
+    from diffunlearn.jobs.compare import compare, load_results
 
     run = tmp_path / "rg-three"
     (run / "attack").mkdir(parents=True)

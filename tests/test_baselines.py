@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffunlearn.config import build_config
-from diffunlearn.losses import draw_noise, esd_target
+from diffunlearn.core.losses import draw_noise, esd_target
+from diffunlearn.core.training import GradientEngine, unlearn
 from diffunlearn.methods import get_method
 from diffunlearn.methods.salun import saliency_masks
-from diffunlearn.training import GradientEngine, unlearn
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 

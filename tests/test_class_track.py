@@ -123,8 +123,8 @@ def test_two_class_control_and_bad_class_names(class_world, tmp_path):
 
 
 def test_compare_and_study_rows_for_class_runs(tmp_path):
-    from diffunlearn.compare import load_results
-    from diffunlearn.study import point_options
+    from diffunlearn.jobs.compare import load_results
+    from diffunlearn.jobs.study import point_options
 
     run = tmp_path / "run"
     run.mkdir()
@@ -178,7 +178,7 @@ def test_train_class_base_writes_a_loadable_model(tmp_path):
 
 
 def test_reduced_table1_on_the_embedded_class_model(tmp_path, monkeypatch):
-    import diffunlearn.class_demo as class_demo
+    import diffunlearn.jobs.class_demo as class_demo
 
     out = tmp_path / "demo"
     small = ["steps=2", "eval_prompts=18", "remain_per_class=5", "eval_steps=10", "batch_size=8"]

@@ -13,11 +13,11 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from diffunlearn.config import build_config  # noqa: E402
+from diffunlearn.core.training import unlearn  # noqa: E402
 from diffunlearn.errors import UserError  # noqa: E402
 from diffunlearn.methods import get_method  # noqa: E402
 from diffunlearn.models import EMBEDDED_CLASS, load_adapter  # noqa: E402
 from diffunlearn.models.classcond import ClassConditionalAdapter, build_class_unet  # noqa: E402
-from diffunlearn.training import unlearn  # noqa: E402
 
 NAMES = ("cat", "Dog", "ship")
 

@@ -10,9 +10,9 @@ import torch
 
 from diffunlearn.cli import main
 from diffunlearn.config import build_config
+from diffunlearn.jobs.runfolder import load_for_run
 from diffunlearn.models import load_adapter
 from diffunlearn.models.pixel_base import PixelSpaceAdapter
-from diffunlearn.runfolder import load_for_run
 
 
 @pytest.fixture

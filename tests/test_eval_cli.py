@@ -111,7 +111,7 @@ def test_oracle_metric_on_the_embedded_base_model(tmp_path):
     for name in ("results.json", "manifest.json"):
         (run / "eval" / name).write_text((out / name).read_text())
     (run / "results.json").write_text(json.dumps({"forget_score": 0.25, "alignment": 0.5, "quality_fd": 9.0}))
-    from diffunlearn.compare import load_results
+    from diffunlearn.jobs.compare import load_results
 
     values = load_results(run)
     assert values["oracle/forget/forget_score"] == oracle["forget"]["forget_score"]

@@ -7,8 +7,8 @@ import pytest
 
 from diffunlearn.config import CLASS_DEFAULTS, SD_DEFAULTS, build_config, model_kind
 from diffunlearn.data.training import sample_batch
+from diffunlearn.jobs.runfolder import save_format
 from diffunlearn.models import ClassConditionalAdapter, PixelTextToImage, StableDiffusionAdapter, load_adapter
-from diffunlearn.runfolder import save_format
 from diffunlearn.worlds.base_model import GUIDANCE, SAMPLE_STEPS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from diffunlearn.leaderboard import leaderboard_table, run_leaderboard
+from diffunlearn.jobs.leaderboard import leaderboard_table, run_leaderboard
 
 
 def test_table_arithmetic_on_hand_made_runs():
@@ -32,7 +32,7 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "| three | retrained (gold) |" in table
     assert "Embedded leaderboard" in (out / "leaderboard.md").read_text()
 
-    import diffunlearn.leaderboard as lb
+    import diffunlearn.jobs.leaderboard as lb
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished (concept, seed) was run again")
@@ -56,7 +56,7 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_same_config_treats_keys_added_later_as_their_defaults():
     from diffunlearn.config import build_config
-    from diffunlearn.runfolder import same_config
+    from diffunlearn.jobs.runfolder import same_config
 
     cfg = build_config(None, ["method=rg", "steps=7"])
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("images", "remain_per_class", "remain_classes")}

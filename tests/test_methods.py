@@ -9,9 +9,9 @@ import torch
 
 from conftest import tiny_unet
 from diffunlearn.config import build_config
-from diffunlearn.losses import denoising_loss, draw_noise, forget_objective
+from diffunlearn.core.losses import denoising_loss, draw_noise, forget_objective
+from diffunlearn.core.training import unlearn
 from diffunlearn.methods import METHODS, get_method
-from diffunlearn.training import unlearn
 from diffunlearn.worlds import digits as world
 
 
@@ -110,7 +110,7 @@ def test_forget_caps(text_encoder):
 
 
 def test_rgd_remain_gradient_is_the_mean_over_the_whole_remain_set(text_encoder):
-    from diffunlearn.training import GradientEngine
+    from diffunlearn.core.training import GradientEngine
 
     adapter = fresh_adapter(text_encoder)
     _, _, rx, rc = tiny_data(adapter, n=6)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from diffunlearn.config import build_config
+from diffunlearn.core.training import GradientEngine, LossScale, unlearn
 from diffunlearn.methods import get_method
-from diffunlearn.training import GradientEngine, LossScale, unlearn
 from test_methods import fresh_adapter, tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]

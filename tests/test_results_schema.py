@@ -8,7 +8,7 @@ import json
 import pytest
 
 from diffunlearn.cli import main
-from diffunlearn.compare import load_results
+from diffunlearn.jobs.compare import load_results
 
 QUICK = ["steps=1", "eval_prompts=4", "eval_steps=2", "threads=1", "diagnose=false"]
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from diffunlearn.checkpoints import latest_checkpoint
 from diffunlearn.config import build_config
+from diffunlearn.core.checkpoints import latest_checkpoint
+from diffunlearn.core.training import TrainingDiverged, unlearn
 from diffunlearn.methods import get_method
-from diffunlearn.training import TrainingDiverged, unlearn
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 

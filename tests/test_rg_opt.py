@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from diffunlearn.config import build_config
+from diffunlearn.core.training import restrict_realised_update, unlearn
+from diffunlearn.core.updates import cone_correction
 from diffunlearn.methods import get_method
-from diffunlearn.training import restrict_realised_update, unlearn
-from diffunlearn.updates import cone_correction
 from test_methods import fresh_adapter, tiny_data
 
 

@@ -120,7 +120,7 @@ def test_an_early_interruption_leaves_a_resumable_run_and_says_how(pixel_folder,
 
 
 def test_resume_says_its_step_and_sums_the_training_time(pixel_folder, tmp_path, capsys, monkeypatch):
-    import diffunlearn.training as training
+    import diffunlearn.core.training as training
 
     real_save = training.save_checkpoint
 
@@ -150,8 +150,8 @@ def test_resume_says_its_step_and_sums_the_training_time(pixel_folder, tmp_path,
 
 def test_an_update_that_poisons_the_weights_stops_before_a_checkpoint_takes_it(text_encoder, tmp_path,
                                                                                 monkeypatch):
-    import diffunlearn.training as training
-    from diffunlearn.checkpoints import latest_checkpoint
+    import diffunlearn.core.training as training
+    from diffunlearn.core.checkpoints import latest_checkpoint
     from diffunlearn.methods import get_method
     from test_methods import fresh_adapter, tiny_data
 
@@ -302,7 +302,7 @@ def test_train_base_resume_flags(tmp_path, capsys):
 def test_bench_defaults_to_the_tiny_preset_and_measures_digit_models(capsys, monkeypatch):
     from pathlib import Path
 
-    import diffunlearn.bench as bench
+    import diffunlearn.jobs.bench as bench
 
     seen = {}
 
@@ -345,7 +345,7 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
 def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import diffunlearn.checkpoints as checkpoints
+    import diffunlearn.core.checkpoints as checkpoints
     import diffunlearn.worlds.base_model as base_model
     from diffunlearn.worlds.class_digits import train_class_base
 
@@ -368,7 +368,7 @@ def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch)
 
 
 def test_an_interrupted_job_with_a_timestamped_default_folder_names_it_in_the_hint(tmp_path, capsys, monkeypatch):
-    import diffunlearn.evaluate.suite as suite
+    import diffunlearn.jobs.suite as suite
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -140,7 +140,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tiny_sd_folde
     args = [f"model={tiny_sd_folder}", f"data_dir={data_dir}", *COMMON, "steps=4", "checkpoint_every=1"]
     assert run("unlearn", *args, "--out", str(tmp_path / "straight")) == 0
 
-    import diffunlearn.training as training
+    import diffunlearn.core.training as training
 
     real_save = training.save_checkpoint
 

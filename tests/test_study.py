@@ -14,7 +14,16 @@ import pytest
 
 from diffunlearn.cli import main
 from diffunlearn.errors import UserError
-from diffunlearn.study import Dimension, StudySpec, hypervolume, pareto, parse_space, run_study, summarise, validate
+from diffunlearn.jobs.study import (
+    Dimension,
+    StudySpec,
+    hypervolume,
+    pareto,
+    parse_space,
+    run_study,
+    summarise,
+    validate,
+)
 
 FAST = ("steps=3", "num_pairs=8", "batch_size=4", "eval_prompts=4", "data_steps=2", "eval_steps=2",
         "diagnose=false", "threads=1")
@@ -59,7 +68,7 @@ class _T:
 
 
 def test_the_rule_choice_is_always_re_run_held_out():
-    from diffunlearn.study import _select
+    from diffunlearn.jobs.study import _select
 
     # The front of a search: the rule's pick (forget 0.01 <= 0.05 with the best alignment) lies inside it.
     front = [_T(7, [0.0, 0.74]), _T(0, [0.01, 0.99]), _T(5, [0.4, 0.995]), _T(3, [0.98, 1.0])]
@@ -69,7 +78,7 @@ def test_the_rule_choice_is_always_re_run_held_out():
     # 5/100 in float32 is 0.0500000007: it still forgets.
     assert [t.number for t in _select([_T(1, [0.05000000074505806, 0.75]), _T(2, [0.02, 0.6])], 1)] == [1]
     # A tie already re-run held out serves for the rule's pick (no runs repeated for a tie).
-    from diffunlearn.study import prefer_ran
+    from diffunlearn.jobs.study import prefer_ran
 
     a, b, c = _T(0, [0.0, 0.02]), _T(2, [0.0, 0.02]), _T(3, [0.1, 0.5])
     assert prefer_ran([a], [a, b, c], ran={2}) == [b] and prefer_ran([c], [a, b, c], ran={2}) == [c]
@@ -134,7 +143,7 @@ def test_a_three_trial_study_end_to_end(tmp_path, capsys):
 
 
 def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):
-    import diffunlearn.study as study
+    import diffunlearn.jobs.study as study
 
     out = tmp_path / "study"
     argv = ["study", *FAST, "steps=12", "--methods", "rg", "--trials", "2", "--seeds", "0", "--front", "1",

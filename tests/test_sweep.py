@@ -13,7 +13,7 @@ import pytest
 from diffunlearn import cli
 from diffunlearn.errors import UserError
 from diffunlearn.jobs import run as runner
-from diffunlearn.study import budget, grid_study, search_prompt_specs, validate
+from diffunlearn.jobs.study import budget, grid_study, search_prompt_specs, validate
 
 TINY = ["steps=2", "num_pairs=16", "eval_prompts=8", "eval_steps=2", "data_steps=2", "batch_size=8",
         "diagnose=false", "threads=1"]

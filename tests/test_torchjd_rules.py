@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from diffunlearn.config import build_config
+from diffunlearn.core.training import unlearn
+from diffunlearn.core.updates import gradient_gram, gram_matrix, restricted_gradient
 from diffunlearn.errors import UserError
 from diffunlearn.methods import METHODS, get_method
 from diffunlearn.methods.jd import make_weighting, weighting_combine
-from diffunlearn.training import unlearn
-from diffunlearn.updates import gradient_gram, gram_matrix, restricted_gradient
 from test_methods import fresh_adapter, snapshot, tiny_data
 
 aggregation = pytest.importorskip("torchjd.aggregation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffunlearn.updates import gradient_ascent, gradient_difference, restricted_gradient, restricted_gradient_flat
+from diffunlearn.core.updates import gradient_ascent, gradient_difference, restricted_gradient, restricted_gradient_flat
 
 
 def split_like(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -140,7 +140,7 @@ def test_flat_variant_equals_per_parameter_rg_and_returns_split_shapes():
 
 
 def test_the_loop_gramian_has_every_pairwise_dot_and_equals_the_two_gradient_numbers():
-    from diffunlearn.updates import gradient_gram, gram_matrix, pair_gram
+    from diffunlearn.core.updates import gradient_gram, gram_matrix, pair_gram
 
     gen = torch.Generator().manual_seed(11)
     rows = [split_like(torch.randn(25, generator=gen), SHAPES) for _ in range(4)]
@@ -156,8 +156,8 @@ def test_the_loop_gramian_has_every_pairwise_dot_and_equals_the_two_gradient_num
 
 
 def test_combine_takes_a_list_of_forget_gradients():
+    from diffunlearn.core.updates import gram_matrix
     from diffunlearn.methods import METHODS
-    from diffunlearn.updates import gram_matrix
 
     gen = torch.Generator().manual_seed(12)
     f1, f2, r = (split_like(torch.randn(25, generator=gen), SHAPES) for _ in range(3))

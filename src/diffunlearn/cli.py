@@ -70,7 +70,7 @@ def _command_line(argv: list[str]) -> str:
 
 
 def _class_demo(args: argparse.Namespace) -> None:
-    from .class_demo import CLASS_DEMO_METHODS, run_class_demo
+    from .jobs.class_demo import CLASS_DEMO_METHODS, run_class_demo
     from .methods import get_method
     from .worlds.class_digits import CLASS_NAMES
 
@@ -89,7 +89,7 @@ def _class_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEMO_METHODS, run_demo
+    from .jobs.demo import DEMO_METHODS, run_demo
 
     for override in args.overrides:
         key = override.partition("=")[0].strip()
@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         build_attacks(list(attacks))  # unknown names fail before any training
     if args.all_methods:
-        from .leaderboard import CONCEPTS, LEADERBOARD_METHODS, run_leaderboard
+        from .jobs.leaderboard import CONCEPTS, LEADERBOARD_METHODS, run_leaderboard
         from .worlds.digits import COLOURS, DIGITS
 
         try:
@@ -189,7 +189,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 
 
 def cmd_data_build(args: argparse.Namespace) -> None:
-    from .data.build import build_data
+    from .jobs.data_build import build_data
 
     cfg = _config_args(args)
     out = Path(args.out) if args.out else Path("data") / f"{cfg.concept}-{cfg.diversity}"
@@ -209,7 +209,7 @@ def _device(name: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate.suite import SamplerSettings, evaluate
+    from .jobs.suite import SamplerSettings, evaluate
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     options = _metric_options(args)
@@ -308,7 +308,7 @@ def _items(text: str | None) -> tuple[str, ...]:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """``sweep CONFIG key=v1,v2`` is the grid form of ``study`` (one engine, kept for old scripts)."""
-    from .study import grid_study
+    from .jobs.study import grid_study
 
     if args.force:
         raise UserError("--force is gone with the old sweep: a finished point is reused; delete its folder (or the "
@@ -324,7 +324,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from .study import StudySpec, resolve
+    from .jobs.study import StudySpec, resolve
 
     try:
         seeds = tuple(int(s) for s in _items(args.seeds))
@@ -348,7 +348,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace, spec, out: Path) -> None:
-    from .study import run_study
+    from .jobs.study import run_study
 
     _check_output_folder(out)
     args.resume_hint = _rerun_hint(args, out)
@@ -359,7 +359,7 @@ def _study(args: argparse.Namespace, spec, out: Path) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .jobs.compare import compare
 
     out = Path(args.out)
     _check_output_folder(out)
@@ -368,7 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import BENCH_METHODS, bench_model_folder, bench_table, run_bench, temporary_workdir
+    from .jobs.bench import BENCH_METHODS, bench_model_folder, bench_table, run_bench, temporary_workdir
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else BENCH_METHODS
     if args.json:
@@ -453,7 +453,7 @@ def cmd_train_base(args: argparse.Namespace) -> None:
 
 def _resume_train_base(args: argparse.Namespace, out: Path) -> None:
     """``world train-base --out OUT --resume``: the recipe's arguments come from the checkpoint."""
-    from .checkpoints import read_recipe_state
+    from .core.checkpoints import read_recipe_state
 
     if args.steps is not None or args.init or args.exclude or args.force:
         raise UserError("--resume continues with the interrupted training's own settings; drop --steps, --init, "
@@ -711,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
-    from .study import SAMPLERS
+    from .jobs.study import SAMPLERS
 
     p = sub.add_parser("study", help="compare methods fairly: search each method's knobs (Optuna) on training "
                        "prompts, re-run each front on held-out prompts over seeds (resumable)")

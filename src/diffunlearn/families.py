@@ -14,6 +14,7 @@ folder reads back as the family that saved it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -21,6 +22,25 @@ EMBEDDED = "embedded:digits"
 EMBEDDED_CLASS = "embedded:digits-class"  # the class-conditional track's committed base model
 RETRAINED_PREFIX = EMBEDDED + "-without-"  # the digit world retrained without a concept (gold standard)
 FAMILIES = ("pixel", "class", "text")
+
+# Stable Diffusion runs start from the reference recipe (PAPER.md §2-3), not from the digit world's
+# tuned values: Adam lr 1e-5, batch 8, 100 paired steps over 800 prompt pairs, λ 1.6, m 1.1, full
+# UNet, training images made with the pipeline defaults (50 steps, guidance 7.5).
+SD_DEFAULTS: dict[str, Any] = {
+    "concept": "nudity", "num_pairs": 800, "data_steps": 50, "data_guidance": 7.5, "steps": 100,
+    "batch_size": 8, "lr": 1e-5, "remain_weight": 1.6, "margin": 1.1, "eval_steps": 50, "eval_guidance": 7.5,
+}
+# Class-conditional models (a user's checkpoint) start from the CIFAR-10 reference recipe (PAPER.md
+# §1-2): Adam lr 1e-5, batch 64, 782 steps, λ 5, element-wise cap α 0.1; DDIM 50 steps, no guidance.
+CLASS_DEFAULTS: dict[str, Any] = {
+    "steps": 782, "batch_size": 64, "lr": 1e-5, "remain_weight": 5.0, "forget_cap": "elementwise", "alpha": 0.1,
+    "eval_steps": 50, "eval_guidance": 1.0,
+}
+# The embedded class-conditional world's values, tuned with `diffunlearn sweep` on class "zero" with
+# evaluation seeds the demo never uses (eval_seed=7; README "Class-conditional track").
+CLASS_WORLD_DEFAULTS: dict[str, Any] = {
+    **CLASS_DEFAULTS, "steps": 100, "batch_size": 32, "lr": 5e-4, "eval_steps": 20, "eval_guidance": 2.0,
+}
 
 
 def model_kind(model: str) -> str:

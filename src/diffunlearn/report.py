@@ -64,21 +64,23 @@ def tradeoff_plot(points: dict[str, dict], path: Path, concept: str) -> None:
     plt.close(fig)
 
 
+DEMO_FIELDS = (("forget_score", "forget score ↓", 3), ("alignment", "alignment ↑", 3), ("digit", "digit", 3),
+               ("colour", "colour", 3), ("background", "background", 3), ("quality_fd", "quality FD ↓", 2),
+               ("seconds", "seconds", 1))
+
+
 def markdown_table(methods: dict[str, dict]) -> str:
-    """The demo's result table in Markdown (with one ASR column per attack when the models were red-teamed)."""
+    """The demo's result table in Markdown (with one ASR column per attack when the models were
+    red-teamed): :func:`mean_std_table` with one run per row, so values print plain."""
     attacks = list(dict.fromkeys(a for m in methods.values() for a in m.get("asr", {})))
-    lines = ["| model | forget score ↓ | alignment ↑ | digit | colour | background | quality FD ↓ | seconds |"
-             + "".join(f" ASR {a} ↓ |" for a in attacks),
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(attacks)]
-    for name, m in methods.items():
-        per = m.get("alignment_per_attribute", {})
-        asr = m.get("asr", {})
-        lines.append(
-            f"| {name} | {m['forget_score']:.3f} | {m['alignment']:.3f} | {per.get('digit', float('nan')):.3f} | "
-            f"{per.get('colour', float('nan')):.3f} | {per.get('background', float('nan')):.3f} | "
-            f"{m['quality_fd']:.2f} | {m['seconds']:.1f} |"
-            + "".join(f" {asr[a]:.3f} |" if a in asr else " - |" for a in attacks))
-    return "\n".join(lines)
+    nan = float("nan")
+    rows = {(name,): [{**m, **{a: m.get("alignment_per_attribute", {}).get(a, nan)
+                               for a in ("digit", "colour", "background")}}] for name, m in methods.items()}
+
+    def asr(runs: list[dict]) -> list[str]:
+        return [f"{runs[0]['asr'][a]:.3f}" if a in runs[0].get("asr", {}) else "-" for a in attacks]
+
+    return mean_std_table(["model"], rows, DEMO_FIELDS, ([f"ASR {a} ↓" for a in attacks], asr), count=None)
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -88,21 +90,29 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def mean_std_table(keys: list[str], rows: dict[tuple[str, ...], list[dict]], fields, extra=None, count: str = "seeds"
-                   ) -> str:
+def mean_std_table(keys: list[str], rows: dict[tuple[str, ...], list[dict]], fields, extra=None,
+                   count: str | None = "seeds") -> str:
     """Markdown: one row per key tuple (e.g. (concept, method)), each field's mean ± std over the runs,
-    then ``extra(runs) -> cells`` (e.g. attack success columns) and the number of runs.
+    then ``extra(runs) -> cells`` (e.g. attack success columns) and the number of runs. The one table
+    helper of the demo, the class demo and the leaderboard.
 
     Args:
         keys: the key columns' titles; fields: ``(key, title, digits)`` per number column;
         extra: ``(titles, fn)`` or None.
+        count: the title of the run-count column; None = no such column, and every row holds ONE run
+            whose values print plain (the single-seed demo).
     """
     titles = [title for _, title, _ in fields] + (list(extra[0]) if extra else [])
-    lines = ["| " + " | ".join([*keys, *titles, count]) + " |", "|" + "---|" * (len(keys) + len(titles) + 1)]
+    counts = [count] if count is not None else []
+    lines = ["| " + " | ".join([*keys, *titles, *counts]) + " |",
+             "|" + "---|" * (len(keys) + len(titles) + len(counts))]
     for key, runs in rows.items():
-        cells = [mean_std([r[k] for r in runs], digits) for k, _, digits in fields]
+        if count is None:
+            cells = [f"{runs[0][k]:.{digits}f}" for k, _, digits in fields]
+        else:
+            cells = [mean_std([r[k] for r in runs], digits) for k, _, digits in fields]
         if extra:
             cells += extra[1](runs)
-        lines.append("| " + " | ".join([*key, *cells, str(len(runs))]) + " |")
+        lines.append("| " + " | ".join([*key, *cells, *([str(len(runs))] if count is not None else [])]) + " |")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..losses import denoising_loss
+from ..core.losses import denoising_loss
 from .base import AttackOutput, AttackSamples, AttackTarget, denoising_batches, frozen_model, positive
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from ..core.losses import denoising_loss, draw_noise
 from ..errors import UserError
-from ..losses import denoising_loss, draw_noise
 from .base import AttackOutput, AttackSamples, AttackTarget, device_of, positive
 
 

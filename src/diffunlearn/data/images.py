@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.parallel import Parallel
 from ..errors import UserError
-from ..parallel import Parallel
 from ..utils import atomic_write_text
 
 

@@ -8,8 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..config import UnlearnConfig
-from ..parallel import Parallel
+from ..core.parallel import Parallel
+from ..core.schema import UnlearnConfig
 from ..utils import folder_fingerprint, image_seeds
 from ..worlds import digits as world
 from .images import generate_image_set

@@ -59,7 +59,7 @@ def evaluate_classes(adapter, target: int, n: int = 100, seed: int = 1, steps: i
     """Sample ``n`` images of the forgotten class and ``n`` spread over the others (image i uses seed
     ``seed * 100000 + i``; the same seeds for every model) and score UA, RA and FD with the registry's
     ``classifier`` (the oracle's digit reading) and ``fid`` (oracle features) metrics."""
-    from ..worlds.class_digits import render_classes
+    from ..worlds.digits import render_classes
 
     names = adapter.class_names
     labels = torch.cat([torch.full((n,), target), remain_labels(target, len(names), n)])

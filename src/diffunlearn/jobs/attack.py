@@ -259,8 +259,8 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
             without ``force``. Everything is checked before the first attack runs.
     """
     from ..evaluate.base import MetricOptions, build_metric
-    from ..evaluate.suite import default_sampler, load_model_or_run
     from ..report import image_grid
+    from .suite import default_sampler, load_model_or_run
 
     attacks = build_attacks(job.attacks, job.options)
     if isinstance(job.n, bool) or not isinstance(job.n, int) or job.n < 1:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..core.parallel import Parallel
 from ..methods import get_method
-from ..modelcard import write_model_card
-from ..parallel import Parallel
-from ..runfolder import check_out_dir, load_for_run, save_model, training_summary, write_run_header
 from ..tasks import Task, TrainingSet, task_for
 from ..utils import atomic_write_text
+from .modelcard import write_model_card
+from .runfolder import check_out_dir, load_for_run, save_model, training_summary, write_run_header
 
 
 def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command: str, progress: bool = True,

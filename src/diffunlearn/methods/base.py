@@ -41,7 +41,7 @@ class Method:
             on the original weights; only masked entries train (SalUn's saliency, ``salun.py``).
         procedure: how the method is applied, ``(adapter, method, cfg, forget_x0, forget_cond,
             remain_x0, remain_cond, **run) -> history``; None = the shared gradient loop
-            (:func:`diffunlearn.training.unlearn`). A closed-form method brings its own.
+            (:func:`diffunlearn.core.training.unlearn`). A closed-form method brings its own.
         variant: config values that define this method (e.g. ESD-x's cross-attention selection);
             applied for every model family, under config files and ``key=value``.
         restrict_update: after the optimizer's step, project the REALISED parameter change onto the
@@ -133,6 +133,6 @@ class Method:
         progress, checkpoint_dir, resume, parallel)."""
         if self.procedure is not None:
             return self.procedure(adapter, self, cfg, forget_x0, forget_cond, remain_x0, remain_cond, **run)
-        from ..training import unlearn
+        from ..core.training import unlearn
 
         return unlearn(adapter, self, cfg, forget_x0, forget_cond, remain_x0, remain_cond, **run)

@@ -9,8 +9,8 @@ Variants by parameter selection: ESD-u (``non-cross-attention``) and ESD-x (``cr
 
 import torch
 
-from ..losses import esd_target
-from ..updates import gradient_ascent, sum_forget
+from ..core.losses import esd_target
+from ..core.updates import gradient_ascent, sum_forget
 from .base import Method
 from .objectives import Bound, Matching
 

@@ -1,6 +1,6 @@
 """Gradient ascent (GA): raise the denoising loss on the forget set, nothing else."""
 
-from ..updates import gradient_ascent, sum_forget
+from ..core.updates import gradient_ascent, sum_forget
 from .base import Method
 
 METHOD = Method(

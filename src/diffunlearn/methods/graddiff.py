@@ -3,7 +3,7 @@
 On diverse paired data this is the paper's "GradDiffD" baseline (Ko et al. 2024, §5).
 """
 
-from ..updates import gradient_difference, sum_forget
+from ..core.updates import gradient_difference, sum_forget
 from .base import Method
 
 METHOD = Method(

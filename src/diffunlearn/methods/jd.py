@@ -7,7 +7,7 @@ w0·g_f + w1·λ·g_r with (w0, w1) = weighting(G) and::
     G = [[g_f·g_f,     λ·g_f·g_r],
          [λ·g_f·g_r,   λ²·g_r·g_r]]
 
-G comes from :func:`diffunlearn.updates.gradient_gram` (the three numbers the loop already has, summed
+G comes from :func:`diffunlearn.core.updates.gradient_gram` (the three numbers the loop already has, summed
 in float64), so nothing is concatenated into a flat Jacobian and the only per-parameter work is one
 fused output tensor per parameter. Before the weighting, G is divided by its trace: all five rules
 here are scale-invariant in exact arithmetic (the same weights for c·G, c > 0), and dividing keeps
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.updates import _check, gradient_gram, pair_gram, single_forget
 from ..errors import UserError
-from ..updates import _check, gradient_gram, pair_gram, single_forget
 from .base import Combine
 
 INSTALL_HINT = "pip install 'torchjd[quadprog_projector]'"

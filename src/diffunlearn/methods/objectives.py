@@ -15,19 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """What an objective may use when it binds: the trained adapter, the frozen reference copy (or
-    None), the run's config, the gradient engine of the loop, and the remain conditions (paired
-    anchors)."""
-
-    adapter: Any
-    reference: Any
-    cfg: Any
-    engine: Any
-    remain_cond: Any
-
+from ..core.training import Bound  # what the loop hands an objective when it binds (defined with the loop)
 
 Step = Callable[[list], tuple[Any, float]]
 

@@ -3,7 +3,7 @@ Generative Models", NeurIPS 2024: conflict-only mutual projection of g_f and g_r
 with the remain gradient from the remain minibatch paired with the forget minibatch.
 """
 
-from ..updates import pair_gram, restricted_gradient, single_forget
+from ..core.updates import pair_gram, restricted_gradient, single_forget
 from .base import Method
 
 

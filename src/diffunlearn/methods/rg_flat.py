@@ -3,7 +3,7 @@ every gradient concatenated into one vector per loss, projected, split back. Sam
 kept so ``diffunlearn bench`` can measure the cost of the flat copies against ``rg``.
 """
 
-from ..updates import restricted_gradient_flat, single_forget
+from ..core.updates import restricted_gradient_flat, single_forget
 from .base import Method
 from .rg import METHOD as RG
 

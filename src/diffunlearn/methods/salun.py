@@ -10,7 +10,7 @@ times the remain loss: d = g_remap + λ·g_r, masked.
 
 import torch
 
-from ..updates import gradient_difference, sum_forget
+from ..core.updates import gradient_difference, sum_forget
 from .base import Method
 from .objectives import Bound, Matching
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..families import EMBEDDED_CLASS
-from .pixel_base import PixelSpaceAdapter
+from .pixel_base import PixelSpaceAdapter, sampling
 
 
 def build_class_unet(num_classes: int, sample_size: int = 16, channels: int = 3,
@@ -324,8 +324,6 @@ class ClassConditionalAdapter(PixelSpaceAdapter):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        from tqdm.auto import tqdm
-
         device = self.device
         height, width = self._height_width
         noise = self.initial_noise(seeds, (self.channels, height, width))
@@ -335,12 +333,8 @@ class ClassConditionalAdapter(PixelSpaceAdapter):
         if guided:
             null = torch.tensor([self.null_class], device=device)
             null = self.condition_tensors(null)[0] if vectors else null
-        was_training = self.unet.training
-        self.unet.eval()
         out = []
-        bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
-                   leave=False)  # a string `progress` labels the bar (which model and set)
-        try:
+        with sampling(self.unet, len(seeds), progress) as bar:
             for start in range(0, len(seeds), batch_size):
                 cond = condition[start:start + batch_size].to(device)
                 n = len(cond)
@@ -357,9 +351,6 @@ class ClassConditionalAdapter(PixelSpaceAdapter):
                     x = solver.step(eps, t, x, eta=0.0).prev_sample
                 out.append(x.float().clamp(-1, 1).cpu())
                 bar.update(n)
-        finally:
-            bar.close()
-            self.unet.train(was_training)
         return torch.cat(out)
 
 

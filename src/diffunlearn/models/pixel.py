@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from torch import nn
 
 from ..errors import UserError
-from .pixel_base import PixelSpaceAdapter
+from .pixel_base import PixelSpaceAdapter, sampling
 from .selection import select_parameters
 from .text import FrozenTextEncoder
 
@@ -126,10 +126,6 @@ class PixelTextToImage(PixelSpaceAdapter):
         """:meth:`sample` from an already encoded (or attacked) condition, one image per row and seed."""
         if len(seeds) != len(condition):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
-        from tqdm.auto import tqdm
-
-        was_training = self.unet.training
-        self.unet.eval()
         device = self.device
         size = int(self.unet.config.sample_size)
         channels = int(self.unet.config.in_channels)
@@ -137,23 +133,20 @@ class PixelTextToImage(PixelSpaceAdapter):
         solver = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         uncond = self.encode_prompts([""])
         out = []
-        bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
-                   leave=False)  # a string `progress` labels the bar (which model and set)
-        for start in range(0, len(seeds), batch_size):
-            cond = condition[start:start + batch_size]
-            n = len(cond)
-            both = PixelCondition.cat([PixelCondition(uncond.states.expand(n, -1, -1),
-                                                      uncond.mask.expand(n, -1)), cond.to("cpu")]).to(device)
-            x = noise[start:start + batch_size].to(device, copy=True)
-            solver.set_timesteps(steps)
-            for t in solver.timesteps:
-                eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * n), both)
-                e_u, e_c = eps.chunk(2)
-                x = solver.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
-            out.append(x.clamp(-1, 1).cpu())
-            bar.update(n)
-        bar.close()
-        self.unet.train(was_training)
+        with sampling(self.unet, len(seeds), progress) as bar:
+            for start in range(0, len(seeds), batch_size):
+                cond = condition[start:start + batch_size]
+                n = len(cond)
+                both = PixelCondition.cat([PixelCondition(uncond.states.expand(n, -1, -1),
+                                                          uncond.mask.expand(n, -1)), cond.to("cpu")]).to(device)
+                x = noise[start:start + batch_size].to(device, copy=True)
+                solver.set_timesteps(steps)
+                for t in solver.timesteps:
+                    eps = self.predict_noise(torch.cat([x, x]), t.repeat(2 * n), both)
+                    e_u, e_c = eps.chunk(2)
+                    x = solver.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+                out.append(x.clamp(-1, 1).cpu())
+                bar.update(n)
         return torch.cat(out)
 
     # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------

@@ -9,10 +9,11 @@ x₀ after the scheduler's ``prediction_type``), combined by ``DenoisingObjectiv
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +23,25 @@ from ..errors import UserError
 
 # Output kinds the training target and the samplers both understand.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+
+@contextlib.contextmanager
+def sampling(unet: nn.Module, total: int, progress: bool | str) -> Iterator:
+    """Every adapter's sampling frame: ``unet`` in eval mode and a progress bar over ``total`` images
+    (a string ``progress`` labels it: which model and set); the bar is closed and the unet's mode
+    restored however the sampling ends."""
+    from tqdm.auto import tqdm
+
+    was_training = unet.training
+    unet.eval()
+    bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
+               leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        unet.train(was_training)
 
 
 class DenoisingObjective:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .pixel_base import DenoisingObjective
+from .pixel_base import DenoisingObjective, sampling
 from .selection import LoraSettings, has_lora, select_parameters
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
@@ -497,7 +497,6 @@ class StableDiffusionAdapter(DenoisingObjective):
                          height: int | None = None, width: int | None = None) -> torch.Tensor:
         """:meth:`sample` from already encoded (or attacked) text states, one image per row and seed."""
         from diffusers import DPMSolverMultistepScheduler
-        from tqdm.auto import tqdm
 
         if len(seeds) != len(condition):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
@@ -511,12 +510,8 @@ class StableDiffusionAdapter(DenoisingObjective):
                               with_text=False)
         pipe.set_progress_bar_config(disable=True)
         uncond = self.encode_prompts([""]).states
-        was_training = self.unet.training
-        self.unet.eval()
         out = []
-        bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", disable=not progress,
-                   leave=False)  # a string `progress` labels the bar (which model and set)
-        try:
+        with sampling(self.unet, len(seeds), progress) as bar:
             for start in range(0, len(seeds), batch_size):
                 cond = condition.states[start:start + batch_size].detach()
                 generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
@@ -529,9 +524,6 @@ class StableDiffusionAdapter(DenoisingObjective):
                 decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
                 out.append(decoded.float().clamp(-1, 1).cpu())
                 bar.update(len(cond))
-        finally:
-            bar.close()
-            self.unet.train(was_training)
         return torch.cat(out)
 
     # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------

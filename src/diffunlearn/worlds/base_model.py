@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from ..checkpoints import load_recipe_checkpoint, read_recipe_state, save_recipe_checkpoint
+from ..core.checkpoints import load_recipe_checkpoint, read_recipe_state, save_recipe_checkpoint
 from ..models.pixel import PixelTextToImage
 from ..models.text import FrozenTextEncoder
 from . import digits as world
@@ -70,6 +70,17 @@ def ema_weights(unet, ema):
         with torch.no_grad():
             for p, b in zip(unet.parameters(), backup):
                 p.copy_(b)
+
+
+def recipe_step(loss: torch.Tensor, unet, opt, sched, ema) -> None:
+    """One step of the base-model recipes (text and class): backward, clip to norm 1, Adam, the LR
+    schedule, the EMA of the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(unet.parameters())
 
 
 def report(entry: dict, bar) -> None:
@@ -177,12 +188,7 @@ def train_base(out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 1
         x_t = model.add_noise(x0, noise, t)
         pred = unet(x_t, t, encoder_hidden_states=cond_s, encoder_attention_mask=cond_m).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
+        recipe_step(loss, unet, opt, sched, ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % eval_every == 0 or step == steps:
             with ema_weights(unet, ema):

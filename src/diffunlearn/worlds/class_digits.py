@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data.classes import ClassDataset
 from ..models.classcond import ClassConditionalAdapter, build_class_unet
 from . import digits as world
+from .digits import render_classes
 
 CLASS_NAMES: tuple[str, ...] = world.DIGITS
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
@@ -35,13 +36,6 @@ GUIDANCE = 2.0
 # CIFAR-10's 5000 training images per class). 250 keeps the forget set a few batches long and lets
 # the two-class control draw its 450 remain images from two classes (225 each).
 IMAGES_PER_CLASS = 250
-
-
-def render_classes(labels: torch.Tensor, generator: torch.Generator, split: str = "train") -> torch.Tensor:
-    """Images ``(N, 3, 16, 16)`` in [-1, 1] of the digits ``labels``, random colours and backgrounds."""
-    n = len(labels)
-    images, _ = world.render(labels.tolist(), [None] * n, [None] * n, generator, split=split)
-    return images
 
 
 @functools.lru_cache(maxsize=2)
@@ -91,7 +85,7 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
     """
     from tqdm.auto import tqdm
 
-    from .base_model import RecipeCheckpoints, ema_weights, report, training_state
+    from .base_model import RecipeCheckpoints, ema_weights, recipe_step, report, training_state
     from .oracle import load_oracle
 
     out = Path(out)
@@ -115,12 +109,7 @@ def train_class_base(out: Path, steps: int = 2500, batch_size: int = 64, lr: flo
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(model.num_train_timesteps, (batch_size,), generator=gen)
         loss = F.mse_loss(model.predict_noise(model.add_noise(x0, noise, t), t, cond), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
+        recipe_step(loss, unet, opt, sched, ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % eval_every == 0 or step == steps:
             with ema_weights(unet, ema):

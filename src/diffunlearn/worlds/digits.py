@@ -268,3 +268,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, 3, H, W)`` in [-1, 1] to ``(N, H, W, 3)`` uint8, for saving and grids."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def render_classes(labels: torch.Tensor, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+    """Images ``(N, 3, 16, 16)`` in [-1, 1] of the digits ``labels``, random colours and backgrounds
+    (the class-conditional world's images)."""
+    n = len(labels)
+    images, _ = render(labels.tolist(), [None] * n, [None] * n, generator, split=split)
+    return images

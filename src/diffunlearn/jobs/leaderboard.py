@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import build_config
+from ..config import build_config
+from ..errors import UserError
+from ..evaluate.world import evaluate_world
+from ..methods import METHODS
+from ..report import mean_std, mean_std_table
+from ..utils import atomic_write_text, environment
+from .attack import red_team
 from .demo import red_team_demo, run_demo
-from .errors import UserError
-from .evaluate.world import evaluate_world
-from .jobs.attack import red_team
-from .methods import METHODS
-from .report import mean_std, mean_std_table
-from .utils import atomic_write_text, environment
 
 LEADERBOARD_METHODS = tuple(name for name in METHODS if name != "rg-flat")
 CONCEPTS = ("three", "red")
@@ -51,7 +51,7 @@ def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progre
                   ) -> dict | None:
     """The gold standard's row (clean scores on the demo's held-out prompts, and its ASRs), or ``None``
     when no model retrained without ``concept`` is installed."""
-    from .models import load_adapter, retrained_name
+    from ..models import load_adapter, retrained_name
 
     name = retrained_name(concept)
     try:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.parallel import Parallel
 from ..errors import UserError
-from ..parallel import Parallel
 from ..utils import atomic_write_text, environment, image_seeds
 
 
@@ -115,8 +115,8 @@ def evaluate(target: str, metric_names: list[str], prompt_specs: list[str], out:
         UserError: bad model, prompt file, metric name or settings; a finished evaluation without ``force``.
     """
     from ..data.images import generate_image_set
-    from .base import build_metric
-    from .prompt_sets import resolve_prompt_sets
+    from ..evaluate.base import build_metric
+    from ..evaluate.prompt_sets import resolve_prompt_sets
 
     if not metric_names:
         raise UserError("no metrics given; pass --metrics, e.g. --metrics alignment,nudenet")

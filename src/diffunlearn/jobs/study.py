@@ -46,9 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, build_config, model_kind
-from .errors import UserError
-from .utils import atomic_write_text
+from ..config import FIELDS, build_config, model_kind
+from ..errors import UserError
+from ..utils import atomic_write_text
 
 # Keys whose single value is itself a comma-separated list: their alternatives are separated by ";".
 LIST_KEYS = tuple(name for name, f in FIELDS.items() if isinstance(f.default, str) and "," in f.default)
@@ -87,7 +87,7 @@ def default_space(method: str, forget_cap: str = "hinge") -> dict[str, Dimension
     """The knobs that matter for ``method`` (issue 13 §1): every method's learning rate, λ for methods
     with a remain gradient, the hinge margin for capped ascent (log-range around the digit world's
     base loss ≈ 0.02 and the SD reference's 1.1), ESD's η, SalUn's saliency fraction."""
-    from .methods import get_method
+    from ..methods import get_method
 
     settings = get_method(method).settings  # the keys the method itself says it reads
     space = {"lr": Dimension("float", 1e-5, 1e-3, log=True)}
@@ -260,7 +260,7 @@ def spaces(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
 
 def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     """Everything checked before the first run; returns the spaces."""
-    from .methods import get_method
+    from ..methods import get_method
 
     problems = []
     for m in spec.methods:
@@ -280,7 +280,7 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     if "attack" in spec.objectives and not spec.attack:
         problems.append("--objectives ...,attack needs --attack NAME (e.g. --attack embedding)")
     if spec.attack:
-        from .attacks import build_attacks
+        from ..attacks import build_attacks
 
         build_attacks([spec.attack])
     if problems:
@@ -323,9 +323,9 @@ def _check_scoring(spec: StudySpec, kind: str) -> None:
     if spec.attack:
         raise UserError("--attack in a study uses the digit world's oracle; for Stable Diffusion red-team the chosen "
                         "runs with `diffunlearn attack RUN --metrics nudenet ...`")
+    from ..evaluate.base import FACTORIES
+    from ..evaluate.prompt_sets import resolve_prompt_sets
     from .compare import ALIGNMENT, FORGETTING
-    from .evaluate.base import FACTORIES
-    from .evaluate.prompt_sets import resolve_prompt_sets
 
     unknown = [m for m in spec.metrics if m not in FACTORIES]
     if unknown:
@@ -429,8 +429,8 @@ def _evaluated(spec: StudySpec, run_dir: Path, cfg, prompts: list[str], command:
     """A Stable Diffusion run's scores from ``diffunlearn eval`` (``RUN/eval``, reused when it already
     holds these metrics on these sets): forgetting and alignment as ``compare`` picks them, quality
     from fid when measured."""
+    from . import suite
     from .compare import ALIGNMENT, FORGETTING, load_results, pick_measure
-    from .evaluate import suite
 
     eval_dir = run_dir / "eval"
     if not _evaluation_current(eval_dir, list(spec.metrics), prompts):
@@ -448,7 +448,7 @@ def _evaluated(spec: StudySpec, run_dir: Path, cfg, prompts: list[str], command:
 
 def _evaluation_current(eval_dir: Path, metrics: list[str], prompts: list[str]) -> bool:
     """Whether ``eval_dir`` holds a finished evaluation with every requested metric on every set."""
-    from .evaluate.prompt_sets import resolve_prompt_sets
+    from ..evaluate.prompt_sets import resolve_prompt_sets
 
     try:
         have = json.loads((eval_dir / "results.json").read_text())["metrics"]
@@ -461,7 +461,7 @@ def _evaluation_current(eval_dir: Path, metrics: list[str], prompts: list[str]) 
 def point_options(options, cfg):
     """The metric options of one run: its concept is the ``oracle``'s forgotten concept and the
     ``classifier``'s forgotten class unless the command named them."""
-    from .evaluate.base import MetricOptions
+    from ..evaluate.base import MetricOptions
 
     options = options or MetricOptions()
     return dataclasses.replace(options, concept=options.concept or cfg.concept,
@@ -486,7 +486,7 @@ def _objectives_of(found: dict, attack: float | None, spec: StudySpec) -> list[f
 
 def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
     """A finished run's results, or train (resuming an interrupted one with the same config)."""
-    from .jobs import run as job
+    from . import run as job
 
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
@@ -497,7 +497,7 @@ def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
 
 
 def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -> float:
-    from .jobs.attack import red_team
+    from .attack import red_team
 
     return red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", (spec.attack,), cfg.eval_steps,
                     cfg.eval_guidance, progress, command)[spec.attack]
@@ -517,7 +517,7 @@ def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: 
     its own folder, ``data/seed-S-<hash of those settings>``."""
     import hashlib
 
-    from .data.build import build_data
+    from .data_build import build_data
 
     if model_kind(_cfg(spec).model) == "class":
         return None

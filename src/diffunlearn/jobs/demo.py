@@ -11,14 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from .config import UnlearnConfig, build_config
-from .jobs.attack import red_team
-from .jobs.run import run_job
-from .models import load_adapter
-from .report import image_grid, markdown_table, tradeoff_plot
+from ..config import UnlearnConfig, build_config
+from ..models import load_adapter
+from ..report import image_grid, markdown_table, tradeoff_plot
+from ..tasks.prompts import PromptTask
+from ..utils import atomic_write_text, environment
+from .attack import red_team
+from .run import run_job
 from .runfolder import check_out_dir, finished_run
-from .tasks.prompts import PromptTask
-from .utils import atomic_write_text, environment
 
 DEMO_METHODS = ("ga", "graddiff", "rg")
 GRID_COLUMNS = 8

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED_CLASS, UnlearnConfig, build_config
-from .errors import UserError
-from .evaluate.classes import evaluate_classes
-from .jobs.run import run_job
-from .report import mean_std_table
+from ..config import EMBEDDED_CLASS, UnlearnConfig, build_config
+from ..errors import UserError
+from ..evaluate.classes import evaluate_classes
+from ..report import mean_std_table
+from ..tasks.classes import ClassTask
+from ..utils import atomic_write_text, environment, image_seeds
+from .run import run_job
 from .runfolder import finished_run
-from .tasks.classes import ClassTask
-from .utils import atomic_write_text, environment, image_seeds
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")
 ABLATION = "rg-two-class"   # rg on the low-diversity remain set (Table 3)
@@ -74,9 +74,9 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
         methods: methods of Table 1; ``ablation`` adds ``rg`` on the two-class remain set (Table 3).
         overrides: ``key=value`` config overrides applied to every run.
     """
-    from .models import load_adapter
-    from .report import image_grid
-    from .worlds.class_digits import CLASS_NAMES
+    from ..models import load_adapter
+    from ..report import image_grid
+    from ..worlds.class_digits import CLASS_NAMES
 
     targets = tuple(classes) if classes else CLASS_NAMES
     names = list(methods) + ([ABLATION] if ablation else [])

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
-from .utils import atomic_write_text
+from ..errors import UserError
+from ..utils import atomic_write_text
 
 # Which number is "forgetting" (lower = more forgotten) and which is "alignment" (higher = better),
 # in order of preference, as (metric, set, key).
@@ -97,7 +97,7 @@ def pick_measure(values: dict[str, float], choices) -> tuple[str, float] | None:
 
 def _grid(runs: dict[str, Path], out: Path, k: int = 6) -> Path | None:
     """Same prompts and seeds across models: the first ``k`` images of the first set every run has."""
-    from .report import image_grid
+    from ..report import image_grid
 
     folders = {}
     for label, run in runs.items():
@@ -150,7 +150,7 @@ def compare(runs: list[Path], out: Path) -> str:
     points = {label: (pick_measure(v, FORGETTING), pick_measure(v, ALIGNMENT)) for label, v in values.items()}
     same_axes = len({(f[0], a[0]) for f, a in points.values() if f and a}) == 1
     if all(f and a for f, a in points.values()) and same_axes:
-        from .report import matplotlib_pyplot
+        from ..report import matplotlib_pyplot
 
         plt = matplotlib_pyplot()
         fig, ax = plt.subplots(figsize=(5, 4))

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 BENCH_METHODS = ("ga", "graddiff", "rg", "rg-flat")
 
 
 def _worker(spec: dict) -> dict:
     """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
-    from .config import build_config, model_kind
-    from .data.training import prompt_texts, training_prompts
-    from .methods import get_method
-    from .parallel import Parallel
+    from ..config import build_config, model_kind
+    from ..core.parallel import Parallel
+    from ..data.training import prompt_texts, training_prompts
+    from ..methods import get_method
     from .runfolder import load_for_run
 
     torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
@@ -77,8 +77,8 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
     Raises:
         UserError: bad arguments, or a worker process failed (its last error line is quoted).
     """
-    from .config import model_kind
-    from .methods import get_method
+    from ..config import model_kind
+    from ..methods import get_method
 
     for m in methods:
         get_method(m)
@@ -94,7 +94,7 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                 "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads()}
         if progress:
             print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "diffunlearn.bench", json.dumps(spec)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "diffunlearn.jobs.bench", json.dumps(spec)], capture_output=True,
                               text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -124,7 +124,7 @@ def bench_model_folder(preset: str | None, model: str | None, workdir: Path) -> 
         preset = "tiny"  # `diffunlearn bench` alone: the seconds-long tiny preset
     if model is not None:
         return model
-    from .models.presets import init_pipeline
+    from ..models.presets import init_pipeline
 
     return str(init_pipeline(preset, workdir / preset, seed=0))
 

@@ -1,8 +1,8 @@
 """THE unlearning loop. It alone owns the optimizer, batching, precision, parallelism, logging and
 checkpoints.
 
-Losses come from :mod:`diffunlearn.losses`, the way gradients are combined from the method (an
-update rule of :mod:`diffunlearn.updates`); this loop only computes the two gradients, sums them
+Losses come from :mod:`diffunlearn.core.losses`, the way gradients are combined from the method (an
+update rule of :mod:`diffunlearn.core.updates`); this loop only computes the two gradients, sums them
 across processes, writes the combined direction into ``.grad`` and steps the optimizer (PAPER.md §2).
 """
 
@@ -16,19 +16,33 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ..errors import UserError
+from ..utils import atomic_write_text
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import UnlearnConfig
-from .errors import UserError
 from .losses import denoising_loss, draw_noise, forget_objective, matching_loss
-from .methods import Method
-from .methods.objectives import Bound
 from .parallel import Parallel
+from .schema import UnlearnConfig
 from .updates import gradient_stats, gram_matrix, pair_gram
-from .utils import atomic_write_text
+
+if TYPE_CHECKING:  # the loop runs any method; it never imports the method layer
+    from ..methods import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """What an objective may use when it binds: the trained adapter, the frozen reference copy (or
+    None), the run's config, the gradient engine of the loop, and the remain conditions (paired
+    anchors)."""
+
+    adapter: Any
+    reference: Any
+    cfg: Any
+    engine: Any
+    remain_cond: Any
 
 
 class TrainingDiverged(UserError):
@@ -103,7 +117,7 @@ def _truncate_metrics(path: Path, last_step: int) -> list[dict]:
 class GradientEngine:
     """Gradients of batch objectives for the loop: global batches split across processes and into
     sequential micro-batches (gradient accumulation), autocast, loss scaling, and the sum across
-    processes (see :mod:`diffunlearn.parallel`).
+    processes (see :mod:`diffunlearn.core.parallel`).
 
     Every objective is a per-chunk mean weighted by the chunk's share of the GLOBAL batch, so the
     summed gradient equals the gradient of the global batch mean however the batch is split.
@@ -310,7 +324,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     run reaches (the generator, batch order, optimizer and loss scale are all restored).
 
     Under ``accelerate launch`` every process draws the same global batch and keeps its own rows
-    (:mod:`diffunlearn.parallel`); gradients are summed across processes before ``method.combine``.
+    (:mod:`diffunlearn.core.parallel`); gradients are summed across processes before ``method.combine``.
 
     Returns:
         one record per step (for a resumed run, the restored records first).

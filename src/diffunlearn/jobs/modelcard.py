@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from .config import UnlearnConfig
-from .methods import get_method
-from .utils import atomic_write_text
+from ..config import UnlearnConfig
+from ..methods import get_method
+from ..utils import atomic_write_text
 
 LOAD_SNIPPETS = {
     "pipeline": ("from diffusers import StableDiffusionPipeline\n"

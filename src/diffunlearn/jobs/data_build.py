@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..config import UnlearnConfig, dump_config
-from ..parallel import Parallel
+from ..core.parallel import Parallel
 from ..utils import atomic_write_text
 
 TEST_PROMPTS = 100  # held-out prompts per set, as in the paper (PAPER.md §3)
@@ -32,8 +32,8 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
     Raises:
         UserError: bad model, or ``out`` holds images made with other settings.
     """
-    from ..runfolder import load_for_run
-    from .training import build_training_data, prompt_texts, training_prompts
+    from ..data.training import build_training_data, prompt_texts, training_prompts
+    from .runfolder import load_for_run
 
     parallel = Parallel.from_environment()
     adapter, folder = load_for_run(cfg, parallel)

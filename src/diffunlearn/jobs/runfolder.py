@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .config import UnlearnConfig, build_config, dump_config
-from .errors import UserError
-from .models import load_adapter
-from .parallel import Parallel
-from .utils import atomic_write_text, environment
+from ..config import UnlearnConfig, build_config, dump_config
+from ..core.parallel import Parallel
+from ..errors import UserError
+from ..models import load_adapter
+from ..utils import atomic_write_text, environment
 
 
 def check_out_dir(out: Path, force: bool, resume: bool = False) -> None:
