@@ -42,3 +42,11 @@ def tiny_sd_folder(tmp_path_factory):
     from diffunlearn.models.presets import init_pipeline
 
     return init_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory):
+    """The ``sd3-tiny`` preset (seed 0): an SD3 pipeline folder with two tiny CLIP encoders, no T5."""
+    from diffunlearn.models.presets import init_pipeline
+
+    return init_pipeline("sd3-tiny", tmp_path_factory.mktemp("tiny-sd3") / "model", seed=0)

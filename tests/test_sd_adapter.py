@@ -88,13 +88,14 @@ def test_presets_have_the_published_sizes():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffunlearn.models.presets import _configs, make_scheduler
+    from diffunlearn.models.presets import SD3_PRESETS, _configs, make_scheduler
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
     pipe = build_pipeline("tiny")
-    assert set(PRESETS) == {"tiny", "small", "sd15", "sd21"}
+    assert set(PRESETS) - set(SD3_PRESETS) == {"tiny", "small", "sd15", "sd21"}
+    assert set(SD3_PRESETS) == {"sd3-tiny", "sd3-medium", "sd35-large"} <= set(PRESETS)
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (792964, 167959, 76384)
     # SD v1.5 and 2.1 at their real sizes, on the meta device (shapes only, no memory).
     expected = {"sd15": (859520964, 123060480), "sd21": (865910724, 340387840)}

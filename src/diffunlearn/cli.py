@@ -747,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="per-step time and peak memory of ga, graddiff, rg and rg-flat")
     p.add_argument("--model", default=None, help="model folder (Stable Diffusion or digit world) to benchmark")
-    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21 "
-                   "(neither flag: tiny)")
+    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21, sd3-tiny, "
+                   "sd3-medium, sd35-large (neither flag: tiny)")
     p.add_argument("--methods", default=None, help="comma-separated (default: ga,graddiff,rg,rg-flat)")
     p.add_argument("--batch-size", type=int, default=8, help="paired images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
@@ -765,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="make model folders")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     p = msub.add_parser("init", help="a Stable Diffusion pipeline with random weights from a preset config")
-    p.add_argument("--preset", required=True, help="tiny, small, sd15 or sd21")
+    p.add_argument("--preset", required=True, help="tiny, small, sd15, sd21, sd3-tiny, sd3-medium or sd35-large")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")

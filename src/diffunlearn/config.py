@@ -35,7 +35,9 @@ from .families import (  # noqa: F401  (re-exported)
     CLASS_WORLD_DEFAULTS,
     EMBEDDED,
     EMBEDDED_CLASS,
+    SD3_DEFAULTS,
     SD_DEFAULTS,
+    TEXT_FAMILIES,
     model_kind,
 )
 
@@ -93,6 +95,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
         values = {**recipe, **variant, **values}
     elif kind == "text":
         values = {**SD_DEFAULTS, **variant, **values}
+    elif kind == "sd3":
+        values = {**SD3_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))
@@ -150,11 +154,11 @@ def validate(cfg: UnlearnConfig) -> list[str]:
             if cfg.concept not in DIGITS:
                 errors.append(f"unknown class {cfg.concept!r}: the embedded class-conditional model's classes are "
                               f"{', '.join(DIGITS)}")
-    elif kind == "text" and Path(cfg.model).expanduser().is_dir() and not (
+    elif kind in TEXT_FAMILIES and Path(cfg.model).expanduser().is_dir() and not (
             Path(cfg.model).expanduser() / "model_index.json").is_file():
         errors.append(f"{cfg.model} has no model_index.json, so it is not a model folder; pass a folder written by "
                       "`diffunlearn world train-base` or a run (its model/), or a diffusers pipeline folder")
-    elif kind == "text" and not _missing_path(cfg.model):
+    elif kind in TEXT_FAMILIES and not _missing_path(cfg.model):
         # (A model path that does not exist is reported by the loader, which says what to pass instead.)
         from .data.templates import TEMPLATES
 

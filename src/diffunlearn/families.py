@@ -5,7 +5,8 @@ family's recipe) and every layer above can ask it.
 
 * ``"pixel"``: a digit-world text-to-image model (``models.pixel.PixelTextToImage``);
 * ``"class"``: a class-conditional model (``models.classcond.ClassConditionalAdapter``);
-* ``"text"``: Stable Diffusion 1.x/2.x (``models.sd.StableDiffusionAdapter``).
+* ``"text"``: Stable Diffusion 1.x/2.x (``models.sd.StableDiffusionAdapter``);
+* ``"sd3"``: Stable Diffusion 3 / 3.5, flow matching (``models.sd3.StableDiffusion3Adapter``).
 
 Each adapter declares its kind as ``family``; ``tests/test_families.py`` checks that a saved
 folder reads back as the family that saved it.
@@ -21,7 +22,14 @@ from .errors import UserError
 EMBEDDED = "embedded:digits"
 EMBEDDED_CLASS = "embedded:digits-class"  # the class-conditional track's committed base model
 RETRAINED_PREFIX = EMBEDDED + "-without-"  # the digit world retrained without a concept (gold standard)
-FAMILIES = ("pixel", "class", "text")
+FAMILIES = ("pixel", "class", "text", "sd3")
+TEXT_FAMILIES = ("text", "sd3")  # diffusers text-to-image pipelines: template prompts, scored by `diffunlearn eval`
+# Per diffusers family: the pipeline class, its name for the trained network and that network's class
+# (the model card's load code and the loaders' dispatch read these).
+PIPELINES: dict[str, tuple[str, str, str]] = {
+    "text": ("StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
+    "sd3": ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
+}
 
 # Stable Diffusion runs start from the reference recipe (PAPER.md §2-3), not from the digit world's
 # tuned values: Adam lr 1e-5, batch 8, 100 paired steps over 800 prompt pairs, λ 1.6, m 1.1, full
@@ -30,6 +38,10 @@ SD_DEFAULTS: dict[str, Any] = {
     "concept": "nudity", "num_pairs": 800, "data_steps": 50, "data_guidance": 7.5, "steps": 100,
     "batch_size": 8, "lr": 1e-5, "remain_weight": 1.6, "margin": 1.1, "eval_steps": 50, "eval_guidance": 7.5,
 }
+# SD3 / SD3.5 start from the same reference recipe, with the SD3 pipeline's sampler defaults (28
+# flow-matching Euler steps, guidance 7). The hinge margin bounds the velocity MSE there.
+SD3_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_steps": 28, "data_guidance": 7.0, "eval_steps": 28,
+                                "eval_guidance": 7.0}
 # Class-conditional models (a user's checkpoint) start from the CIFAR-10 reference recipe (PAPER.md
 # §1-2): Adam lr 1e-5, batch 64, 782 steps, λ 5, element-wise cap α 0.1; DDIM 50 steps, no guidance.
 CLASS_DEFAULTS: dict[str, Any] = {
@@ -50,6 +62,7 @@ def model_kind(model: str) -> str:
       or a folder from ``world train-base`` or a digit-world run's ``model/``);
     * ``"class"``: a class-conditional model (the embedded one, a folder saved by its adapter, or a
       diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings);
+    * ``"sd3"``: a ``StableDiffusion3Pipeline`` folder;
     * ``"text"``: anything else (a Stable Diffusion folder or hub id; a missing folder counts as
       ``"text"`` and the loader reports it).
 
@@ -71,6 +84,8 @@ def model_kind(model: str) -> str:
             raise ValueError
         if index.get("_diffunlearn_adapter") in ("pixel", "class"):
             return index["_diffunlearn_adapter"]
+        if index.get("_class_name") == PIPELINES["sd3"][0]:
+            return "sd3"
         if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
             unet_path = folder / "unet" / "config.json"
             index_path = unet_path

@@ -11,17 +11,18 @@ from typing import Any
 import yaml
 
 from ..config import UnlearnConfig
+from ..families import PIPELINES, model_kind
 from ..methods import get_method
 from ..utils import atomic_write_text
 
 LOAD_SNIPPETS = {
-    "pipeline": ("from diffusers import StableDiffusionPipeline\n"
-                 "pipe = StableDiffusionPipeline.from_pretrained(\"{folder}\")"),
-    "unet": ("from diffusers import StableDiffusionPipeline, UNet2DConditionModel\n"
-             "unet = UNet2DConditionModel.from_pretrained(\"{folder}\")\n"
-             "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\", unet=unet)"),
-    "lora": ("from diffusers import StableDiffusionPipeline\n"
-             "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+    "pipeline": ("from diffusers import {pipeline}\n"
+                 "pipe = {pipeline}.from_pretrained(\"{folder}\")"),
+    "unet": ("from diffusers import {pipeline}, {network}\n"
+             "{denoiser} = {network}.from_pretrained(\"{folder}\")\n"
+             "pipe = {pipeline}.from_pretrained(\"{base}\", {denoiser}={denoiser})"),
+    "lora": ("from diffusers import {pipeline}\n"
+             "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
              "pipe.load_lora_weights(\"{folder}\")"),
     "class": ("from diffusers import DDIMScheduler, UNet2DModel\n"
               "unet = UNet2DModel.from_pretrained(\"{folder}/unet\")\n"
@@ -45,7 +46,10 @@ def write_model_card(folder: Path, cfg: UnlearnConfig, save_format: str, base_mo
     method = get_method(cfg.method)
     front = {"library_name": "diffusers", "base_model": base_model,
              "tags": ["diffunlearn", "machine-unlearning", "concept-erasure", cfg.method, cfg.concept]}
-    snippet = LOAD_SNIPPETS[save_format].format(folder=folder, base=base_model)
+    # The family's own pipeline and network classes (SD 1.x/2.x by default).
+    pipeline, denoiser, network = PIPELINES.get(model_kind(cfg.model), PIPELINES["text"])
+    snippet = LOAD_SNIPPETS[save_format].format(folder=folder, base=base_model, pipeline=pipeline,
+                                                denoiser=denoiser, network=network)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {base_model} with '{cfg.concept}' unlearned ({cfg.method})", "",

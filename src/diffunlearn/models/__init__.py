@@ -11,6 +11,7 @@
 * a class-conditional folder (``model_index.json`` marked ``class``, or a diffusers ``DDPMPipeline`` /
   ``DDIMPipeline`` folder whose UNet has ``num_class_embeds``) -> ``ClassConditionalAdapter``;
 * a diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) -> ``StableDiffusionAdapter``;
+* a diffusers ``StableDiffusion3Pipeline`` folder (SD3 / SD3.5) -> ``StableDiffusion3Adapter``;
 * a Hub id ``org/name`` that is not a local path -> ``StableDiffusionAdapter`` from the local
   Hugging Face cache (downloaded only when ``HF_HUB_OFFLINE=0``).
 """
@@ -27,6 +28,11 @@ from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, model_kind
 from .classcond import ClassConditionalAdapter
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
+from .sd3 import StableDiffusion3Adapter
+
+# The diffusers pipelines by their model_index.json `_class_name` (families.PIPELINES names them).
+PIPELINE_ADAPTERS = {"StableDiffusionPipeline": StableDiffusionAdapter,
+                     "StableDiffusion3Pipeline": StableDiffusion3Adapter}
 
 
 def embedded_base_folder() -> Path:
@@ -101,7 +107,9 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     """
     if (model not in (EMBEDDED, EMBEDDED_CLASS) and not model.startswith(RETRAINED_PREFIX)
             and not Path(model).expanduser().exists() and looks_like_hub_id(model)):
-        return StableDiffusionAdapter.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
+        index = json.loads((StableDiffusionAdapter.hub_snapshot_folder(model) / "model_index.json").read_text())
+        adapter_class = PIPELINE_ADAPTERS.get(str(index.get("_class_name")), StableDiffusionAdapter)
+        return adapter_class.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
     folder = resolve_model_folder(model)
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -118,9 +126,12 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     if model_kind(str(folder)) == "class":  # diffunlearn's class folders and class-conditional DDPM pipelines
         adapter = ClassConditionalAdapter.from_pretrained(folder)
         return (adapter.to(device) if device is not None else adapter), folder
-    check_pipeline_index(index_path, str(folder))  # SDXL and other pipelines fail here with their own message
-    return StableDiffusionAdapter.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
+    adapter_class = PIPELINE_ADAPTERS.get(str(index.get("_class_name")), StableDiffusionAdapter)
+    # SDXL and other pipelines fail here with their own message.
+    check_pipeline_index(index_path, str(folder), adapter_class.pipeline_class_name)
+    return adapter_class.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
 
 
-__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "PixelTextToImage", "StableDiffusionAdapter",
+__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "PixelTextToImage", "StableDiffusion3Adapter",
+           "StableDiffusionAdapter",
            "embedded_base_folder", "embedded_class_folder", "load_adapter", "resolve_model_folder"]

@@ -35,7 +35,16 @@ PRESETS: dict[str, str] = {
     "sd15": "Stable Diffusion v1.5 configs (860 M UNet, CLIP ViT-L/14 text encoder, 512x512), random weights",
     "sd21": "Stable Diffusion 2.1 configs (865 M UNet, OpenCLIP ViT-H text encoder, 768x768, v-prediction), "
             "random weights",
+    "sd3-tiny": "test-sized SD3 layout: 32x32 images, 16x16x4 latents, 2-block MMDiT (80 K parameters), two "
+                "2-layer CLIP encoders, no T5",
+    "sd3-medium": "Stable Diffusion 3 medium configs (2.0 B MMDiT, 16-channel VAE, CLIP-L + CLIP-G, 1024x1024), "
+                  "random weights, T5 left out",
+    "sd35-large": "Stable Diffusion 3.5 large configs (8.1 B MMDiT with QK RMS-norm, CLIP-L + CLIP-G), random "
+                  "weights, T5 left out",
 }
+SD3_PRESETS = ("sd3-tiny", "sd3-medium", "sd35-large")
+# The SD3 flow-matching schedule: FlowMatchEulerDiscreteScheduler, 1000 steps, shift 3.0.
+SD3_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # The SD noise schedule (v1.x and v2.x): betas linear in sqrt space from 0.00085 to 0.012, 1000 steps.
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -111,6 +120,67 @@ def _configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple
     raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
 
 
+def sd3_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple[dict, dict, dict, dict]:
+    """(transformer kwargs, vae kwargs, CLIP-L kwargs, CLIP-G kwargs) of an SD3 preset: the published
+    ``stabilityai/stable-diffusion-3-medium-diffusers`` and ``stable-diffusion-3.5-large`` configs, or
+    the tiny test layout. The T5 encoder is left out (there is no offline T5 tokenizer; the pipeline
+    conditions on zeros in its place, as diffusers does when T5 is dropped to save memory)."""
+    if preset == "sd3-tiny":
+        # CLIP widths 32 + 32 side by side = the joint attention width 64; the pooled projections too.
+        transformer = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                           num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                           pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16)
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609)
+        clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                    vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
+        return transformer, vae, clip, dict(clip)
+    if preset not in ("sd3-medium", "sd35-large"):
+        raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **clip_ids)
+    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **clip_ids)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
+               scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    mmdit = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                 joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192)
+    if preset == "sd3-medium":
+        return dict(mmdit, num_layers=24, num_attention_heads=24, caption_projection_dim=1536), vae, clip_l, clip_g
+    return (dict(mmdit, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"),
+            vae, clip_l, clip_g)
+
+
+def build_sd3_pipeline(preset: str, seed: int = 0) -> Any:
+    """A ``StableDiffusion3Pipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = load_tokenizer()
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    transformer_kw, vae_kw, clip_l, clip_g = sd3_configs(preset, len(tokenizer), special_ids)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**transformer_kw)
+    vae = AutoencoderKL(**vae_kw)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**kw)) for kw in (clip_l, clip_g)]
+    for module in (transformer, vae, *encoders):
+        module.eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None,
+                                    tokenizer_3=None)
+
+
 def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = None) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` with random weights drawn after ``torch.manual_seed(seed)``.
 
@@ -127,6 +197,10 @@ def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = Non
     Raises:
         UserError: unknown preset or prediction type.
     """
+    if preset in SD3_PRESETS:
+        if prediction_type is not None:
+            raise UserError("SD3 presets are flow-matching models; they take no prediction type")
+        return build_sd3_pipeline(preset, seed)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import UserError
 from .pixel_base import DenoisingObjective, sampling
-from .selection import LoraSettings, has_lora, select_parameters
+from .selection import CROSS_ATTENTION_MARK, LoraSettings, has_lora, select_parameters
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 SAMPLER_NAME = "DPMSolverMultistepScheduler"
@@ -90,8 +90,9 @@ class TextCondition:
         return TextCondition(torch.cat([p.states for p in parts]))
 
 
-def check_pipeline_index(index_path: Path, where: str) -> None:
-    """Refuse anything but a Stable Diffusion 1.x/2.x pipeline, from its ``model_index.json``.
+def check_pipeline_index(index_path: Path, where: str, expected: str = PIPELINE_CLASS) -> None:
+    """Refuse anything but the ``expected`` pipeline class (SD 1.x/2.x by default), from its
+    ``model_index.json``.
 
     Raises:
         UserError: the index is unreadable, SDXL, or another pipeline class.
@@ -101,12 +102,15 @@ def check_pipeline_index(index_path: Path, where: str) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{index_path} is unreadable or not JSON; restore or re-download {where}") from exc
     name = str(index.get("_class_name", "unknown"))
+    if name == expected:
+        return
     if "XL" in name:
         raise UserError(f"{where} is an SDXL pipeline ({name}); SDXL is not supported yet; use a Stable Diffusion "
                         "1.x or 2.x pipeline such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-    if name != PIPELINE_CLASS:
+    if expected == PIPELINE_CLASS:
         raise UserError(f"{where} holds a {name}, not a {PIPELINE_CLASS}; pass a Stable Diffusion 1.x or 2.x "
                         "pipeline folder (diffusers layout with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    raise UserError(f"{where} holds a {name}, not a {expected}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,6 +132,8 @@ class StableDiffusionAdapter(DenoisingObjective):
     """
 
     sampler_name = SAMPLER_NAME
+    pipeline_class_name = PIPELINE_CLASS
+    denoiser_name = "unet"  # the pipeline's name for the trained network (``self.unet`` here)
     family = "text"
     condition_kind = "text"
     save_formats = ("pipeline", "unet", "lora")
@@ -190,8 +196,6 @@ class StableDiffusionAdapter(DenoisingObjective):
             UserError: missing folder, not a SD 1.x/2.x pipeline (SDXL included), a Hub id absent
                 from the cache while offline, or missing/corrupt weights.
         """
-        from diffusers import StableDiffusionPipeline
-
         name = str(folder_or_id)
         path = Path(folder_or_id).expanduser()
         if path.exists():
@@ -201,7 +205,7 @@ class StableDiffusionAdapter(DenoisingObjective):
             if not (path / "model_index.json").is_file():
                 raise UserError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder; pass a "
                                 "Stable Diffusion 1.x/2.x folder written by save_pretrained")
-            check_pipeline_index(path / "model_index.json", str(path))
+            check_pipeline_index(path / "model_index.json", str(path), cls.pipeline_class_name)
             folder, source, load_from, local_only = path.resolve(), str(path.resolve()), str(path), True
         elif looks_like_hub_id(name):
             folder = cls._hub_snapshot(name)
@@ -210,16 +214,34 @@ class StableDiffusionAdapter(DenoisingObjective):
             raise UserError(f"model {name!r} is neither an existing folder nor a Hub id (org/name); pass a Stable "
                             "Diffusion pipeline folder or a cached Hub id")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                load_from, use_safetensors=True, local_files_only=local_only, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+            pipe = cls.load_pipeline(load_from, folder, local_only)
         except Exception as exc:  # diffusers/transformers/safetensors raise many types for bad files
-            raise UserError(f"could not load the Stable Diffusion pipeline {name} ({_first_line(exc)}); its weights "
+            raise UserError(f"could not load the {cls.pipeline_class_name} {name} ({_first_line(exc)}); its weights "
                             "are missing, not safetensors, or corrupt: restore or re-download it") from exc
         return cls.from_pipeline(pipe, device=device, frozen_dtype=frozen_dtype, source=source, folder=folder)
 
+    @classmethod
+    def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
+        """The diffusers pipeline of this family from a folder or Hub id (safetensors only);
+        ``components`` replace the stored ones (e.g. a trained UNet)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(
+            load_from, use_safetensors=True, local_files_only=local_only, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, **components)
+
     @staticmethod
-    def _hub_snapshot(repo_id: str) -> Path:
+    def hub_snapshot_folder(repo_id: str) -> Path:
+        """The local snapshot folder of a Hub repo's ``model_index.json`` (fetched only when
+        ``HF_HUB_OFFLINE=0``), any pipeline class.
+
+        Raises:
+            UserError: not cached while offline, or unreachable.
+        """
+        return StableDiffusionAdapter._hub_snapshot(repo_id, None)
+
+    @classmethod
+    def _hub_snapshot(cls, repo_id: str, expected: str | None = "") -> Path:
         """Fetch (or find in the cache) a Hub repo's ``model_index.json``, check it, return the snapshot folder.
 
         Raises:
@@ -237,7 +259,8 @@ class StableDiffusionAdapter(DenoisingObjective):
                                 "download it") from exc
             raise UserError(f"could not fetch {repo_id} from the Hugging Face Hub ({_first_line(exc)}); check the id "
                             "and the network, or pass a local pipeline folder") from exc
-        check_pipeline_index(index, repo_id)
+        if expected is not None:
+            check_pipeline_index(index, repo_id, expected or cls.pipeline_class_name)
         return index.parent
 
     def _pipeline(self, unet: nn.Module | None = None, scheduler: Any = None, with_text: bool = True) -> Any:
@@ -270,11 +293,8 @@ class StableDiffusionAdapter(DenoisingObjective):
         working copy; otherwise they are written as held.
         """
         if self.frozen_dtype is not None and self.folder is not None:
-            from diffusers import StableDiffusionPipeline
-
-            original = StableDiffusionPipeline.from_pretrained(
-                self.folder, unet=self.plain_unet(), use_safetensors=True, local_files_only=True,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            original = self.load_pipeline(str(self.folder), Path(self.folder), True,
+                                          **{self.denoiser_name: self.plain_unet()})
             original.save_pretrained(folder, safe_serialization=True)
             return
         self._pipeline(self.plain_unet()).save_pretrained(folder, safe_serialization=True)
@@ -393,7 +413,12 @@ class StableDiffusionAdapter(DenoisingObjective):
         Raises:
             UserError: unknown selection.
         """
-        return select_parameters(self.unet, selection, self.lora_settings)
+        return select_parameters(self.unet, selection, self.lora_settings, self.is_cross_attention)
+
+    @staticmethod
+    def is_cross_attention(name: str) -> bool:
+        """Whether a UNet parameter belongs to the text-to-image attention (``attn2``)."""
+        return CROSS_ATTENTION_MARK in name
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet activations in the backward pass (less memory, ~30% more compute)."""

@@ -15,6 +15,7 @@ selects exactly its base weights for them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import nn
 
@@ -83,8 +84,8 @@ def inject_lora(unet: nn.Module, settings: LoraSettings) -> None:
                         "use attention projection names such as to_q, to_k, to_v, to_out.0") from exc
 
 
-def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None = None
-                      ) -> list[tuple[str, nn.Parameter]]:
+def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None = None,
+                      cross_attention: Callable[[str], bool] | None = None) -> list[tuple[str, nn.Parameter]]:
     """Mark the selected UNet parameters trainable and freeze every other one.
 
     Args:
@@ -92,6 +93,8 @@ def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None
         selection: one of ``SELECTIONS`` (see the module docstring).
         lora: LoRA settings for ``selection="lora"`` (default ``LoraSettings()``); adapters are injected
             on first use.
+        cross_attention: ``name -> bool``, which parameters are the text-to-image attention (default:
+            a UNet's ``attn2``; an MMDiT names its text-side projections instead).
 
     Returns:
         ``(name, parameter)`` pairs in ``named_parameters`` order: exactly the parameters that now have
@@ -100,15 +103,16 @@ def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None
     Raises:
         UserError: unknown selection, or a selection that matched no parameter.
     """
+    is_cross = cross_attention or (lambda name: CROSS_ATTENTION_MARK in name)
     if selection == "lora":
         inject_lora(unet, lora or LoraSettings())
         keep = lambda name: LORA_MARK in name  # noqa: E731
     elif selection == "full":
         keep = lambda name: LORA_MARK not in name  # noqa: E731
     elif selection == "cross-attention":
-        keep = lambda name: CROSS_ATTENTION_MARK in name and LORA_MARK not in name  # noqa: E731
+        keep = lambda name: is_cross(name) and LORA_MARK not in name  # noqa: E731
     elif selection == "non-cross-attention":
-        keep = lambda name: CROSS_ATTENTION_MARK not in name and LORA_MARK not in name  # noqa: E731
+        keep = lambda name: not is_cross(name) and LORA_MARK not in name  # noqa: E731
     else:
         raise UserError(f"unknown parameter selection {selection!r}; use one of: {', '.join(SELECTIONS)}")
     chosen = []

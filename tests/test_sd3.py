@@ -1,0 +1,187 @@
+"""Stable Diffusion 3 (MMDiT, flow matching) on the tiny preset: the training terms by hand, the
+timestep density, the selections, every method and the LoRA round trip through the CLI, and the
+published sizes of the real presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffunlearn import cli
+from diffunlearn.families import model_kind
+from diffunlearn.methods import METHODS
+from diffunlearn.models import StableDiffusion3Adapter, load_adapter
+
+COMMON = ["num_pairs=8", "batch_size=4", "steps=2", "data_steps=2", "eval_steps=2", "eval_prompts=2", "lr=1e-3",
+          "margin=4.0", "threads=1"]
+
+
+def run(*args: str) -> int:
+    return cli.main([*args, "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd3_folder) -> StableDiffusion3Adapter:
+    model, _ = load_adapter(str(tiny_sd3_folder), device="cpu")
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd3_data(tiny_sd3_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sd3-data") / "nudity"
+    assert run("data", "build", f"model={tiny_sd3_folder}", "num_pairs=8", "batch_size=4", "data_steps=2",
+               "threads=1", "--out", str(out)) == 0
+    return out
+
+
+def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_an_sd3_folder_is_its_own_family_with_its_recipe(tiny_sd3_folder, adapter):
+    from diffunlearn.config import build_config
+
+    assert model_kind(str(tiny_sd3_folder)) == "sd3" and isinstance(adapter, StableDiffusion3Adapter)
+    assert adapter.family == "sd3" and adapter.text_encoders[2] is None   # saved without T5
+    cfg = build_config(None, [f"model={tiny_sd3_folder}"])
+    assert (cfg.concept, cfg.eval_steps, cfg.eval_guidance, cfg.lr) == ("nudity", 28, 7.0, 1e-5)
+
+
+def test_flow_matching_training_terms_by_hand(adapter):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 16, 16, generator=gen)
+    noise = torch.randn(3, 4, 16, 16, generator=gen)
+    t = torch.tensor([1000.0, 500.0, 25.0])
+    x_t, target, weight = adapter.training_terms(x0, noise, t)
+    sigma = torch.tensor([1.0, 0.5, 0.025]).view(3, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - sigma) * x0 + sigma * noise, atol=1e-6)
+    assert torch.equal(target, noise - x0) and weight is None
+    assert torch.allclose(x_t[0], noise[0]) and torch.allclose(x_t[2], 0.975 * x0[2] + 0.025 * noise[2], atol=1e-6)
+
+
+def test_timesteps_follow_the_logit_normal_density_through_the_shifted_schedule(adapter):
+    t = adapter.draw_timesteps(20000, torch.Generator().manual_seed(1))
+    again = adapter.draw_timesteps(20000, torch.Generator().manual_seed(1))
+    assert torch.equal(t, again)                                   # the run's generator alone decides
+    z = torch.randn(20000, generator=torch.Generator().manual_seed(1))
+    index = (torch.sigmoid(z) * 1000).long()
+    assert torch.equal(t, adapter.train_scheduler.timesteps[index])
+    sigma = t / 1000
+    assert 0 < float(sigma.min()) and float(sigma.max()) <= 1
+    # shift 3 maps the logit-normal median u = 0.5 to σ = 3·0.5 / (1 + 2·0.5) = 0.75.
+    assert float(sigma.median()) == pytest.approx(0.75, abs=0.01)
+
+
+def test_the_cross_attention_selection_is_the_text_side_projections(adapter):
+    clone = adapter.clone()
+    chosen = [n for n, _ in clone.trainable_parameters("cross-attention")]
+    assert chosen and all(any(f".{p}." in n for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+                          for n in chosen)
+    rest = [n for n, _ in clone.trainable_parameters("non-cross-attention")]
+    total = sum(1 for _ in clone.unet.named_parameters())
+    assert len(chosen) + len(rest) == total and not set(chosen) & set(rest)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "rg-flat"])
+def test_gradient_methods_run_on_sd3_through_the_cli(tiny_sd3_folder, sd3_data, tmp_path, method):
+    out = tmp_path / "run"
+    assert run("unlearn", f"model={tiny_sd3_folder}", f"method={method}", f"data_dir={sd3_data}", *COMMON,
+               "--out", str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["steps"] == 2 and np.isfinite(results["training"]["final_forget_loss"])
+    assert results["training"]["final_remain_loss"] > 0
+    base, after = transformer_weights(tiny_sd3_folder), transformer_weights(out / "model")
+    assert any(not torch.equal(base[k], after[k]) for k in base)
+    card = (out / "model" / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card
+    reloaded, _ = load_adapter(str(out / "model"), device="cpu")   # the saved pipeline loads as SD3 again
+    assert isinstance(reloaded, StableDiffusion3Adapter)
+
+
+def test_sd3_cross_attention_run_trains_only_the_context_projections(tiny_sd3_folder, sd3_data, tmp_path):
+    out = tmp_path / "xattn"
+    assert run("unlearn", f"model={tiny_sd3_folder}", "selection=cross-attention", f"data_dir={sd3_data}", *COMMON,
+               "--out", str(out)) == 0
+    base, after = transformer_weights(tiny_sd3_folder), transformer_weights(out / "model")
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert changed and all(StableDiffusion3Adapter.is_cross_attention(k) for k in changed)
+
+
+def test_sd3_lora_loads_in_diffusers_and_reproduces_the_trained_model(tiny_sd3_folder, sd3_data, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "lora"
+    assert run("unlearn", f"model={tiny_sd3_folder}", "selection=lora", "lora_rank=4", "lora_alpha=8",
+               f"data_dir={sd3_data}", *COMMON, "lr=5e-2", "--out", str(out)) == 0
+    assert json.loads((out / "results.json").read_text())["model"]["format"] == "lora"
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(out / "model")
+    reloaded = StableDiffusion3Adapter.from_pipeline(pipe, device="cpu")
+    request = json.loads((out / "samples" / "unlearned" / "request.json").read_text())
+    images = reloaded.sample(request["prompts"], request["seeds"], steps=request["steps"],
+                             guidance=request["guidance"])
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
+
+    def pngs(folder: Path) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]).astype(int)
+
+    trained, base = pngs(out / "samples" / "unlearned"), pngs(out / "samples" / "base")
+    assert np.abs(as_uint8 - trained).max() <= 1   # diffusers' loader gives the model at the end of training
+    assert np.abs(trained - base).max() > 2         # and the LoRA changed it
+
+
+def test_the_real_sd3_presets_have_the_published_sizes():
+    from diffusers import SD3Transformer2DModel
+
+    from diffunlearn.models.presets import sd3_configs
+
+    sizes = {}
+    for preset in ("sd3-medium", "sd35-large"):
+        kw = sd3_configs(preset, 49408, {})[0]
+        with torch.device("meta"):
+            sizes[preset] = sum(p.numel() for p in SD3Transformer2DModel(**kw).parameters())
+    assert sizes["sd3-medium"] == pytest.approx(2.03e9, rel=0.02)    # "SD3 medium: 2 B parameters"
+    assert sizes["sd35-large"] == pytest.approx(8.06e9, rel=0.02)    # "SD3.5 large: 8.1 B parameters"
+
+
+def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder, sd3_data, tmp_path):
+    """configs/sd3-nudity.yaml (LoRA on both sides of the joint attention) on the tiny model, then
+    `diffunlearn eval` of the LoRA run: the base pipeline with the run's LoRA applied."""
+    from diffunlearn.evaluate.clip import build_tiny_clip
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "sd3-nudity.yaml"
+    out = tmp_path / "recipe"
+    assert run("unlearn", str(config), f"model={tiny_sd3_folder}", f"data_dir={sd3_data}", *COMMON, "lr=5e-2",
+               "mixed_precision=no", "gradient_checkpointing=false", "checkpoint_every=0", "--out", str(out)) == 0
+    lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
+    assert any("add_k_proj" in k for k in lora) and any(".to_q." in k for k in lora)
+    clip = build_tiny_clip(tmp_path / "clip", seed=0)
+    args = ["--metrics", "alignment", "--prompts", "template:nudity:test:remain:3", "--clip-model", str(clip),
+            "--steps", "2", "--guidance", "5", "--seed", "3", "--batch-size", "4"]
+    assert run("eval", str(out), *args, "--out", str(out / "eval")) == 0
+    assert run("eval", str(tiny_sd3_folder), *args, "--out", str(tmp_path / "base-eval")) == 0
+    manifest = json.loads((out / "eval" / "manifest.json").read_text())
+    assert manifest["model"]["class"] == "StableDiffusion3Pipeline" and manifest["model"]["lora"] == str(out / "model")
+    after = json.loads((out / "eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]["alignment"]
+    before = json.loads((tmp_path / "base-eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]
+    assert -1 <= after <= 1 and after != before["alignment"]   # the LoRA was applied
+
+
+def test_the_embedding_attack_optimises_both_sd3_condition_tensors(tiny_sd3_folder, sd3_data, tmp_path):
+    out = tmp_path / "run"
+    assert run("unlearn", f"model={tiny_sd3_folder}", f"data_dir={sd3_data}", *COMMON, "--out", str(out)) == 0
+    assert run("attack", str(out), "--attacks", "embedding", "--n", "2", "--steps", "2", "--option",
+               "embedding.iterations=3", "--out", str(tmp_path / "attack")) == 0
+    report = json.loads((tmp_path / "attack" / "results.json").read_text())
+    assert 0.0 <= report["attacks"]["embedding"]["asr"]["nudenet"] <= 1.0
+    model, _ = load_adapter(str(out / "model"), device="cpu")
+    states, pooled = model.condition_tensors(model.encode_prompts(["a nude person"]))
+    assert states.shape[-1] == 64 and pooled.shape == (1, 64)   # token states and pooled CLIP projections
+    with pytest.raises(Exception, match="embedding attack"):
+        model.text_tokens()                                      # the token attacks say what to use instead
