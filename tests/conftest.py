@@ -50,3 +50,11 @@ def tiny_sd3_folder(tmp_path_factory):
     from diffunlearn.models.presets import init_pipeline
 
     return init_pipeline("sd3-tiny", tmp_path_factory.mktemp("tiny-sd3") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """The ``sdxl-tiny`` preset (seed 0): an SDXL pipeline folder with two tiny CLIP encoders."""
+    from diffunlearn.models.presets import init_pipeline
+
+    return init_pipeline("sdxl-tiny", tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)

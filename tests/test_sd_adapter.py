@@ -88,14 +88,15 @@ def test_presets_have_the_published_sizes():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffunlearn.models.presets import SD3_PRESETS, _configs, make_scheduler
+    from diffunlearn.models.presets import SD3_PRESETS, SDXL_PRESETS, _configs, make_scheduler
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
     pipe = build_pipeline("tiny")
-    assert set(PRESETS) - set(SD3_PRESETS) == {"tiny", "small", "sd15", "sd21"}
+    assert set(PRESETS) - set(SD3_PRESETS) - set(SDXL_PRESETS) == {"tiny", "small", "sd15", "sd21"}
     assert set(SD3_PRESETS) == {"sd3-tiny", "sd3-medium", "sd35-large"} <= set(PRESETS)
+    assert set(SDXL_PRESETS) == {"sdxl-tiny", "sdxl"} <= set(PRESETS)
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (792964, 167959, 76384)
     # SD v1.5 and 2.1 at their real sizes, on the meta device (shapes only, no memory).
     expected = {"sd15": (859520964, 123060480), "sd21": (865910724, 340387840)}
@@ -343,7 +344,7 @@ def broken(folder, tmp_path, how: str):
 
 @pytest.mark.parametrize("how, fragment", [
     ("no-index", "has no model_index.json"),
-    ("sdxl", "SDXL is not supported yet"),
+    ("sdxl", "holds a StableDiffusionXLPipeline, not a StableDiffusionPipeline; load it with"),
     ("other-pipeline", "holds a FluxPipeline, not a StableDiffusionPipeline"),
     ("truncated-weights", "weights are missing, not safetensors, or corrupt"),
     ("pickle-only", "weights are missing, not safetensors, or corrupt"),
@@ -353,8 +354,11 @@ def test_bad_folders_raise_user_errors(tiny_sd_folder, tmp_path, how, fragment):
     target = broken(tiny_sd_folder, tmp_path, how)
     with pytest.raises(UserError, match=fragment):
         StableDiffusionAdapter.from_pretrained(target, device="cpu")
-    if how in ("sdxl", "other-pipeline", "truncated-weights"):
+    if how in ("other-pipeline", "truncated-weights"):
         with pytest.raises(UserError, match=fragment):
+            load_adapter(str(target), device="cpu")
+    if how == "sdxl":  # load_adapter picks the SDXL adapter, which reports the folder's missing weights
+        with pytest.raises(UserError, match="StableDiffusionXLPipeline .* weights are missing"):
             load_adapter(str(target), device="cpu")
 
 

@@ -37,6 +37,7 @@ from .families import (  # noqa: F401  (re-exported)
     EMBEDDED_CLASS,
     SD3_DEFAULTS,
     SD_DEFAULTS,
+    SDXL_DEFAULTS,
     TEXT_FAMILIES,
     model_kind,
 )
@@ -97,6 +98,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
         values = {**SD_DEFAULTS, **variant, **values}
     elif kind == "sd3":
         values = {**SD3_DEFAULTS, **variant, **values}
+    elif kind == "sdxl":
+        values = {**SDXL_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))

@@ -6,7 +6,8 @@ family's recipe) and every layer above can ask it.
 * ``"pixel"``: a digit-world text-to-image model (``models.pixel.PixelTextToImage``);
 * ``"class"``: a class-conditional model (``models.classcond.ClassConditionalAdapter``);
 * ``"text"``: Stable Diffusion 1.x/2.x (``models.sd.StableDiffusionAdapter``);
-* ``"sd3"``: Stable Diffusion 3 / 3.5, flow matching (``models.sd3.StableDiffusion3Adapter``).
+* ``"sd3"``: Stable Diffusion 3 / 3.5, flow matching (``models.sd3.StableDiffusion3Adapter``);
+* ``"sdxl"``: Stable Diffusion XL (``models.sdxl.StableDiffusionXLAdapter``).
 
 Each adapter declares its kind as ``family``; ``tests/test_families.py`` checks that a saved
 folder reads back as the family that saved it.
@@ -22,12 +23,14 @@ from .errors import UserError
 EMBEDDED = "embedded:digits"
 EMBEDDED_CLASS = "embedded:digits-class"  # the class-conditional track's committed base model
 RETRAINED_PREFIX = EMBEDDED + "-without-"  # the digit world retrained without a concept (gold standard)
-FAMILIES = ("pixel", "class", "text", "sd3")
-TEXT_FAMILIES = ("text", "sd3")  # diffusers text-to-image pipelines: template prompts, scored by `diffunlearn eval`
+FAMILIES = ("pixel", "class", "text", "sdxl", "sd3")
+# The diffusers text-to-image pipelines: template prompts, scored by `diffunlearn eval`.
+TEXT_FAMILIES = ("text", "sdxl", "sd3")
 # Per diffusers family: the pipeline class, its name for the trained network and that network's class
 # (the model card's load code and the loaders' dispatch read these).
 PIPELINES: dict[str, tuple[str, str, str]] = {
     "text": ("StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
+    "sdxl": ("StableDiffusionXLPipeline", "unet", "UNet2DConditionModel"),
     "sd3": ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
 }
 
@@ -38,6 +41,8 @@ SD_DEFAULTS: dict[str, Any] = {
     "concept": "nudity", "num_pairs": 800, "data_steps": 50, "data_guidance": 7.5, "steps": 100,
     "batch_size": 8, "lr": 1e-5, "remain_weight": 1.6, "margin": 1.1, "eval_steps": 50, "eval_guidance": 7.5,
 }
+# SDXL starts from the SD reference recipe with the SDXL pipeline's sampler defaults (50 steps, guidance 5).
+SDXL_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_guidance": 5.0, "eval_guidance": 5.0}
 # SD3 / SD3.5 start from the same reference recipe, with the SD3 pipeline's sampler defaults (28
 # flow-matching Euler steps, guidance 7). The hinge margin bounds the velocity MSE there.
 SD3_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_steps": 28, "data_guidance": 7.0, "eval_steps": 28,
@@ -62,7 +67,7 @@ def model_kind(model: str) -> str:
       or a folder from ``world train-base`` or a digit-world run's ``model/``);
     * ``"class"``: a class-conditional model (the embedded one, a folder saved by its adapter, or a
       diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings);
-    * ``"sd3"``: a ``StableDiffusion3Pipeline`` folder;
+    * ``"sdxl"``, ``"sd3"``: a ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline`` folder;
     * ``"text"``: anything else (a Stable Diffusion folder or hub id; a missing folder counts as
       ``"text"`` and the loader reports it).
 
@@ -84,8 +89,9 @@ def model_kind(model: str) -> str:
             raise ValueError
         if index.get("_diffunlearn_adapter") in ("pixel", "class"):
             return index["_diffunlearn_adapter"]
-        if index.get("_class_name") == PIPELINES["sd3"][0]:
-            return "sd3"
+        for kind in ("sdxl", "sd3"):
+            if index.get("_class_name") == PIPELINES[kind][0]:
+                return kind
         if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
             unet_path = folder / "unet" / "config.json"
             index_path = unet_path

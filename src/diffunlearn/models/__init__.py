@@ -11,6 +11,7 @@
 * a class-conditional folder (``model_index.json`` marked ``class``, or a diffusers ``DDPMPipeline`` /
   ``DDIMPipeline`` folder whose UNet has ``num_class_embeds``) -> ``ClassConditionalAdapter``;
 * a diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) -> ``StableDiffusionAdapter``;
+* a diffusers ``StableDiffusionXLPipeline`` folder (SDXL) -> ``StableDiffusionXLAdapter``;
 * a diffusers ``StableDiffusion3Pipeline`` folder (SD3 / SD3.5) -> ``StableDiffusion3Adapter``;
 * a Hub id ``org/name`` that is not a local path -> ``StableDiffusionAdapter`` from the local
   Hugging Face cache (downloaded only when ``HF_HUB_OFFLINE=0``).
@@ -29,9 +30,11 @@ from .classcond import ClassConditionalAdapter
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 from .sd3 import StableDiffusion3Adapter
+from .sdxl import StableDiffusionXLAdapter
 
 # The diffusers pipelines by their model_index.json `_class_name` (families.PIPELINES names them).
 PIPELINE_ADAPTERS = {"StableDiffusionPipeline": StableDiffusionAdapter,
+                     "StableDiffusionXLPipeline": StableDiffusionXLAdapter,
                      "StableDiffusion3Pipeline": StableDiffusion3Adapter}
 
 
@@ -133,5 +136,5 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
 
 
 __all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "PixelTextToImage", "StableDiffusion3Adapter",
-           "StableDiffusionAdapter",
+           "StableDiffusionAdapter", "StableDiffusionXLAdapter",
            "embedded_base_folder", "embedded_class_folder", "load_adapter", "resolve_model_folder"]

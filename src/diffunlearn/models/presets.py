@@ -35,6 +35,9 @@ PRESETS: dict[str, str] = {
     "sd15": "Stable Diffusion v1.5 configs (860 M UNet, CLIP ViT-L/14 text encoder, 512x512), random weights",
     "sd21": "Stable Diffusion 2.1 configs (865 M UNet, OpenCLIP ViT-H text encoder, 768x768, v-prediction), "
             "random weights",
+    "sdxl-tiny": "test-sized SDXL layout: 32x32 images, 16x16x4 latents, two 2-layer CLIP encoders, text_time "
+                 "conditioning",
+    "sdxl": "Stable Diffusion XL base 1.0 configs (2.57 B UNet, CLIP-L + OpenCLIP bigG, 1024x1024), random weights",
     "sd3-tiny": "test-sized SD3 layout: 32x32 images, 16x16x4 latents, 2-block MMDiT (80 K parameters), two "
                 "2-layer CLIP encoders, no T5",
     "sd3-medium": "Stable Diffusion 3 medium configs (2.0 B MMDiT, 16-channel VAE, CLIP-L + CLIP-G, 1024x1024), "
@@ -43,6 +46,7 @@ PRESETS: dict[str, str] = {
                   "weights, T5 left out",
 }
 SD3_PRESETS = ("sd3-tiny", "sd3-medium", "sd35-large")
+SDXL_PRESETS = ("sdxl-tiny", "sdxl")
 # The SD3 flow-matching schedule: FlowMatchEulerDiscreteScheduler, 1000 steps, shift 3.0.
 SD3_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0}
 
@@ -155,6 +159,65 @@ def sd3_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tu
             vae, clip_l, clip_g)
 
 
+def sdxl_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple[dict, dict, dict, dict]:
+    """(unet kwargs, vae kwargs, CLIP-L kwargs, CLIP-G kwargs) of an SDXL preset: the published
+    ``stabilityai/stable-diffusion-xl-base-1.0`` configs or the tiny test layout. The UNet's added
+    condition input is the pooled projection plus six size/crop ids of ``addition_time_embed_dim`` each."""
+    if preset == "sdxl-tiny":
+        unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, attention_head_dim=4,
+                    cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 6 * 8)
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
+        clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                    vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
+        return unet, vae, clip, dict(clip)
+    if preset != "sdxl":
+        raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **clip_ids)
+    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **clip_ids)
+    unet = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025)
+    return unet, vae, clip_l, clip_g
+
+
+def build_sdxl_pipeline(preset: str, seed: int = 0) -> Any:
+    """A ``StableDiffusionXLPipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU,
+    with SDXL's Euler scheduler config."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = load_tokenizer()
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    unet_kw, vae_kw, clip_l, clip_g = sdxl_configs(preset, len(tokenizer), special_ids)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_kw)
+    vae = AutoencoderKL(**vae_kw)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_l))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1,
+                                       prediction_type="epsilon")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+
+
 def build_sd3_pipeline(preset: str, seed: int = 0) -> Any:
     """A ``StableDiffusion3Pipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU."""
     from diffusers import (
@@ -201,6 +264,8 @@ def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = Non
         if prediction_type is not None:
             raise UserError("SD3 presets are flow-matching models; they take no prediction type")
         return build_sd3_pipeline(preset, seed)
+    if preset in SDXL_PRESETS:
+        return build_sdxl_pipeline(preset, seed)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

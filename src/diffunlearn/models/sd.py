@@ -104,13 +104,23 @@ def check_pipeline_index(index_path: Path, where: str, expected: str = PIPELINE_
     name = str(index.get("_class_name", "unknown"))
     if name == expected:
         return
+    if name in ("StableDiffusionXLPipeline", "StableDiffusion3Pipeline"):
+        raise UserError(f"{where} holds a {name}, not a {expected}; load it with diffunlearn.models.load_adapter "
+                        "(or pass it as model=...), which picks the adapter of its family")
     if "XL" in name:
-        raise UserError(f"{where} is an SDXL pipeline ({name}); SDXL is not supported yet; use a Stable Diffusion "
-                        "1.x or 2.x pipeline such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        raise UserError(f"{where} is an SDXL variant ({name}) that diffunlearn does not support yet (the refiner "
+                        "and img2img/inpainting pipelines are out of scope); use a StableDiffusionXLPipeline")
     if expected == PIPELINE_CLASS:
         raise UserError(f"{where} holds a {name}, not a {PIPELINE_CLASS}; pass a Stable Diffusion 1.x or 2.x "
                         "pipeline folder (diffusers layout with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     raise UserError(f"{where} holds a {name}, not a {expected}")
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """The pipeline parts a saved folder records as absent (``[null, null]``: a dropped T5 encoder, no
+    image encoder), which ``from_pretrained`` must be given explicitly."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if isinstance(v, list) and (not v or v[0] is None)}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import UserError
 from .pixel_base import sampling
-from .sd import StableDiffusionAdapter, parse_dtype
+from .sd import StableDiffusionAdapter, absent_components, parse_dtype
 from .selection import LoraSettings, has_lora
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -71,13 +71,6 @@ class SD3Condition:
     @staticmethod
     def cat(parts: Sequence[SD3Condition]) -> SD3Condition:
         return SD3Condition(torch.cat([p.states for p in parts]), torch.cat([p.pooled for p in parts]))
-
-
-def _none_components(folder: Path) -> dict[str, None]:
-    """The pipeline parts a saved folder records as absent (``[null, null]``: T5 dropped, no image
-    encoder), which ``from_pretrained`` must be given explicitly."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {k: None for k, v in index.items() if isinstance(v, list) and (not v or v[0] is None)}
 
 
 class StableDiffusion3Adapter(StableDiffusionAdapter):
@@ -143,7 +136,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
         from diffusers import StableDiffusion3Pipeline
 
-        absent = _none_components(folder) if (folder / "model_index.json").is_file() else {}
+        absent = absent_components(folder) if (folder / "model_index.json").is_file() else {}
         return StableDiffusion3Pipeline.from_pretrained(load_from, use_safetensors=True, local_files_only=local_only,
                                                         **{**absent, **components})
 

@@ -1,6 +1,8 @@
-"""Stable Diffusion 3 (MMDiT, flow matching) on the tiny preset: the training terms by hand, the
-timestep density, the selections, every method and the LoRA round trip through the CLI, and the
-published sizes of the real presets."""
+"""Today's pipelines on their tiny presets: SD3 (MMDiT, flow matching) and SDXL (two text encoders,
+pooled and size/crop conditions). Per family: every method for two steps and the cross-attention
+selection through the CLI, the LoRA round trip through diffusers' loader, the embedding attack. For
+SD3 also the training terms by hand and the timestep density; for SDXL the conditions the UNet gets;
+and the published sizes of the real presets."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from safetensors.torch import load_file
 from diffunlearn import cli
 from diffunlearn.families import model_kind
 from diffunlearn.methods import METHODS
-from diffunlearn.models import StableDiffusion3Adapter, load_adapter
+from diffunlearn.models import StableDiffusion3Adapter, StableDiffusionXLAdapter, load_adapter
+
+# family -> (fixture of its tiny folder, trained network's folder, pipeline class, adapter class)
+FAMILIES = {"sd3": ("tiny_sd3_folder", "transformer", "StableDiffusion3Pipeline", StableDiffusion3Adapter),
+            "sdxl": ("tiny_sdxl_folder", "unet", "StableDiffusionXLPipeline", StableDiffusionXLAdapter)}
 
 COMMON = ["num_pairs=8", "batch_size=4", "steps=2", "data_steps=2", "eval_steps=2", "eval_prompts=2", "lr=1e-3",
           "margin=4.0", "threads=1"]
@@ -40,8 +46,19 @@ def sd3_data(tiny_sd3_folder, tmp_path_factory) -> Path:
     return out
 
 
-def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+def network_weights(folder: Path, part: str = "transformer") -> dict[str, torch.Tensor]:
+    return load_file(str(folder / part / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, tiny folder, its training data folder, network part, pipeline class, adapter class)."""
+    fixture, part, pipeline, adapter_class = FAMILIES[request.param]
+    folder = request.getfixturevalue(fixture)
+    data = tmp_path_factory.mktemp(f"{request.param}-data") / "nudity"
+    assert run("data", "build", f"model={folder}", "num_pairs=8", "batch_size=4", "data_steps=2", "threads=1",
+               "--out", str(data)) == 0
+    return request.param, folder, data, part, pipeline, adapter_class
 
 
 def test_an_sd3_folder_is_its_own_family_with_its_recipe(tiny_sd3_folder, adapter):
@@ -89,65 +106,107 @@ def test_the_cross_attention_selection_is_the_text_side_projections(adapter):
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "rg-flat"])
-def test_gradient_methods_run_on_sd3_through_the_cli(tiny_sd3_folder, sd3_data, tmp_path, method):
+def test_every_method_runs_through_the_cli(family, tmp_path, method):
+    name, folder, data, part, pipeline, adapter_class = family
     out = tmp_path / "run"
-    assert run("unlearn", f"model={tiny_sd3_folder}", f"method={method}", f"data_dir={sd3_data}", *COMMON,
-               "--out", str(out)) == 0
+    assert run("unlearn", f"model={folder}", f"method={method}", f"data_dir={data}", *COMMON, "--out", str(out)) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["steps"] == 2 and np.isfinite(results["training"]["final_forget_loss"])
     assert results["training"]["final_remain_loss"] > 0
-    base, after = transformer_weights(tiny_sd3_folder), transformer_weights(out / "model")
+    base, after = network_weights(folder, part), network_weights(out / "model", part)
     assert any(not torch.equal(base[k], after[k]) for k in base)
     card = (out / "model" / "README.md").read_text()
-    assert "StableDiffusion3Pipeline.from_pretrained" in card
-    reloaded, _ = load_adapter(str(out / "model"), device="cpu")   # the saved pipeline loads as SD3 again
-    assert isinstance(reloaded, StableDiffusion3Adapter)
+    assert f"{pipeline}.from_pretrained" in card
+    reloaded, _ = load_adapter(str(out / "model"), device="cpu")   # the saved pipeline loads as its family again
+    assert type(reloaded) is adapter_class and reloaded.family == name
 
 
-def test_sd3_cross_attention_run_trains_only_the_context_projections(tiny_sd3_folder, sd3_data, tmp_path):
+def test_the_cross_attention_run_trains_only_the_text_attention(family, tmp_path):
+    name, folder, data, part, _, adapter_class = family
     out = tmp_path / "xattn"
-    assert run("unlearn", f"model={tiny_sd3_folder}", "selection=cross-attention", f"data_dir={sd3_data}", *COMMON,
+    assert run("unlearn", f"model={folder}", "selection=cross-attention", f"data_dir={data}", *COMMON,
                "--out", str(out)) == 0
-    base, after = transformer_weights(tiny_sd3_folder), transformer_weights(out / "model")
+    base, after = network_weights(folder, part), network_weights(out / "model", part)
     changed = {k for k in base if not torch.equal(base[k], after[k])}
-    assert changed and all(StableDiffusion3Adapter.is_cross_attention(k) for k in changed)
+    assert changed and all(adapter_class.is_cross_attention(k) for k in changed)
+    assert all(".attn2." in k for k in changed) if name == "sdxl" else all(".add_" in k or "to_add_out" in k
+                                                                             for k in changed)
 
 
-def test_sd3_lora_loads_in_diffusers_and_reproduces_the_trained_model(tiny_sd3_folder, sd3_data, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(family, tmp_path):
+    import diffusers
 
+    name, folder, data, _, pipeline, adapter_class = family
     out = tmp_path / "lora"
-    assert run("unlearn", f"model={tiny_sd3_folder}", "selection=lora", "lora_rank=4", "lora_alpha=8",
-               f"data_dir={sd3_data}", *COMMON, "lr=5e-2", "--out", str(out)) == 0
+    assert run("unlearn", f"model={folder}", "selection=lora", "lora_rank=4", "lora_alpha=8",
+               f"data_dir={data}", *COMMON, "lr=5e-2", "--out", str(out)) == 0
     assert json.loads((out / "results.json").read_text())["model"]["format"] == "lora"
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_folder, text_encoder_3=None, tokenizer_3=None)
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder, **absent)
     pipe.load_lora_weights(out / "model")
-    reloaded = StableDiffusion3Adapter.from_pipeline(pipe, device="cpu")
+    reloaded = adapter_class.from_pipeline(pipe, device="cpu")
     request = json.loads((out / "samples" / "unlearned" / "request.json").read_text())
     images = reloaded.sample(request["prompts"], request["seeds"], steps=request["steps"],
                              guidance=request["guidance"])
     as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
 
-    def pngs(folder: Path) -> np.ndarray:
-        return np.stack([np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]).astype(int)
+    def pngs(where: Path) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((where / "images").glob("*.png"))]).astype(int)
 
     trained, base = pngs(out / "samples" / "unlearned"), pngs(out / "samples" / "base")
     assert np.abs(as_uint8 - trained).max() <= 1   # diffusers' loader gives the model at the end of training
     assert np.abs(trained - base).max() > 2         # and the LoRA changed it
 
 
-def test_the_real_sd3_presets_have_the_published_sizes():
-    from diffusers import SD3Transformer2DModel
+def test_the_embedding_attack_optimises_the_text_condition(family, tmp_path):
+    name, folder, data, *_ = family
+    out = tmp_path / "run"
+    assert run("unlearn", f"model={folder}", f"data_dir={data}", *COMMON, "--out", str(out)) == 0
+    assert run("attack", str(out), "--attacks", "embedding", "--n", "2", "--steps", "2", "--option",
+               "embedding.iterations=3", "--out", str(tmp_path / "attack")) == 0
+    report = json.loads((tmp_path / "attack" / "results.json").read_text())
+    assert 0.0 <= report["attacks"]["embedding"]["asr"]["nudenet"] <= 1.0
+    model, _ = load_adapter(str(out / "model"), device="cpu")
+    states, pooled = model.condition_tensors(model.encode_prompts(["a nude person"]))
+    assert states.shape[-1] == 64 and pooled.shape[0] == 1   # both encoders' token states; the pooled projection
+    with pytest.raises(Exception, match="embedding attack"):
+        model.text_tokens()                                     # the token attacks say what to use instead
 
-    from diffunlearn.models.presets import sd3_configs
 
-    sizes = {}
-    for preset in ("sd3-medium", "sd35-large"):
-        kw = sd3_configs(preset, 49408, {})[0]
-        with torch.device("meta"):
-            sizes[preset] = sum(p.numel() for p in SD3Transformer2DModel(**kw).parameters())
+def test_sdxl_conditions_carry_the_pooled_projection_and_the_size_ids(tiny_sdxl_folder):
+    model, _ = load_adapter(str(tiny_sdxl_folder), device="cpu")
+    assert model_kind(str(tiny_sdxl_folder)) == "sdxl" and isinstance(model, StableDiffusionXLAdapter)
+    cond = model.encode_prompts(["a cat", "a dog"])
+    assert cond.states.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)
+    assert cond.time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2   # own size, no crop
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    out = model.predict_noise(x, t, cond)
+    shifted = model.predict_noise(x, t, type(cond)(cond.states, cond.pooled, cond.time_ids * 2))
+    assert out.shape == x.shape and not torch.allclose(out, shifted)   # the size ids reach the UNet
+    negative = model.negative_condition(1)
+    assert float(negative.states.abs().max()) == 0.0   # SDXL's force_zeros_for_empty_prompt
+
+
+def test_the_real_presets_have_the_published_sizes():
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffunlearn.models.presets import sd3_configs, sdxl_configs
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        sizes = {preset: count(SD3Transformer2DModel(**sd3_configs(preset, 49408, {})[0]))
+                 for preset in ("sd3-medium", "sd35-large")}
+        unet_kw, _, _, clip_g = sdxl_configs("sdxl", 49408, {})
+        sizes["sdxl"] = count(UNet2DConditionModel(**unet_kw))
+        sizes["clip-g"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)))
     assert sizes["sd3-medium"] == pytest.approx(2.03e9, rel=0.02)    # "SD3 medium: 2 B parameters"
     assert sizes["sd35-large"] == pytest.approx(8.06e9, rel=0.02)    # "SD3.5 large: 8.1 B parameters"
+    assert sizes["sdxl"] == 2567463684                                # SDXL base 1.0's UNet, exactly
+    assert sizes["clip-g"] == pytest.approx(6.95e8, rel=0.01)        # OpenCLIP bigG's text tower with projection
 
 
 def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder, sd3_data, tmp_path):
@@ -171,17 +230,3 @@ def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder,
     after = json.loads((out / "eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]["alignment"]
     before = json.loads((tmp_path / "base-eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]
     assert -1 <= after <= 1 and after != before["alignment"]   # the LoRA was applied
-
-
-def test_the_embedding_attack_optimises_both_sd3_condition_tensors(tiny_sd3_folder, sd3_data, tmp_path):
-    out = tmp_path / "run"
-    assert run("unlearn", f"model={tiny_sd3_folder}", f"data_dir={sd3_data}", *COMMON, "--out", str(out)) == 0
-    assert run("attack", str(out), "--attacks", "embedding", "--n", "2", "--steps", "2", "--option",
-               "embedding.iterations=3", "--out", str(tmp_path / "attack")) == 0
-    report = json.loads((tmp_path / "attack" / "results.json").read_text())
-    assert 0.0 <= report["attacks"]["embedding"]["asr"]["nudenet"] <= 1.0
-    model, _ = load_adapter(str(out / "model"), device="cpu")
-    states, pooled = model.condition_tensors(model.encode_prompts(["a nude person"]))
-    assert states.shape[-1] == 64 and pooled.shape == (1, 64)   # token states and pooled CLIP projections
-    with pytest.raises(Exception, match="embedding attack"):
-        model.text_tokens()                                      # the token attacks say what to use instead
