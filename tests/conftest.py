@@ -58,3 +58,11 @@ def tiny_sdxl_folder(tmp_path_factory):
     from diffunlearn.models.presets import init_pipeline
 
     return init_pipeline("sdxl-tiny", tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory):
+    """The ``flux-tiny`` preset (seed 0): a FLUX pipeline folder (guidance embedding, tiny CLIP and T5)."""
+    from diffunlearn.models.presets import init_pipeline
+
+    return init_pipeline("flux-tiny", tmp_path_factory.mktemp("tiny-flux") / "model", seed=0)

@@ -1,8 +1,9 @@
-"""Today's pipelines on their tiny presets: SD3 (MMDiT, flow matching) and SDXL (two text encoders,
-pooled and size/crop conditions). Per family: every method for two steps and the cross-attention
-selection through the CLI, the LoRA round trip through diffusers' loader, the embedding attack. For
-SD3 also the training terms by hand and the timestep density; for SDXL the conditions the UNet gets;
-and the published sizes of the real presets."""
+"""Today's pipelines on their tiny presets: SD3 (MMDiT, flow matching), SDXL (two text encoders,
+pooled and size/crop conditions) and FLUX.1 (packed latents, guidance embedding, CLIP + T5). Per
+family: every method for two steps and the cross-attention selection through the CLI, the LoRA round
+trip through diffusers' loader, the embedding attack. For SD3 also the training terms by hand and the
+timestep density; for SDXL the conditions the UNet gets; for FLUX the packing and its density; and the
+published sizes of the real presets."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from safetensors.torch import load_file
 from diffunlearn import cli
 from diffunlearn.families import model_kind
 from diffunlearn.methods import METHODS
-from diffunlearn.models import StableDiffusion3Adapter, StableDiffusionXLAdapter, load_adapter
+from diffunlearn.models import FluxAdapter, StableDiffusion3Adapter, StableDiffusionXLAdapter, load_adapter
 
 # family -> (fixture of its tiny folder, trained network's folder, pipeline class, adapter class)
 FAMILIES = {"sd3": ("tiny_sd3_folder", "transformer", "StableDiffusion3Pipeline", StableDiffusion3Adapter),
-            "sdxl": ("tiny_sdxl_folder", "unet", "StableDiffusionXLPipeline", StableDiffusionXLAdapter)}
+            "sdxl": ("tiny_sdxl_folder", "unet", "StableDiffusionXLPipeline", StableDiffusionXLAdapter),
+            "flux": ("tiny_flux_folder", "transformer", "FluxPipeline", FluxAdapter)}
 
 COMMON = ["num_pairs=8", "batch_size=4", "steps=2", "data_steps=2", "eval_steps=2", "eval_prompts=2", "lr=1e-3",
           "margin=4.0", "threads=1"]
@@ -105,7 +107,14 @@ def test_the_cross_attention_selection_is_the_text_side_projections(adapter):
     assert len(chosen) + len(rest) == total and not set(chosen) & set(rest)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "rg-flat"])
+# Every registered method on SD3; on SDXL and FLUX (whose conditions, not methods, differ) one of each
+# kind: the projection rule, the plain sum, a torchjd weighting, the cone-restricted step, ESD's
+# target with its cross-attention variant, SalUn's mask and remap. (Keeps `make test` in its budget.)
+REPRESENTATIVE = ("rg", "graddiff", "upgrad", "rg-opt", "esd-x", "salun")
+RUNS = [("sd3", m) for m in METHODS if m != "rg-flat"] + [(f, m) for f in ("sdxl", "flux") for m in REPRESENTATIVE]
+
+
+@pytest.mark.parametrize("family, method", RUNS, indirect=["family"])
 def test_every_method_runs_through_the_cli(family, tmp_path, method):
     name, folder, data, part, pipeline, adapter_class = family
     out = tmp_path / "run"
@@ -131,6 +140,8 @@ def test_the_cross_attention_run_trains_only_the_text_attention(family, tmp_path
     assert changed and all(adapter_class.is_cross_attention(k) for k in changed)
     assert all(".attn2." in k for k in changed) if name == "sdxl" else all(".add_" in k or "to_add_out" in k
                                                                              for k in changed)
+    if name == "flux":  # only the double-stream blocks have a text side of their own
+        assert all(k.startswith("transformer_blocks.") for k in changed)
 
 
 def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(family, tmp_path):
@@ -168,7 +179,7 @@ def test_the_embedding_attack_optimises_the_text_condition(family, tmp_path):
     assert 0.0 <= report["attacks"]["embedding"]["asr"]["nudenet"] <= 1.0
     model, _ = load_adapter(str(out / "model"), device="cpu")
     states, pooled = model.condition_tensors(model.encode_prompts(["a nude person"]))
-    assert states.shape[-1] == 64 and pooled.shape[0] == 1   # both encoders' token states; the pooled projection
+    assert states.shape[-1] == (32 if name == "flux" else 64) and pooled.shape[0] == 1   # token states; pooled
     with pytest.raises(Exception, match="embedding attack"):
         model.text_tokens()                                     # the token attacks say what to use instead
 
@@ -188,11 +199,32 @@ def test_sdxl_conditions_carry_the_pooled_projection_and_the_size_ids(tiny_sdxl_
     assert float(negative.states.abs().max()) == 0.0   # SDXL's force_zeros_for_empty_prompt
 
 
-def test_the_real_presets_have_the_published_sizes():
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def test_flux_packs_latents_and_draws_uniform_sigma(tiny_flux_folder):
+    model, _ = load_adapter(str(tiny_flux_folder), device="cpu")
+    assert model_kind(str(tiny_flux_folder)) == "flux" and isinstance(model, FluxAdapter)
+    assert model.unet.config.guidance_embeds                     # the dev model's distilled guidance
+    cond = model.encode_prompts(["a cat", "a dog"])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900.0, 100.0])
+    out = model.predict_noise(x, t, cond)
+    assert out.shape == x.shape                                   # packed 2x2 for the transformer, unpacked back
+    from diffusers import FluxPipeline
 
-    from diffunlearn.models.presets import sd3_configs, sdxl_configs
+    packed = FluxPipeline._pack_latents(x, 2, 4, 16, 16)
+    assert packed.shape == (2, 64, 16)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 32, 32, model.vae_scale_factor), x)
+    # Uniform density through the unshifted training timesteps (FLUX shifts at sampling time only).
+    sigma = model.draw_timesteps(20000, torch.Generator().manual_seed(2)) / 1000
+    assert float(sigma.mean()) == pytest.approx(0.5, abs=0.01) and float(sigma.max()) <= 1
+    x_t, target, weight = model.training_terms(x, x.flip(0), t)
+    assert torch.allclose(x_t[0], 0.1 * x[0] + 0.9 * x[1], atol=1e-6) and torch.equal(target, x.flip(0) - x)
+
+
+def test_the_real_presets_have_the_published_sizes():
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffunlearn.models.presets import flux_configs, sd3_configs, sdxl_configs
 
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -203,10 +235,15 @@ def test_the_real_presets_have_the_published_sizes():
         unet_kw, _, _, clip_g = sdxl_configs("sdxl", 49408, {})
         sizes["sdxl"] = count(UNet2DConditionModel(**unet_kw))
         sizes["clip-g"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)))
+        flux_kw, _, _, t5_kw = flux_configs("flux-dev", 49408, {})
+        sizes["flux-dev"] = count(FluxTransformer2DModel(**flux_kw))
+        sizes["t5-xxl"] = count(T5EncoderModel(T5Config(**t5_kw)))
     assert sizes["sd3-medium"] == pytest.approx(2.03e9, rel=0.02)    # "SD3 medium: 2 B parameters"
     assert sizes["sd35-large"] == pytest.approx(8.06e9, rel=0.02)    # "SD3.5 large: 8.1 B parameters"
     assert sizes["sdxl"] == 2567463684                                # SDXL base 1.0's UNet, exactly
     assert sizes["clip-g"] == pytest.approx(6.95e8, rel=0.01)        # OpenCLIP bigG's text tower with projection
+    assert sizes["flux-dev"] == pytest.approx(1.19e10, rel=0.01)     # "FLUX.1 [dev]: 12 B parameters"
+    assert sizes["t5-xxl"] == pytest.approx(4.76e9, rel=0.01)        # T5 v1.1 XXL's encoder
 
 
 def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder, sd3_data, tmp_path):

@@ -88,15 +88,16 @@ def test_presets_have_the_published_sizes():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffunlearn.models.presets import SD3_PRESETS, SDXL_PRESETS, _configs, make_scheduler
+    from diffunlearn.models.presets import FLUX_PRESETS, SD3_PRESETS, SDXL_PRESETS, _configs, make_scheduler
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
     pipe = build_pipeline("tiny")
-    assert set(PRESETS) - set(SD3_PRESETS) - set(SDXL_PRESETS) == {"tiny", "small", "sd15", "sd21"}
+    assert set(PRESETS) - set(SD3_PRESETS) - set(SDXL_PRESETS) - set(FLUX_PRESETS) == {"tiny", "small", "sd15", "sd21"}
     assert set(SD3_PRESETS) == {"sd3-tiny", "sd3-medium", "sd35-large"} <= set(PRESETS)
     assert set(SDXL_PRESETS) == {"sdxl-tiny", "sdxl"} <= set(PRESETS)
+    assert set(FLUX_PRESETS) == {"flux-tiny", "flux-dev"} <= set(PRESETS)
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (792964, 167959, 76384)
     # SD v1.5 and 2.1 at their real sizes, on the meta device (shapes only, no memory).
     expected = {"sd15": (859520964, 123060480), "sd21": (865910724, 340387840)}
@@ -327,7 +328,7 @@ def broken(folder, tmp_path, how: str):
         target.mkdir()
     elif how in ("sdxl", "other-pipeline"):
         target.mkdir()
-        name = "StableDiffusionXLPipeline" if how == "sdxl" else "FluxPipeline"
+        name = "StableDiffusionXLPipeline" if how == "sdxl" else "KandinskyPipeline"
         (target / "model_index.json").write_text(json.dumps({"_class_name": name}))
     elif how == "truncated-weights":
         shutil.copytree(folder, target)
@@ -345,7 +346,7 @@ def broken(folder, tmp_path, how: str):
 @pytest.mark.parametrize("how, fragment", [
     ("no-index", "has no model_index.json"),
     ("sdxl", "holds a StableDiffusionXLPipeline, not a StableDiffusionPipeline; load it with"),
-    ("other-pipeline", "holds a FluxPipeline, not a StableDiffusionPipeline"),
+    ("other-pipeline", "holds a KandinskyPipeline, not a StableDiffusionPipeline"),
     ("truncated-weights", "weights are missing, not safetensors, or corrupt"),
     ("pickle-only", "weights are missing, not safetensors, or corrupt"),
     ("file", "is a file"),

@@ -35,6 +35,7 @@ from .families import (  # noqa: F401  (re-exported)
     CLASS_WORLD_DEFAULTS,
     EMBEDDED,
     EMBEDDED_CLASS,
+    FLUX_DEFAULTS,
     SD3_DEFAULTS,
     SD_DEFAULTS,
     SDXL_DEFAULTS,
@@ -100,6 +101,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
         values = {**SD3_DEFAULTS, **variant, **values}
     elif kind == "sdxl":
         values = {**SDXL_DEFAULTS, **variant, **values}
+    elif kind == "flux":
+        values = {**FLUX_DEFAULTS, **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))

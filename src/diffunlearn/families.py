@@ -7,7 +7,8 @@ family's recipe) and every layer above can ask it.
 * ``"class"``: a class-conditional model (``models.classcond.ClassConditionalAdapter``);
 * ``"text"``: Stable Diffusion 1.x/2.x (``models.sd.StableDiffusionAdapter``);
 * ``"sd3"``: Stable Diffusion 3 / 3.5, flow matching (``models.sd3.StableDiffusion3Adapter``);
-* ``"sdxl"``: Stable Diffusion XL (``models.sdxl.StableDiffusionXLAdapter``).
+* ``"sdxl"``: Stable Diffusion XL (``models.sdxl.StableDiffusionXLAdapter``);
+* ``"flux"``: FLUX.1, flow matching (``models.flux.FluxAdapter``).
 
 Each adapter declares its kind as ``family``; ``tests/test_families.py`` checks that a saved
 folder reads back as the family that saved it.
@@ -23,15 +24,16 @@ from .errors import UserError
 EMBEDDED = "embedded:digits"
 EMBEDDED_CLASS = "embedded:digits-class"  # the class-conditional track's committed base model
 RETRAINED_PREFIX = EMBEDDED + "-without-"  # the digit world retrained without a concept (gold standard)
-FAMILIES = ("pixel", "class", "text", "sdxl", "sd3")
+FAMILIES = ("pixel", "class", "text", "sdxl", "sd3", "flux")
 # The diffusers text-to-image pipelines: template prompts, scored by `diffunlearn eval`.
-TEXT_FAMILIES = ("text", "sdxl", "sd3")
+TEXT_FAMILIES = ("text", "sdxl", "sd3", "flux")
 # Per diffusers family: the pipeline class, its name for the trained network and that network's class
 # (the model card's load code and the loaders' dispatch read these).
 PIPELINES: dict[str, tuple[str, str, str]] = {
     "text": ("StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
     "sdxl": ("StableDiffusionXLPipeline", "unet", "UNet2DConditionModel"),
     "sd3": ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
+    "flux": ("FluxPipeline", "transformer", "FluxTransformer2DModel"),
 }
 
 # Stable Diffusion runs start from the reference recipe (PAPER.md §2-3), not from the digit world's
@@ -47,6 +49,10 @@ SDXL_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_guidance": 5.0, "eval_guid
 # flow-matching Euler steps, guidance 7). The hinge margin bounds the velocity MSE there.
 SD3_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_steps": 28, "data_guidance": 7.0, "eval_steps": 28,
                                 "eval_guidance": 7.0}
+# FLUX.1 starts from the same recipe with the FLUX pipeline's sampler defaults (28 steps, distilled
+# guidance 3.5).
+FLUX_DEFAULTS: dict[str, Any] = {**SD_DEFAULTS, "data_steps": 28, "data_guidance": 3.5, "eval_steps": 28,
+                                 "eval_guidance": 3.5}
 # Class-conditional models (a user's checkpoint) start from the CIFAR-10 reference recipe (PAPER.md
 # §1-2): Adam lr 1e-5, batch 64, 782 steps, λ 5, element-wise cap α 0.1; DDIM 50 steps, no guidance.
 CLASS_DEFAULTS: dict[str, Any] = {
@@ -67,7 +73,8 @@ def model_kind(model: str) -> str:
       or a folder from ``world train-base`` or a digit-world run's ``model/``);
     * ``"class"``: a class-conditional model (the embedded one, a folder saved by its adapter, or a
       diffusers DDPM/DDIM pipeline folder whose UNet has class embeddings);
-    * ``"sdxl"``, ``"sd3"``: a ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline`` folder;
+    * ``"sdxl"``, ``"sd3"``, ``"flux"``: a ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
+      ``FluxPipeline`` folder;
     * ``"text"``: anything else (a Stable Diffusion folder or hub id; a missing folder counts as
       ``"text"`` and the loader reports it).
 
@@ -89,7 +96,7 @@ def model_kind(model: str) -> str:
             raise ValueError
         if index.get("_diffunlearn_adapter") in ("pixel", "class"):
             return index["_diffunlearn_adapter"]
-        for kind in ("sdxl", "sd3"):
+        for kind in ("sdxl", "sd3", "flux"):
             if index.get("_class_name") == PIPELINES[kind][0]:
                 return kind
         if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):

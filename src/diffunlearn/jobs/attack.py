@@ -84,6 +84,8 @@ def _kind(adapter) -> str:
 
 
 def _resolution(adapter) -> int:
+    if hasattr(adapter, "resolution"):  # the latent-space families know theirs (FLUX's transformer has no size)
+        return int(adapter.resolution)
     size = adapter.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return int(size) * int(getattr(adapter, "vae_scale_factor", 1))
@@ -463,15 +465,16 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
 
 
 def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
-             progress: bool, command: str) -> dict[str, float]:
-    """``{attack: oracle ASR}`` of one model; a finished report with these attacks is reused, and a
-    report with other attacks is completed (its finished attacks are reused)."""
+             progress: bool, command: str, n: int = DEFAULT_N) -> dict[str, float]:
+    """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts (the demos and studies
+    pass their own evaluation size, at most ``DEFAULT_N``); a finished report with these attacks is
+    reused, and a report with other attacks is completed (its finished attacks are reused)."""
     results_path = out / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         if all(a in results["attacks"] for a in attacks):
             return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
         results_path.unlink()
-    job = AttackJob(target=model, attacks=list(attacks), concept=concept, steps=steps, guidance=guidance)
+    job = AttackJob(target=model, attacks=list(attacks), concept=concept, n=n, steps=steps, guidance=guidance)
     results = run_attack_job(job, out, progress=progress, command=command)
     return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}

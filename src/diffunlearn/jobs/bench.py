@@ -48,8 +48,11 @@ def _worker(spec: dict) -> dict:
     n = cfg.batch_size * cfg.steps
     forget_p, remain_p = (prompt_texts(p) for p in training_prompts(cfg, n=n))
     # The bench needs latents of the model's shape, not pictures: random ones cost no VAE pass.
-    unet_config = adapter.unet.config
-    shape = (n, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    if hasattr(adapter, "latent_shape"):  # latent families (FLUX packs its latents, so not the network's input)
+        shape = (n, *adapter.latent_shape)
+    else:
+        unet_config = adapter.unet.config
+        shape = (n, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
     gen = torch.Generator().manual_seed(0)
     fx, rx = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     fc, rc = adapter.encode_prompts(forget_p), adapter.encode_prompts(remain_p)

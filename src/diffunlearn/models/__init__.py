@@ -13,6 +13,7 @@
 * a diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) -> ``StableDiffusionAdapter``;
 * a diffusers ``StableDiffusionXLPipeline`` folder (SDXL) -> ``StableDiffusionXLAdapter``;
 * a diffusers ``StableDiffusion3Pipeline`` folder (SD3 / SD3.5) -> ``StableDiffusion3Adapter``;
+* a diffusers ``FluxPipeline`` folder (FLUX.1) -> ``FluxAdapter``;
 * a Hub id ``org/name`` that is not a local path -> ``StableDiffusionAdapter`` from the local
   Hugging Face cache (downloaded only when ``HF_HUB_OFFLINE=0``).
 """
@@ -27,6 +28,7 @@ import torch
 from ..errors import UserError
 from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, model_kind
 from .classcond import ClassConditionalAdapter
+from .flux import FluxAdapter
 from .pixel import PixelTextToImage
 from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
 from .sd3 import StableDiffusion3Adapter
@@ -35,7 +37,7 @@ from .sdxl import StableDiffusionXLAdapter
 # The diffusers pipelines by their model_index.json `_class_name` (families.PIPELINES names them).
 PIPELINE_ADAPTERS = {"StableDiffusionPipeline": StableDiffusionAdapter,
                      "StableDiffusionXLPipeline": StableDiffusionXLAdapter,
-                     "StableDiffusion3Pipeline": StableDiffusion3Adapter}
+                     "StableDiffusion3Pipeline": StableDiffusion3Adapter, "FluxPipeline": FluxAdapter}
 
 
 def embedded_base_folder() -> Path:
@@ -135,6 +137,6 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     return adapter_class.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
 
 
-__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "PixelTextToImage", "StableDiffusion3Adapter",
+__all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "FluxAdapter", "PixelTextToImage", "StableDiffusion3Adapter",
            "StableDiffusionAdapter", "StableDiffusionXLAdapter",
            "embedded_base_folder", "embedded_class_folder", "load_adapter", "resolve_model_folder"]

@@ -38,6 +38,9 @@ PRESETS: dict[str, str] = {
     "sdxl-tiny": "test-sized SDXL layout: 32x32 images, 16x16x4 latents, two 2-layer CLIP encoders, text_time "
                  "conditioning",
     "sdxl": "Stable Diffusion XL base 1.0 configs (2.57 B UNet, CLIP-L + OpenCLIP bigG, 1024x1024), random weights",
+    "flux-tiny": "test-sized FLUX layout: 32x32 images, 16x16x4 latents packed 2x2, one double- and one "
+                 "single-stream block, guidance embedding, 2-layer CLIP and T5 encoders",
+    "flux-dev": "FLUX.1 dev configs (11.9 B transformer, CLIP-L, T5-XXL 4.8 B, guidance-distilled), random weights",
     "sd3-tiny": "test-sized SD3 layout: 32x32 images, 16x16x4 latents, 2-block MMDiT (80 K parameters), two "
                 "2-layer CLIP encoders, no T5",
     "sd3-medium": "Stable Diffusion 3 medium configs (2.0 B MMDiT, 16-channel VAE, CLIP-L + CLIP-G, 1024x1024), "
@@ -47,6 +50,10 @@ PRESETS: dict[str, str] = {
 }
 SD3_PRESETS = ("sd3-tiny", "sd3-medium", "sd35-large")
 SDXL_PRESETS = ("sdxl-tiny", "sdxl")
+FLUX_PRESETS = ("flux-tiny", "flux-dev")
+# FLUX's scheduler: shift 3.0, resolution-dependent (dynamic) shift at sampling time.
+FLUX_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 # The SD3 flow-matching schedule: FlowMatchEulerDiscreteScheduler, 1000 steps, shift 3.0.
 SD3_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0}
 
@@ -218,6 +225,62 @@ def build_sdxl_pipeline(preset: str, seed: int = 0) -> Any:
                                      add_watermarker=False)
 
 
+def flux_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple[dict, dict, dict, dict]:
+    """(transformer kwargs, vae kwargs, CLIP-L kwargs, T5 kwargs) of a FLUX preset: the published
+    ``black-forest-labs/FLUX.1-dev`` configs or the tiny test layout. The committed CLIP BPE tokenizer
+    stands in for T5's sentencepiece tokenizer, which cannot be built offline (the T5 of ``flux-dev``
+    keeps T5's real vocabulary size, so its shapes and parameter count are the real ones)."""
+    if preset == "flux-tiny":
+        transformer = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+                   use_quant_conv=False, use_post_quant_conv=False)
+        clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                    vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
+        t5 = dict(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                  pad_token_id=special_ids.get("pad_token_id", 0), eos_token_id=special_ids.get("eos_token_id", 1),
+                  decoder_start_token_id=special_ids.get("pad_token_id", 0))
+        return transformer, vae, clip, t5
+    if preset != "flux-dev":
+        raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
+               scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    clip = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    t5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return transformer, vae, clip, t5
+
+
+def build_flux_pipeline(preset: str, seed: int = 0) -> Any:
+    """A ``FluxPipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = load_tokenizer()
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    transformer_kw, vae_kw, clip_kw, t5_kw = flux_configs(preset, len(tokenizer), special_ids)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**transformer_kw)
+    vae = AutoencoderKL(**vae_kw)
+    clip = CLIPTextModel(CLIPTextConfig(**clip_kw))
+    t5 = T5EncoderModel(T5Config(**t5_kw))
+    for module in (transformer, vae, clip, t5):
+        module.eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=vae, text_encoder=clip,
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
+
+
 def build_sd3_pipeline(preset: str, seed: int = 0) -> Any:
     """A ``StableDiffusion3Pipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU."""
     from diffusers import (
@@ -266,6 +329,8 @@ def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = Non
         return build_sd3_pipeline(preset, seed)
     if preset in SDXL_PRESETS:
         return build_sdxl_pipeline(preset, seed)
+    if preset in FLUX_PRESETS:
+        return build_flux_pipeline(preset, seed)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

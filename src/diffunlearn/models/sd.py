@@ -104,7 +104,7 @@ def check_pipeline_index(index_path: Path, where: str, expected: str = PIPELINE_
     name = str(index.get("_class_name", "unknown"))
     if name == expected:
         return
-    if name in ("StableDiffusionXLPipeline", "StableDiffusion3Pipeline"):
+    if name in ("StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"):
         raise UserError(f"{where} holds a {name}, not a {expected}; load it with diffunlearn.models.load_adapter "
                         "(or pass it as model=...), which picks the adapter of its family")
     if "XL" in name:
@@ -395,6 +395,18 @@ class StableDiffusionAdapter(DenoisingObjective):
             lora = {"rank": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
         return {"class": PIPELINE_CLASS, "source": self.source, "revision": revision,
                 "config_sha256": digest.hexdigest(), "prediction_type": self.prediction_type, "lora": lora}
+
+    @property
+    def resolution(self) -> int:
+        """The model's native image side in pixels (its denoiser's sample size × the VAE factor)."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the training data ``x0`` at the native resolution."""
+        side = self.resolution // self.vae_scale_factor
+        return int(self.vae.config.latent_channels), side, side
 
     # ---- training set-up ----------------------------------------------------------------------
     def configure_lora(self, rank: int = 4, alpha: float = 4.0,

@@ -88,6 +88,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     save_formats = ("pipeline", "unet", "lora")  # "unet" writes the transformer folder
     sample_batch_default = None
     sampler_defaults = (28, 7.0)  # the SD3 pipeline's defaults
+    timestep_density = "logit_normal"  # or "uniform" (FLUX's scripts)
     logit_mean = 0.0
     logit_std = 1.0
 
@@ -212,8 +213,12 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
 
     # ---- the objective --------------------------------------------------------------------------
     def draw_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` training timesteps σ·T, σ from the logit-normal density (see the module docstring)."""
-        u = torch.sigmoid(torch.randn(n, generator=generator) * self.logit_std + self.logit_mean)
+        """``n`` training timesteps σ·T, σ from the family's density through the scheduler's timesteps
+        (SD3: logit-normal, see the module docstring)."""
+        if self.timestep_density == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            u = torch.sigmoid(torch.randn(n, generator=generator) * self.logit_std + self.logit_mean)
         index = (u * self.num_train_timesteps).long().clamp(max=len(self.train_timesteps) - 1)
         return self.train_timesteps[index]
 
@@ -286,8 +291,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        height, width = height or size, width or size
+        height, width = height or self.resolution, width or self.resolution
         pipe = self._pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
                               with_text=False)
         pipe.set_progress_bar_config(disable=True)

@@ -145,8 +145,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     # ---- the conditions -------------------------------------------------------------------------
     def time_ids(self, n: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """``n`` rows of (original H, W, crop top, left, target H, W): the image's own size, no crop."""
-        size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        h, w = height or size, width or size
+        h, w = height or self.resolution, width or self.resolution
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(n, -1).clone()
 
     @torch.no_grad()
@@ -192,8 +191,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        height, width = height or size, width or size
+        height, width = height or self.resolution, width or self.resolution
         pipe = self._pipeline(scheduler=DPMSolverMultistepScheduler.from_config(self.scheduler.config),
                               with_text=False)
         pipe.set_progress_bar_config(disable=True)
