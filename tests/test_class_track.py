@@ -199,7 +199,9 @@ def test_reduced_table1_on_the_embedded_class_model(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(class_demo, "_run_one", refuse)   # resumable: every run is reused
+    import diffunlearn.jobs.run as job
+
+    monkeypatch.setattr(job, "run_job", refuse)   # resumable: every run is reused
     again = class_demo.run_class_demo(out, ("three",), ("rg", "graddiff"), True, small, progress=False)
     assert again["per_class"]["three"]["rg"]["ua"] == per["rg"]["ua"]
 

@@ -44,7 +44,7 @@ def test_reduced_demo_writes_summary_report_and_pictures(tmp_path, concept, caps
 
 
 def test_interrupted_demo_never_looks_complete(tmp_path, monkeypatch, capsys):
-    import diffunlearn.jobs.demo as demo
+    import diffunlearn.jobs.run as demo  # the demo's runs go through jobs.run.reuse_or_run -> run_job
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -57,7 +57,7 @@ def test_interrupted_demo_never_looks_complete(tmp_path, monkeypatch, capsys):
 
 
 def test_a_demo_interrupted_after_some_methods_reuses_them(tmp_path, monkeypatch):
-    import diffunlearn.jobs.demo as demo
+    import diffunlearn.jobs.run as demo  # the demo's runs go through jobs.run.reuse_or_run -> run_job
 
     out = tmp_path / "demo"
     real = demo.run_job

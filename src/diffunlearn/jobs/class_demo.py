@@ -35,8 +35,7 @@ from ..evaluate.classes import evaluate_classes
 from ..report import mean_std_table
 from ..tasks.classes import ClassTask
 from ..utils import atomic_write_text, environment, image_seeds
-from .run import run_job
-from .runfolder import finished_run
+from .run import reuse_or_run
 
 CLASS_DEMO_METHODS = ("rg", "rgd", "graddiff", "salun", "ft")
 ABLATION = "rg-two-class"   # rg on the low-diversity remain set (Table 3)
@@ -52,15 +51,6 @@ def control_classes(target: int, num_classes: int) -> tuple[int, int]:
 def class_table(rows: dict[str, list[dict]]) -> str:
     """Markdown: one row per method, mean ± std over target classes."""
     return mean_std_table(["method"], {(name,): runs for name, runs in rows.items()}, FIELDS, count="classes")
-
-
-def _run_one(task, adapter, cfg: UnlearnConfig, folder: Path, command: str, keep_model: bool,
-             progress: bool) -> tuple[dict, object]:
-    """Unlearn a copy of ``adapter`` with ``cfg`` into ``folder``; returns (results, unlearned model)."""
-    data = task.build(adapter, None, cfg, folder / "data", progress)
-    results, _, model = run_job(task, adapter, data, cfg, folder, command, progress, keep_model=keep_model,
-                                pictures=False)  # the demo draws one grid of every method instead
-    return results, model
 
 
 def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: tuple[str, ...] = CLASS_DEMO_METHODS,
@@ -119,14 +109,12 @@ def run_class_demo(out: Path, classes: tuple[str, ...] | None = None, methods: t
         for name in names:
             cfg = configs[(target, name)]
             folder = out / target / name
-            results, model = (None if force else finished_run(folder, cfg, need_model=False)), None
-            if results is None:
-                if progress:
-                    print(f"demo (class track): forgetting {target} with {name}", file=sys.stderr, flush=True)
-                results, model = _run_one(task, adapter, cfg, folder, f"{command} (class {target}, {name})",
-                                          keep_models, progress)
-            elif (folder / "model").is_dir():
-                model, _ = load_adapter(str(folder / "model"))
+            if progress:
+                print(f"demo (class track): {target} with {name}", file=sys.stderr, flush=True)
+            # The demo draws one grid of every method instead of each run's pictures.
+            results, _, model = reuse_or_run(task, adapter, cfg, folder, f"{command} (class {target}, {name})",
+                                             force=force, progress=progress, keep_model=keep_models,
+                                             pictures=False, need_model=False)
             per_class[target][name] = {k: results[k] for k in ("ua", "ra", "fd", "seconds", "accuracy_per_class")}
             rows.setdefault(name, []).append(per_class[target][name])
             if target == targets[0] and model is not None:

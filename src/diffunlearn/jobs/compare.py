@@ -71,6 +71,8 @@ def _load_evaluation(run: Path) -> dict[str, float]:
     except UserError:
         results_path = run / "results.json"
         plain = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        if isinstance(plain.get("metrics"), dict):
+            return _flat(plain)  # a run's in-run scores, in the `diffunlearn eval` schema
         # Run folders written before in-run scores carried the eval schema ("metrics"): translated here.
         if "ua" in plain:
             # A class-conditional world run: the oracle's UA/RA/FD, under the classifier metric's names.

@@ -17,8 +17,8 @@ from ..report import image_grid, markdown_table, tradeoff_plot
 from ..tasks.prompts import PromptTask
 from ..utils import atomic_write_text, environment
 from .attack import DEFAULT_N, red_team
-from .run import run_job
-from .runfolder import check_out_dir, finished_run
+from .run import reuse_or_run
+from .runfolder import check_out_dir
 
 DEMO_METHODS = ("ga", "graddiff", "rg")
 GRID_COLUMNS = 8
@@ -60,14 +60,12 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
                                   "evaluation_seconds": time.perf_counter() - started}
     evaluations["base"] = evaluation
     for name in methods:
-        results = None if force else finished_run(out / name, configs[name])
-        if results is not None:
-            # Finished before an interruption: reuse it, re-scoring only to get its pictures back.
-            trained, _ = load_adapter(str(out / name / "model"), text_encoder=adapter.text_encoder)
+        results, evaluation, trained = reuse_or_run(task, adapter, configs[name], out / name,
+                                                    f"{command} (method {name})", data, force, progress,
+                                                    load_kwargs={"text_encoder": adapter.text_encoder})
+        if evaluation is None:
+            # Finished before an interruption: reused, re-scored only to get its pictures back.
             evaluation = task.evaluate(trained, base_cfg, data, progress)
-        else:
-            results, evaluation, _ = run_job(task, adapter, data, configs[name], out / name,
-                                             f"{command} (method {name})", progress)
         summary["methods"][name] = {k: results[k] for k in ("forget_score", "alignment", "alignment_per_attribute",
                                                             "quality_fd", "seconds")}
         summary["methods"][name]["training"] = results["training"]

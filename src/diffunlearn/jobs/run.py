@@ -80,6 +80,31 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
     return results, evaluation, adapter
 
 
+def reuse_or_run(task: Task, base_adapter, cfg, folder: Path, command: str, data: TrainingSet | None = None,
+                 force: bool = False, progress: bool = True, keep_model: bool = True, pictures: bool = True,
+                 need_model: bool = True, load_kwargs: dict | None = None):
+    """One run of a demo, leaderboard or any driver of many runs: the finished run in ``folder`` made
+    with exactly ``cfg`` (``finished_run``; with ``need_model`` only if it kept its model), else a
+    fresh :func:`run_job` on a copy of ``base_adapter``. ``data`` is built by ``task`` into
+    ``folder/data`` when not given.
+
+    Returns:
+        (results, the run's evaluation or None when reused, the unlearned adapter or None when reused
+        without a model); a reused model is loaded with ``load_kwargs``.
+    """
+    from ..models import load_adapter
+    from .runfolder import finished_run
+
+    results = None if force else finished_run(folder, cfg, need_model=need_model)
+    if results is not None:
+        model = load_adapter(str(folder / "model"), **(load_kwargs or {}))[0] if (folder / "model").is_dir() else None
+        return results, None, model
+    if data is None:
+        data = task.build(base_adapter, None, cfg, folder / "data", progress)
+    return run_job(task, base_adapter, data, cfg, folder, command, progress, keep_model=keep_model,
+                   pictures=pictures)
+
+
 def run_unlearning(cfg, out: Path, force: bool, command: str, progress: bool = True, resume: bool = False) -> dict:
     """``diffunlearn unlearn``: one method on one concept, in its own run folder (``resume``: continue
     the interrupted run in ``out`` from its newest checkpoint)."""
