@@ -244,6 +244,12 @@ def test_the_real_presets_have_the_published_sizes():
     assert sizes["clip-g"] == pytest.approx(6.95e8, rel=0.01)        # OpenCLIP bigG's text tower with projection
     assert sizes["flux-dev"] == pytest.approx(1.19e10, rel=0.01)     # "FLUX.1 [dev]: 12 B parameters"
     assert sizes["t5-xxl"] == pytest.approx(4.76e9, rel=0.01)        # T5 v1.1 XXL's encoder
+    # The CPU-benchmark layouts (diffunlearn bench --preset ...-small): a few million denoiser parameters.
+    with torch.device("meta"):
+        small = {"sd3": count(SD3Transformer2DModel(**sd3_configs("sd3-small", 1774, {})[0])),
+                 "sdxl": count(UNet2DConditionModel(**sdxl_configs("sdxl-small", 1774, {})[0])),
+                 "flux": count(FluxTransformer2DModel(**flux_configs("flux-small", 1774, {})[0]))}
+    assert small == {"sd3": 13947408, "sdxl": 36528004, "flux": 9278480}
 
 
 def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder, sd3_data, tmp_path):
@@ -267,3 +273,31 @@ def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder,
     after = json.loads((out / "eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]["alignment"]
     before = json.loads((tmp_path / "base-eval" / "results.json").read_text())["metrics"]["alignment"]["remain"]
     assert -1 <= after <= 1 and after != before["alignment"]   # the LoRA was applied
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"], indirect=True)
+def test_a_flow_matching_run_resumes_to_the_same_weights(family, tmp_path, monkeypatch):
+    """The flow families draw σ from the run's own generator, so a resumed run continues the same stream:
+    interrupted after step 2 of 4 and resumed, it ends bit-identical to an uninterrupted run."""
+    name, folder, data, part, *_ = family
+    args = [f"model={folder}", f"data_dir={data}", *COMMON, "steps=4", "checkpoint_every=1"]
+    assert run("unlearn", *args, "--out", str(tmp_path / "straight")) == 0
+
+    import diffunlearn.core.training as training
+
+    real_save = training.save_checkpoint
+
+    def save_then_crash(root, step, *a, **k):
+        saved = real_save(root, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    assert run("unlearn", *args, "--out", str(tmp_path / "resumed")) == 130
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert run("unlearn", "--resume", str(tmp_path / "resumed")) == 0
+    a, b = network_weights(tmp_path / "straight" / "model", part), network_weights(tmp_path / "resumed" / "model", part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

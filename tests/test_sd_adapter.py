@@ -95,9 +95,9 @@ def test_presets_have_the_published_sizes():
 
     pipe = build_pipeline("tiny")
     assert set(PRESETS) - set(SD3_PRESETS) - set(SDXL_PRESETS) - set(FLUX_PRESETS) == {"tiny", "small", "sd15", "sd21"}
-    assert set(SD3_PRESETS) == {"sd3-tiny", "sd3-medium", "sd35-large"} <= set(PRESETS)
-    assert set(SDXL_PRESETS) == {"sdxl-tiny", "sdxl"} <= set(PRESETS)
-    assert set(FLUX_PRESETS) == {"flux-tiny", "flux-dev"} <= set(PRESETS)
+    assert set(SD3_PRESETS) == {"sd3-tiny", "sd3-small", "sd3-medium", "sd35-large"} <= set(PRESETS)
+    assert set(SDXL_PRESETS) == {"sdxl-tiny", "sdxl-small", "sdxl"} <= set(PRESETS)
+    assert set(FLUX_PRESETS) == {"flux-tiny", "flux-small", "flux-dev"} <= set(PRESETS)
     assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == (792964, 167959, 76384)
     # SD v1.5 and 2.1 at their real sizes, on the meta device (shapes only, no memory).
     expected = {"sd15": (859520964, 123060480), "sd21": (865910724, 340387840)}

@@ -399,7 +399,7 @@ def cmd_model_init(args: argparse.Namespace) -> None:
     if (out / "model_index.json").exists() and not args.force:
         raise UserError(f"{out} already holds a model; choose another --out or pass --force")
     init_pipeline(args.preset, out, seed=args.seed)
-    _note(f"wrote a random-weight {args.preset} Stable Diffusion pipeline to {out}")
+    _note(f"wrote a random-weight {args.preset} diffusers pipeline to {out}")
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
@@ -764,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="make model folders")
     msub = m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
-    p = msub.add_parser("init", help="a Stable Diffusion pipeline with random weights from a preset config")
+    p = msub.add_parser("init", help="a diffusers pipeline (SD, SDXL, SD3, FLUX) with random weights from a "
+                        "preset config")
     p.add_argument("--preset", required=True, help="tiny, small, sd15, sd21, sd3-tiny, sd3-medium or sd35-large")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

@@ -37,20 +37,33 @@ PRESETS: dict[str, str] = {
             "random weights",
     "sdxl-tiny": "test-sized SDXL layout: 32x32 images, 16x16x4 latents, two 2-layer CLIP encoders, text_time "
                  "conditioning",
+    "sdxl-small": "CPU-benchmark SDXL layout: 64x64 images, 16x16x4 latents, two 4-layer CLIP encoders",
     "sdxl": "Stable Diffusion XL base 1.0 configs (2.57 B UNet, CLIP-L + OpenCLIP bigG, 1024x1024), random weights",
     "flux-tiny": "test-sized FLUX layout: 32x32 images, 16x16x4 latents packed 2x2, one double- and one "
                  "single-stream block, guidance embedding, 2-layer CLIP and T5 encoders",
+    "flux-small": "CPU-benchmark FLUX layout: 64x64 images, 16x16x4 latents, 2 double- + 4 single-stream blocks",
     "flux-dev": "FLUX.1 dev configs (11.9 B transformer, CLIP-L, T5-XXL 4.8 B, guidance-distilled), random weights",
     "sd3-tiny": "test-sized SD3 layout: 32x32 images, 16x16x4 latents, 2-block MMDiT (80 K parameters), two "
                 "2-layer CLIP encoders, no T5",
+    "sd3-small": "CPU-benchmark SD3 layout: 64x64 images, 16x16x4 latents, 6-block MMDiT, two 4-layer CLIP encoders",
     "sd3-medium": "Stable Diffusion 3 medium configs (2.0 B MMDiT, 16-channel VAE, CLIP-L + CLIP-G, 1024x1024), "
                   "random weights, T5 left out",
     "sd35-large": "Stable Diffusion 3.5 large configs (8.1 B MMDiT with QK RMS-norm, CLIP-L + CLIP-G), random "
                   "weights, T5 left out",
 }
-SD3_PRESETS = ("sd3-tiny", "sd3-medium", "sd35-large")
-SDXL_PRESETS = ("sdxl-tiny", "sdxl")
-FLUX_PRESETS = ("flux-tiny", "flux-dev")
+SD3_PRESETS = ("sd3-tiny", "sd3-small", "sd3-medium", "sd35-large")
+SDXL_PRESETS = ("sdxl-tiny", "sdxl-small", "sdxl")
+FLUX_PRESETS = ("flux-tiny", "flux-small", "flux-dev")
+# The CPU-benchmark layouts of the new families: 64x64 images, 16x16x4 latents (as SD's "small"),
+# 256-wide text encoders, a few million denoiser parameters.
+SMALL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 norm_num_groups=32, sample_size=64)
+
+
+def _small_clip(vocab_size: int, special_ids: dict[str, int]) -> dict:
+    return dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256,
+                vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
 # FLUX's scheduler: shift 3.0, resolution-dependent (dynamic) shift at sampling time.
 FLUX_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
@@ -147,6 +160,12 @@ def sd3_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tu
         clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
                     vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
         return transformer, vae, clip, dict(clip)
+    if preset == "sd3-small":
+        transformer = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=32,
+                           num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=256,
+                           pooled_projection_dim=512, out_channels=4, pos_embed_max_size=16)
+        clip = _small_clip(vocab_size, special_ids)
+        return transformer, dict(SMALL_VAE, scaling_factor=1.5305, shift_factor=0.0609), clip, dict(clip)
     if preset not in ("sd3-medium", "sd35-large"):
         raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
     clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
@@ -182,6 +201,15 @@ def sdxl_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> t
         clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
                     vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
         return unet, vae, clip, dict(clip)
+    if preset == "sdxl-small":
+        unet = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(128, 256, 256),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32,
+                    attention_head_dim=8, cross_attention_dim=512, addition_embed_type="text_time",
+                    addition_time_embed_dim=32, projection_class_embeddings_input_dim=256 + 6 * 32)
+        clip = _small_clip(vocab_size, special_ids)
+        return unet, dict(SMALL_VAE, scaling_factor=0.13025), clip, dict(clip)
     if preset != "sdxl":
         raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
     clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
@@ -244,6 +272,16 @@ def flux_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> t
                   pad_token_id=special_ids.get("pad_token_id", 0), eos_token_id=special_ids.get("eos_token_id", 1),
                   decoder_start_token_id=special_ids.get("pad_token_id", 0))
         return transformer, vae, clip, t5
+    if preset == "flux-small":
+        transformer = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                           num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=256,
+                           guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+        t5 = dict(vocab_size=vocab_size, d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8,
+                  pad_token_id=special_ids.get("pad_token_id", 0), eos_token_id=special_ids.get("eos_token_id", 1),
+                  decoder_start_token_id=special_ids.get("pad_token_id", 0))
+        vae = dict(SMALL_VAE, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                   use_post_quant_conv=False)
+        return transformer, vae, _small_clip(vocab_size, special_ids), t5
     if preset != "flux-dev":
         raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
     transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
