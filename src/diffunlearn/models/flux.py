@@ -16,9 +16,6 @@ before the loss, so every method sees latents of the usual shape.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .pixel_base import sampling
-from .sd import absent_components, parse_dtype
+from .sd import absent_components
 from .sd3 import SD3Condition, StableDiffusion3Adapter
-from .selection import LoraSettings, has_lora
 
 PIPELINE_CLASS = "FluxPipeline"
 CONFIG_FILES = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
@@ -41,16 +36,6 @@ TRAIN_GUIDANCE = 3.5  # the guidance embedding during training (diffusers' FLUX 
 
 class FluxCondition(SD3Condition):
     """Encoded prompts: T5 token states ``(N, L, D)`` and pooled CLIP ``(N, P)``."""
-
-    def __getitem__(self, index) -> FluxCondition:
-        return FluxCondition(self.states[index], self.pooled[index])
-
-    def to(self, device: torch.device | str) -> FluxCondition:
-        return FluxCondition(self.states.to(device), self.pooled.to(device))
-
-    @staticmethod
-    def cat(parts: Sequence[SD3Condition]) -> FluxCondition:
-        return FluxCondition(torch.cat([p.states for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
 class FluxAdapter(StableDiffusion3Adapter):
@@ -63,6 +48,8 @@ class FluxAdapter(StableDiffusion3Adapter):
     sampler_name = "FlowMatchEulerDiscreteScheduler"
     pipeline_class_name = PIPELINE_CLASS
     denoiser_name = "transformer"
+    network_class_name = "FluxTransformer2DModel"
+    config_files = CONFIG_FILES
     family = "flux"
     sampler_defaults = (28, 3.5)  # the FLUX pipeline's defaults (distilled guidance; no negative prompt)
     timestep_density = "uniform"
@@ -71,30 +58,10 @@ class FluxAdapter(StableDiffusion3Adapter):
                  tokenizer: Any, tokenizer_2: Any, scheduler: Any, device: torch.device | str | None = None,
                  frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
                  folder: Path | None = None, max_sequence_length: int = 512) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.frozen_dtype = parse_dtype(frozen_dtype)
-        self.unet = nn.Module.to(transformer, device=self.device, dtype=torch.float32)
-        self.vae = nn.Module.to(vae, device=self.device, dtype=self.frozen_dtype or torch.float32)
-        self.text_encoders = [nn.Module.to(e, device=self.device, dtype=self.frozen_dtype or torch.float32)
-                              for e in (text_encoder, text_encoder_2)]
-        for frozen in (self.vae, *self.text_encoders):
-            frozen.eval().requires_grad_(False)
-        self.text_encoder, self.text_encoder_2 = self.text_encoders
-        self.tokenizers = [tokenizer, tokenizer_2]
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.scheduler = scheduler
-        self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        self.num_train_timesteps = int(self.train_scheduler.config.num_train_timesteps)
-        self.train_timesteps = self.train_scheduler.timesteps.clone().float().cpu()
-        self.prediction_type = "flow"
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.max_sequence_length = max_sequence_length
-        self.source = source
-        self.folder = folder
-        self.lora_settings = LoraSettings()
+        super().__init__(transformer, vae, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2], scheduler,
+                         device=device, frozen_dtype=frozen_dtype, source=source, folder=folder,
+                         max_sequence_length=max_sequence_length)
+        self.text_encoder_2, self.tokenizer_2 = self.text_encoders[1], tokenizer_2
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -125,60 +92,16 @@ class FluxAdapter(StableDiffusion3Adapter):
                             text_encoder_2=self.text_encoder_2 if with_text else None,
                             tokenizer_2=self.tokenizer_2 if with_text else None)
 
-    def save_lora(self, folder: str | os.PathLike) -> None:
-        """Write the transformer's LoRA adapters in diffusers' format, so that
-        ``FluxPipeline.from_pretrained(base).load_lora_weights(folder)`` reproduces this model.
-
-        Raises:
-            UserError: no LoRA adapters (train with selection ``lora`` first).
-        """
-        if not has_lora(self.unet):
-            raise UserError("this model has no LoRA weights to save: train with parameter selection `lora`, or "
-                            "save the full pipeline or the transformer instead")
-        from diffusers import FluxPipeline
-        from peft.utils import get_peft_model_state_dict
-
-        FluxPipeline.save_lora_weights(
-            folder, transformer_lora_layers=get_peft_model_state_dict(self.unet), safe_serialization=True,
-            transformer_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
-
-    def load_unet(self, folder: str | os.PathLike) -> None:
-        """Replace the transformer by a saved ``FluxTransformer2DModel`` folder (``save: unet``).
-
-        Raises:
-            UserError: the folder holds no loadable transformer.
-        """
-        from diffusers import FluxTransformer2DModel
-
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(str(folder), use_safetensors=True)
-        except Exception as exc:  # missing or corrupt files
-            raise UserError(f"could not load a FLUX transformer from {folder} ({exc}); pass a folder written with "
-                            "`save: unet`") from exc
-        self.unet = nn.Module.to(transformer, device=self.device, dtype=torch.float32).eval()
+    def identity_configs(self) -> dict[str, dict]:
+        configs = {"transformer": dict(self.unet.config), "vae": dict(self.vae.config),
+                   "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict(),
+                   "text_encoder_2": self.text_encoder_2.config.to_dict()}
+        configs.update({"tokenizer_vocab": self.tokenizer.get_vocab(),
+                        "tokenizer_2_vocab": self.tokenizer_2.get_vocab()})
+        return configs
 
     def model_identity(self) -> dict[str, Any]:
-        """What a manifest records about the model: configs only (no weight hashing)."""
-        digest = hashlib.sha256()
-        if self.folder is not None:
-            for name in CONFIG_FILES:
-                path = Path(self.folder) / name
-                if path.is_file():
-                    digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-        else:
-            configs = {"transformer": dict(self.unet.config), "vae": dict(self.vae.config),
-                       "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict(),
-                       "text_encoder_2": self.text_encoder_2.config.to_dict()}
-            configs = {part: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-                       for part, config in configs.items()}
-            configs["tokenizers"] = [self.tokenizer.get_vocab(), self.tokenizer_2.get_vocab()]
-            digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
-        lora = None
-        if has_lora(self.unet):
-            config = self.unet.peft_config["default"]
-            lora = {"rank": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        return {"class": PIPELINE_CLASS, "source": self.source, "revision": None, "config_sha256": digest.hexdigest(),
-                "prediction_type": self.prediction_type, "lora": lora}
+        return {key: value for key, value in super().model_identity().items() if key != "t5"}
 
     @property
     def resolution(self) -> int:
@@ -231,28 +154,17 @@ class FluxAdapter(StableDiffusion3Adapter):
         (dynamic shift, distilled guidance ``guidance``, no negative prompt)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        if len(seeds) != len(condition):
-            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        height, width = height or self.resolution, width or self.resolution
-        pipe = self._pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-                              with_text=False)
-        pipe.set_progress_bar_config(disable=True)
         dtype = self.unet.dtype
-        out = []
-        with sampling(self.unet, len(seeds), progress) as bar:
-            for start in range(0, len(seeds), batch_size):
-                cond = condition[start:start + batch_size]
-                generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-                packed = pipe(prompt_embeds=cond.states.to(self.device, dtype),
-                              pooled_prompt_embeds=cond.pooled.to(self.device, dtype), num_inference_steps=steps,
-                              guidance_scale=guidance, height=height, width=width, generator=generators,
-                              output_type="latent").images
-                latents = FluxPipeline._unpack_latents(packed, height, width, self.vae_scale_factor)
-                out.append(self.decode_latents(latents).float().clamp(-1, 1).cpu())
-                bar.update(len(cond))
-        return torch.cat(out)
+
+        def inputs(cond: FluxCondition) -> dict:
+            return {"prompt_embeds": cond.states.to(self.device, dtype),
+                    "pooled_prompt_embeds": cond.pooled.to(self.device, dtype)}
+
+        def decode(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+            return self.decode_latents(FluxPipeline._unpack_latents(packed, h, w, self.vae_scale_factor))
+
+        return self.pipeline_samples(condition, seeds, steps, guidance, batch_size, progress, height, width,
+                                     FlowMatchEulerDiscreteScheduler, inputs, decode)
 
     def make_condition(self, states: torch.Tensor, pooled: torch.Tensor) -> FluxCondition:
         """Inverse of :meth:`condition_tensors`."""

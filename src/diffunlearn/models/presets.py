@@ -61,6 +61,15 @@ SMALL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_cha
                  norm_num_groups=32, sample_size=64)
 
 
+# The published text encoders of SDXL and SD3: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection),
+# CLIP's legacy special ids and full vocabulary size (so shapes and parameter counts are the real ones).
+CLIP_IDS = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **CLIP_IDS)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **CLIP_IDS)
+
+
 def _small_clip(vocab_size: int, special_ids: dict[str, int]) -> dict:
     return dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256,
                 vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu", **special_ids)
@@ -168,11 +177,7 @@ def sd3_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tu
         return transformer, dict(SMALL_VAE, scaling_factor=1.5305, shift_factor=0.0609), clip, dict(clip)
     if preset not in ("sd3-medium", "sd35-large"):
         raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
-    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **clip_ids)
-    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                  projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **clip_ids)
+    clip_l, clip_g = dict(CLIP_L), dict(CLIP_G)
     vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
@@ -212,11 +217,7 @@ def sdxl_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> t
         return unet, dict(SMALL_VAE, scaling_factor=0.13025), clip, dict(clip)
     if preset != "sdxl":
         raise UserError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    clip_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
-    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **clip_ids)
-    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                  projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", **clip_ids)
+    clip_l, clip_g = dict(CLIP_L), dict(CLIP_G)
     unet = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -227,30 +228,6 @@ def sdxl_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> t
                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025)
     return unet, vae, clip_l, clip_g
-
-
-def build_sdxl_pipeline(preset: str, seed: int = 0) -> Any:
-    """A ``StableDiffusionXLPipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU,
-    with SDXL's Euler scheduler config."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = load_tokenizer()
-    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    unet_kw, vae_kw, clip_l, clip_g = sdxl_configs(preset, len(tokenizer), special_ids)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_kw)
-    vae = AutoencoderKL(**vae_kw)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_l))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval()
-    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1,
-                                       prediction_type="epsilon")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                     add_watermarker=False)
 
 
 def flux_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> tuple[dict, dict, dict, dict]:
@@ -291,12 +268,39 @@ def flux_configs(preset: str, vocab_size: int, special_ids: dict[str, int]) -> t
                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    clip = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-                bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    clip = dict(CLIP_L)
     t5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     return transformer, vae, clip, t5
+
+
+def _random_parts(preset: str, configs: Any, makers: tuple) -> tuple[Any, list]:
+    """The committed tokenizer and a preset's modules with random weights: ``configs(preset, vocab size,
+    special ids)`` gives one kwargs dict per module, ``makers[i](kwargs)`` builds module i (in this
+    order, after the caller's ``torch.manual_seed``), each left in eval mode."""
+    tokenizer = load_tokenizer()
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    kwargs = configs(preset, len(tokenizer), special_ids)
+    modules = [make(kw).eval() for make, kw in zip(makers, kwargs)]
+    return tokenizer, modules
+
+
+def build_sdxl_pipeline(preset: str, seed: int = 0) -> Any:
+    """A ``StableDiffusionXLPipeline`` with random weights (after ``torch.manual_seed(seed)``), fp32, CPU,
+    with SDXL's Euler scheduler config."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, (unet, vae, text_encoder, text_encoder_2) = _random_parts(preset, sdxl_configs, (
+        lambda kw: UNet2DConditionModel(**kw), lambda kw: AutoencoderKL(**kw),
+        lambda kw: CLIPTextModel(CLIPTextConfig(**kw)), lambda kw: CLIPTextModelWithProjection(CLIPTextConfig(**kw))))
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1,
+                                       prediction_type="epsilon")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
 
 
 def build_flux_pipeline(preset: str, seed: int = 0) -> Any:
@@ -304,17 +308,10 @@ def build_flux_pipeline(preset: str, seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    tokenizer = load_tokenizer()
-    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    transformer_kw, vae_kw, clip_kw, t5_kw = flux_configs(preset, len(tokenizer), special_ids)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**transformer_kw)
-    vae = AutoencoderKL(**vae_kw)
-    clip = CLIPTextModel(CLIPTextConfig(**clip_kw))
-    t5 = T5EncoderModel(T5Config(**t5_kw))
-    for module in (transformer, vae, clip, t5):
-        module.eval()
+    tokenizer, (transformer, vae, clip, t5) = _random_parts(preset, flux_configs, (
+        lambda kw: FluxTransformer2DModel(**kw), lambda kw: AutoencoderKL(**kw),
+        lambda kw: CLIPTextModel(CLIPTextConfig(**kw)), lambda kw: T5EncoderModel(T5Config(**kw))))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=vae, text_encoder=clip,
                         tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
 
@@ -329,20 +326,14 @@ def build_sd3_pipeline(preset: str, seed: int = 0) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = load_tokenizer()
-    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    transformer_kw, vae_kw, clip_l, clip_g = sd3_configs(preset, len(tokenizer), special_ids)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**transformer_kw)
-    vae = AutoencoderKL(**vae_kw)
-    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**kw)) for kw in (clip_l, clip_g)]
-    for module in (transformer, vae, *encoders):
-        module.eval()
+    tokenizer, (transformer, vae, clip_l, clip_g) = _random_parts(preset, sd3_configs, (
+        lambda kw: SD3Transformer2DModel(**kw), lambda kw: AutoencoderKL(**kw),
+        lambda kw: CLIPTextModelWithProjection(CLIPTextConfig(**kw)),
+        lambda kw: CLIPTextModelWithProjection(CLIPTextConfig(**kw))))
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
-                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
-                                    text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None,
-                                    tokenizer_3=None)
+                                    vae=vae, text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
 
 
 def build_pipeline(preset: str, seed: int = 0, prediction_type: str | None = None) -> StableDiffusionPipeline:

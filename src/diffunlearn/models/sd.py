@@ -144,6 +144,8 @@ class StableDiffusionAdapter(DenoisingObjective):
     sampler_name = SAMPLER_NAME
     pipeline_class_name = PIPELINE_CLASS
     denoiser_name = "unet"  # the pipeline's name for the trained network (``self.unet`` here)
+    network_class_name = "UNet2DConditionModel"  # its diffusers class (``save: unet`` folders load with it)
+    config_files = CONFIG_FILES
     family = "text"
     condition_kind = "text"
     save_formats = ("pipeline", "unet", "lora")
@@ -174,10 +176,29 @@ class StableDiffusionAdapter(DenoisingObjective):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise UserError(f"prediction type {self.prediction_type!r} is not supported; Stable Diffusion models "
                             "predict epsilon or v_prediction")
+        self._finish_init(source, folder)
+
+    def _finish_init(self, source: str | None, folder: Path | None) -> None:
+        """What every latent family sets last: the VAE's downsampling factor, where the model came
+        from, and the default LoRA settings."""
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.source = source
         self.folder = folder
         self.lora_settings = LoraSettings()
+
+    def pooled_inputs(self, uncond) -> Any:
+        """The pipeline inputs of a condition with token states and a pooled projection (SDXL, SD3),
+        guided against ``uncond``: ``cond_rows -> keyword arguments``."""
+        dtype = self.unet.dtype
+
+        def inputs(cond) -> dict:
+            n = len(cond)
+            return {"prompt_embeds": cond.states.to(self.device, dtype),
+                    "pooled_prompt_embeds": cond.pooled.to(self.device, dtype),
+                    "negative_prompt_embeds": uncond.states.expand(n, -1, -1).to(self.device, dtype),
+                    "negative_pooled_prompt_embeds": uncond.pooled.expand(n, -1).to(self.device, dtype)}
+
+        return inputs
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -316,23 +337,27 @@ class StableDiffusionAdapter(DenoisingObjective):
     def save_lora(self, folder: str | os.PathLike) -> None:
         """Write the LoRA adapters in diffusers' format (``pytorch_lora_weights.safetensors``).
 
-        ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(folder)`` then reproduces
-        this model; rank and alpha travel in the file's metadata.
+        ``<Pipeline>.from_pretrained(base).load_lora_weights(folder)`` then reproduces this model;
+        rank and alpha travel in the file's metadata. A UNet's peft keys are converted to diffusers'
+        names (as diffusers' UNet LoRA scripts do); a transformer's are saved as peft names them.
 
         Raises:
             UserError: no LoRA adapters (train with selection ``lora`` first).
         """
         if not has_lora(self.unet):
             raise UserError("this model has no LoRA weights to save: train with parameter selection `lora`, or "
-                            "save the full pipeline or the UNet instead")
-        from diffusers import StableDiffusionPipeline
+                            f"save the full pipeline or the {self.denoiser_name} instead")
+        import diffusers
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
+        layers = get_peft_model_state_dict(self.unet)
+        if self.denoiser_name == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
+        getattr(diffusers, self.pipeline_class_name).save_lora_weights(
+            folder, safe_serialization=True, **{f"{self.denoiser_name}_lora_layers": layers,
+                                                f"{self.denoiser_name}_lora_adapter_metadata":
+                                                    self.unet.peft_config["default"].to_dict()})
 
     def load_lora(self, folder: str | os.PathLike) -> None:
         """Apply LoRA weights saved in diffusers' format (by :meth:`save_lora` or any diffusers trainer)
@@ -348,43 +373,47 @@ class StableDiffusionAdapter(DenoisingObjective):
                             "by `diffunlearn unlearn ... selection=lora`") from exc
 
     def load_unet(self, folder: str | os.PathLike) -> None:
-        """Replace the UNet by a saved ``UNet2DConditionModel`` folder (safetensors), e.g. a run saved with
-        ``save: unet``.
+        """Replace the trained network by a saved folder of its class (a run saved with ``save: unet``;
+        for the transformer families, the transformer folder), safetensors only.
 
         Raises:
-            UserError: the folder holds no loadable UNet.
+            UserError: the folder holds no loadable network.
         """
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
         try:
-            unet = UNet2DConditionModel.from_pretrained(str(folder), use_safetensors=True)
+            network = getattr(diffusers, self.network_class_name).from_pretrained(str(folder), use_safetensors=True)
         except Exception as exc:  # missing or corrupt files
-            raise UserError(f"could not load a UNet from {folder} ({_first_line(exc)}); pass a folder written with "
-                            "`save: unet`") from exc
-        self.unet = nn.Module.to(unet, device=self.device, dtype=torch.float32).eval()
+            raise UserError(f"could not load a {self.network_class_name} from {folder} ({_first_line(exc)}); pass a "
+                            "folder written with `save: unet`") from exc
+        self.unet = nn.Module.to(network, device=self.device, dtype=torch.float32).eval()
+
+    def identity_configs(self) -> dict[str, dict]:
+        """The component configs that identify an in-memory model (each family names its parts)."""
+        return {"unet": dict(self.unet.config), "vae": dict(self.vae.config), "scheduler": dict(self.scheduler.config),
+                "text_encoder": self.text_encoder.config.to_dict(), "tokenizer": self.tokenizer.get_vocab()}
 
     def model_identity(self) -> dict[str, Any]:
         """What a manifest records about the model: cheap (configs only, no weight hashing).
 
         Returns:
-            ``source`` (folder path or Hub id, ``None`` in memory), ``revision`` (the Hub commit of a
-            cached snapshot, else ``None``), ``config_sha256`` over the component configs and
-            tokenizer files, ``prediction_type`` and ``lora`` (settings when adapters are injected).
+            ``class`` (the pipeline class), ``source`` (folder path or Hub id, ``None`` in memory),
+            ``revision`` (the Hub commit of a cached snapshot, else ``None``), ``config_sha256`` over
+            the component configs and tokenizer files (``config_files`` of a folder), ``prediction_type``
+            and ``lora`` (settings when adapters are injected).
         """
         digest = hashlib.sha256()
         if self.folder is not None:
-            for name in CONFIG_FILES:
+            for name in self.config_files:
                 path = Path(self.folder) / name
                 if path.is_file():
                     digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
         else:
-            configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config),
-                       "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict()}
             # Private keys (e.g. diffusers' `_use_default_values`, a list in set order) and library
             # versions are bookkeeping, not the model.
-            configs = {part: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-                       for part, config in configs.items()}
-            configs["tokenizer"] = self.tokenizer.get_vocab()
+            configs = {part: config if "tokenizer" in part else  # vocabularies are kept whole
+                       {k: v for k, v in config.items() if not str(k).startswith("_") and k != "transformers_version"}
+                       for part, config in self.identity_configs().items()}
             digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
         revision = None
         if self.folder is not None and self.source is not None and not Path(self.source).exists():
@@ -393,7 +422,7 @@ class StableDiffusionAdapter(DenoisingObjective):
         if has_lora(self.unet):
             config = self.unet.peft_config["default"]
             lora = {"rank": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        return {"class": PIPELINE_CLASS, "source": self.source, "revision": revision,
+        return {"class": self.pipeline_class_name, "source": self.source, "revision": revision,
                 "config_sha256": digest.hexdigest(), "prediction_type": self.prediction_type, "lora": lora}
 
     @property
@@ -539,39 +568,55 @@ class StableDiffusionAdapter(DenoisingObjective):
                                      height, width)
 
     @torch.no_grad()
-    def sample_condition(self, condition: TextCondition, seeds: Sequence[int], steps: int = 25,
-                         guidance: float = 7.5, batch_size: int = 8, progress: bool = False,
-                         height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """:meth:`sample` from already encoded (or attacked) text states, one image per row and seed."""
-        from diffusers import DPMSolverMultistepScheduler
-
+    def pipeline_samples(self, condition, seeds: Sequence[int], steps: int, guidance: float, batch_size: int,
+                         progress: bool, height: int | None, width: int | None, scheduler_class: Any,
+                         inputs: Any, decode: Any) -> torch.Tensor:
+        """Every family's sampling: the diffusers pipeline's own loop (a fresh ``scheduler_class`` from
+        the model's scheduler config, no text encoders: the condition is given) in batches, one CPU
+        generator per image so that image i depends on its own prompt and seed only.
+        ``inputs(cond_rows) -> pipeline keyword arguments``; ``decode(latents, height, width) -> images``."""
         if len(seeds) != len(condition):
             raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        height, width = height or size, width or size
-        # Embeddings are computed in fp32 and the pipeline gets no text encoder: with a bf16/fp16
-        # text encoder the pipeline would cast embeddings and latents to that dtype for the fp32 UNet.
-        pipe = self._pipeline(scheduler=DPMSolverMultistepScheduler.from_config(self.scheduler.config),
-                              with_text=False)
+        height, width = height or self.resolution, width or self.resolution
+        pipe = self._pipeline(scheduler=scheduler_class.from_config(self.scheduler.config), with_text=False)
         pipe.set_progress_bar_config(disable=True)
-        uncond = self.encode_prompts([""]).states
         out = []
         with sampling(self.unet, len(seeds), progress) as bar:
             for start in range(0, len(seeds), batch_size):
-                cond = condition.states[start:start + batch_size].detach()
+                cond = condition[start:start + batch_size]
                 generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-                negative = uncond.expand(len(cond), -1, -1)
-                latents = pipe(prompt_embeds=cond.to(self.device, self.unet.dtype),
-                               negative_prompt_embeds=negative.to(self.device, self.unet.dtype),
-                               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                               generator=generators, output_type="latent").images
-                # Decoding as the pipeline does, but in the VAE's own dtype.
-                decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-                out.append(decoded.float().clamp(-1, 1).cpu())
+                latents = pipe(**inputs(cond), num_inference_steps=steps, guidance_scale=guidance, height=height,
+                               width=width, generator=generators, output_type="latent").images
+                out.append(decode(latents, height, width).float().clamp(-1, 1).cpu())
                 bar.update(len(cond))
         return torch.cat(out)
+
+    def decode_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None
+                       ) -> torch.Tensor:
+        """Images from latents as the pipeline decodes them, in the VAE's own dtype."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    @torch.no_grad()
+    def sample_condition(self, condition: TextCondition, seeds: Sequence[int], steps: int = 25,
+                         guidance: float = 7.5, batch_size: int = 8, progress: bool = False,
+                         height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """:meth:`sample` from already encoded (or attacked) text states, one image per row and seed.
+
+        Embeddings are computed in fp32 and the pipeline gets no text encoder: with a bf16/fp16 text
+        encoder the pipeline would cast embeddings and latents to that dtype for the fp32 UNet."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        uncond = self.encode_prompts([""]).states
+        dtype = self.unet.dtype
+
+        def inputs(cond: TextCondition) -> dict:
+            return {"prompt_embeds": cond.states.detach().to(self.device, dtype),
+                    "negative_prompt_embeds": uncond.expand(len(cond), -1, -1).to(self.device, dtype)}
+
+        return self.pipeline_samples(condition, seeds, steps, guidance, batch_size, progress, height, width,
+                                     DPMSolverMultistepScheduler, inputs, self.decode_latents)
 
     # ---- what the red-team attacks need (diffunlearn.attacks) ----------------------------------
     def condition_tensors(self, condition: TextCondition) -> tuple[torch.Tensor, ...]:

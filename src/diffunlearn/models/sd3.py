@@ -26,9 +26,6 @@ CLIP projections concatenated).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .pixel_base import sampling
 from .sd import StableDiffusionAdapter, absent_components, parse_dtype
-from .selection import LoraSettings, has_lora
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 # MMDiT's joint attention: the text-side ("context") projections are the analogue of a UNet's
@@ -63,14 +58,14 @@ class SD3Condition:
         return len(self.states)
 
     def __getitem__(self, index) -> SD3Condition:
-        return SD3Condition(self.states[index], self.pooled[index])
+        return type(self)(self.states[index], self.pooled[index])
 
     def to(self, device: torch.device | str) -> SD3Condition:
-        return SD3Condition(self.states.to(device), self.pooled.to(device))
+        return type(self)(self.states.to(device), self.pooled.to(device))
 
     @staticmethod
     def cat(parts: Sequence[SD3Condition]) -> SD3Condition:
-        return SD3Condition(torch.cat([p.states for p in parts]), torch.cat([p.pooled for p in parts]))
+        return type(parts[0])(torch.cat([p.states for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
 class StableDiffusion3Adapter(StableDiffusionAdapter):
@@ -83,6 +78,8 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     sampler_name = "FlowMatchEulerDiscreteScheduler"
     pipeline_class_name = PIPELINE_CLASS
     denoiser_name = "transformer"
+    network_class_name = "SD3Transformer2DModel"
+    config_files = CONFIG_FILES
     family = "sd3"
     condition_kind = "text"
     save_formats = ("pipeline", "unet", "lora")  # "unet" writes the transformer folder
@@ -117,11 +114,8 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
         # The scheduler's training timesteps with its shift applied (σ·T, from T down to about 1).
         self.train_timesteps = self.train_scheduler.timesteps.clone().float().cpu()
         self.prediction_type = "flow"
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_sequence_length = max_sequence_length
-        self.source = source
-        self.folder = folder
-        self.lora_settings = LoraSettings()
+        self._finish_init(source, folder)
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -151,60 +145,16 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
                                         scheduler=scheduler if scheduler is not None else self.scheduler,
                                         vae=self.vae, **parts)
 
-    def save_lora(self, folder: str | os.PathLike) -> None:
-        """Write the transformer's LoRA adapters in diffusers' format, so that
-        ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(folder)`` reproduces this model.
-
-        Raises:
-            UserError: no LoRA adapters (train with selection ``lora`` first).
-        """
-        if not has_lora(self.unet):
-            raise UserError("this model has no LoRA weights to save: train with parameter selection `lora`, or "
-                            "save the full pipeline or the transformer instead")
-        from diffusers import StableDiffusion3Pipeline
-        from peft.utils import get_peft_model_state_dict
-
-        StableDiffusion3Pipeline.save_lora_weights(
-            folder, transformer_lora_layers=get_peft_model_state_dict(self.unet), safe_serialization=True,
-            transformer_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
-
-    def load_unet(self, folder: str | os.PathLike) -> None:
-        """Replace the transformer by a saved ``SD3Transformer2DModel`` folder (a run saved with ``save: unet``).
-
-        Raises:
-            UserError: the folder holds no loadable transformer.
-        """
-        from diffusers import SD3Transformer2DModel
-
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(str(folder), use_safetensors=True)
-        except Exception as exc:  # missing or corrupt files
-            raise UserError(f"could not load an SD3 transformer from {folder} ({exc}); pass a folder written with "
-                            "`save: unet`") from exc
-        self.unet = nn.Module.to(transformer, device=self.device, dtype=torch.float32).eval()
+    def identity_configs(self) -> dict[str, dict]:
+        configs = {"transformer": dict(self.unet.config), "vae": dict(self.vae.config),
+                   "scheduler": dict(self.scheduler.config)}
+        configs.update({n: e.config.to_dict() for n, e in zip(TEXT_PARTS, self.text_encoders) if e is not None})
+        configs.update({f"{n}_vocab": t.get_vocab() for n, t in zip(TOKENIZER_PARTS, self.tokenizers) if t is not None})
+        return configs
 
     def model_identity(self) -> dict[str, Any]:
-        """What a manifest records about the model: configs only (no weight hashing)."""
-        digest = hashlib.sha256()
-        if self.folder is not None:
-            for name in CONFIG_FILES:
-                path = Path(self.folder) / name
-                if path.is_file():
-                    digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-        else:
-            configs = {"transformer": dict(self.unet.config), "vae": dict(self.vae.config),
-                       "scheduler": dict(self.scheduler.config)}
-            configs.update({n: e.config.to_dict() for n, e in zip(TEXT_PARTS, self.text_encoders) if e is not None})
-            configs = {part: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-                       for part, config in configs.items()}
-            configs["tokenizers"] = [t.get_vocab() if t is not None else None for t in self.tokenizers]
-            digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
-        lora = None
-        if has_lora(self.unet):
-            config = self.unet.peft_config["default"]
-            lora = {"rank": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        return {"class": PIPELINE_CLASS, "source": self.source, "revision": None, "config_sha256": digest.hexdigest(),
-                "prediction_type": self.prediction_type, "t5": self.text_encoders[2] is not None, "lora": lora}
+        t5 = len(self.text_encoders) > 2 and self.text_encoders[2] is not None  # SD3 may be saved without T5
+        return {**super().model_identity(), "t5": t5}
 
     @staticmethod
     def is_cross_attention(name: str) -> bool:
@@ -276,7 +226,8 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
             out.append(((self.vae.encode(x).latent_dist.mean - shift) * scale).float().cpu())
         return torch.cat(out)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None
+                       ) -> torch.Tensor:
         scale, shift = float(self.vae.config.scaling_factor), float(self.vae.config.shift_factor or 0.0)
         return self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
 
@@ -287,31 +238,9 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
         """:meth:`sample` from already encoded (or attacked) prompts, one image per row and seed."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if len(seeds) != len(condition):
-            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        height, width = height or self.resolution, width or self.resolution
-        pipe = self._pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
-                              with_text=False)
-        pipe.set_progress_bar_config(disable=True)
-        uncond = self.encode_prompts([""])
-        dtype = self.unet.dtype
-        out = []
-        with sampling(self.unet, len(seeds), progress) as bar:
-            for start in range(0, len(seeds), batch_size):
-                cond = condition[start:start + batch_size]
-                n = len(cond)
-                generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-                latents = pipe(prompt_embeds=cond.states.to(self.device, dtype),
-                               pooled_prompt_embeds=cond.pooled.to(self.device, dtype),
-                               negative_prompt_embeds=uncond.states.expand(n, -1, -1).to(self.device, dtype),
-                               negative_pooled_prompt_embeds=uncond.pooled.expand(n, -1).to(self.device, dtype),
-                               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                               generator=generators, output_type="latent").images
-                out.append(self.decode_latents(latents).float().clamp(-1, 1).cpu())
-                bar.update(n)
-        return torch.cat(out)
+        return self.pipeline_samples(condition, seeds, steps, guidance, batch_size, progress, height, width,
+                                     FlowMatchEulerDiscreteScheduler, self.pooled_inputs(self.encode_prompts([""])),
+                                     self.decode_latents)
 
     def condition_tensors(self, condition: SD3Condition) -> tuple[torch.Tensor, ...]:
         """The continuous parts of a condition an attack may optimise: token states and pooled projections."""

@@ -11,8 +11,6 @@ refiner is out of scope.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .pixel_base import sampling
 from .sd import StableDiffusionAdapter, absent_components
-from .selection import has_lora
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
@@ -63,6 +59,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """
 
     pipeline_class_name = PIPELINE_CLASS
+    config_files = CONFIG_FILES
     family = "sdxl"
     sampler_defaults = (50, 5.0)  # the SDXL pipeline's defaults
 
@@ -105,42 +102,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             scheduler=scheduler if scheduler is not None else self.scheduler,
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False)
 
-    def save_lora(self, folder) -> None:
-        """Write the UNet's LoRA adapters in diffusers' format, so that
-        ``StableDiffusionXLPipeline.from_pretrained(base).load_lora_weights(folder)`` reproduces this model.
-
-        Raises:
-            UserError: no LoRA adapters (train with selection ``lora`` first).
-        """
-        if not has_lora(self.unet):
-            raise UserError("this model has no LoRA weights to save: train with parameter selection `lora`, or "
-                            "save the full pipeline or the UNet instead")
-        from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        StableDiffusionXLPipeline.save_lora_weights(
-            folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)),
-            safe_serialization=True, unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
-
-    def model_identity(self) -> dict[str, Any]:
-        """What a manifest records about the model: configs only (no weight hashing)."""
-        digest = hashlib.sha256()
-        if self.folder is not None:
-            for name in CONFIG_FILES:
-                path = Path(self.folder) / name
-                if path.is_file():
-                    digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-        else:
-            configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config),
-                       "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict(),
-                       "text_encoder_2": self.text_encoder_2.config.to_dict()}
-            configs = {part: {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-                       for part, config in configs.items()}
-            configs["tokenizers"] = [self.tokenizer.get_vocab(), self.tokenizer_2.get_vocab()]
-            digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
-        identity = super().model_identity()
-        return {**identity, "class": PIPELINE_CLASS, "config_sha256": digest.hexdigest()}
+    def identity_configs(self) -> dict[str, dict]:
+        return {**super().identity_configs(), "text_encoder_2": self.text_encoder_2.config.to_dict(),
+                "tokenizer_2_vocab": self.tokenizer_2.get_vocab()}
 
     # ---- the conditions -------------------------------------------------------------------------
     def time_ids(self, n: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -187,32 +151,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         """:meth:`sample` from already encoded (or attacked) prompts, one image per row and seed."""
         from diffusers import DPMSolverMultistepScheduler
 
-        if len(seeds) != len(condition):
-            raise ValueError(f"need one seed per condition row, got {len(seeds)} seeds for {len(condition)} rows")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"`steps` and `batch_size` must be positive, got {steps} and {batch_size}")
-        height, width = height or self.resolution, width or self.resolution
-        pipe = self._pipeline(scheduler=DPMSolverMultistepScheduler.from_config(self.scheduler.config),
-                              with_text=False)
-        pipe.set_progress_bar_config(disable=True)
-        uncond = self.negative_condition(1)
-        dtype = self.unet.dtype
-        out = []
-        with sampling(self.unet, len(seeds), progress) as bar:
-            for start in range(0, len(seeds), batch_size):
-                cond = condition[start:start + batch_size]
-                n = len(cond)
-                generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-                latents = pipe(prompt_embeds=cond.states.to(self.device, dtype),
-                               pooled_prompt_embeds=cond.pooled.to(self.device, dtype),
-                               negative_prompt_embeds=uncond.states.expand(n, -1, -1).to(self.device, dtype),
-                               negative_pooled_prompt_embeds=uncond.pooled.expand(n, -1).to(self.device, dtype),
-                               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                               generator=generators, output_type="latent").images
-                decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-                out.append(decoded.float().clamp(-1, 1).cpu())
-                bar.update(n)
-        return torch.cat(out)
+        return self.pipeline_samples(condition, seeds, steps, guidance, batch_size, progress, height, width,
+                                     DPMSolverMultistepScheduler, self.pooled_inputs(self.negative_condition(1)),
+                                     self.decode_latents)
 
     def condition_tensors(self, condition: SDXLCondition) -> tuple[torch.Tensor, ...]:
         """The continuous parts an attack may optimise: token states and pooled projection (the
