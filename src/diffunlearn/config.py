@@ -35,10 +35,8 @@ from .families import (  # noqa: F401  (re-exported)
     CLASS_WORLD_DEFAULTS,
     EMBEDDED,
     EMBEDDED_CLASS,
-    FLUX_DEFAULTS,
-    SD3_DEFAULTS,
+    RECIPES,
     SD_DEFAULTS,
-    SDXL_DEFAULTS,
     TEXT_FAMILIES,
     model_kind,
 )
@@ -95,14 +93,8 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     if kind == "class":
         recipe = CLASS_WORLD_DEFAULTS if str(values.get("model")) == EMBEDDED_CLASS else CLASS_DEFAULTS
         values = {**recipe, **variant, **values}
-    elif kind == "text":
-        values = {**SD_DEFAULTS, **variant, **values}
-    elif kind == "sd3":
-        values = {**SD3_DEFAULTS, **variant, **values}
-    elif kind == "sdxl":
-        values = {**SDXL_DEFAULTS, **variant, **values}
-    elif kind == "flux":
-        values = {**FLUX_DEFAULTS, **variant, **values}
+    elif kind in RECIPES:
+        values = {**RECIPES[kind], **variant, **values}
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))

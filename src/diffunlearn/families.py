@@ -66,6 +66,11 @@ CLASS_WORLD_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The recipe each diffusers family starts from (config.build_config; the class family picks between the
+# user's and the embedded world's recipe by model name).
+RECIPES: dict[str, dict[str, Any]] = {"text": SD_DEFAULTS, "sdxl": SDXL_DEFAULTS, "sd3": SD3_DEFAULTS,
+                                      "flux": FLUX_DEFAULTS}
+
 def model_kind(model: str) -> str:
     """What kind of model ``model`` names, read from the folder's JSON files only:
 

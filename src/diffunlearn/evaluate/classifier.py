@@ -192,8 +192,9 @@ class ClassifierMetric:
         if self.options.classifier == ORACLE:
             from .fid import weights_fingerprint
 
+            self._load()
             info.update({"classifier": "digit-world oracle (digit reading)",
-                         "classifier_weights": weights_fingerprint(self._oracle_for_settings())})
+                         "classifier_weights": weights_fingerprint(self._model)})
         elif self.options.classifier:
             from .fid import content_hash
 
@@ -206,10 +207,6 @@ class ClassifierMetric:
             info.update({"classifier": "zero-shot CLIP", "prompt_template": PROMPT_TEMPLATE,
                          **load_clip(self.options.clip_model, self.options.device).settings(self.options.clip_model)})
         return info
-
-    def _oracle_for_settings(self):
-        self._load()
-        return self._model
 
     def check(self, set_names: list[str]) -> None:
         """Before any image is made: the forget set needs the target class."""

@@ -466,8 +466,8 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
 
 def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
              progress: bool, command: str, n: int = DEFAULT_N) -> dict[str, float]:
-    """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts (the demos and studies
-    pass their own evaluation size, at most ``DEFAULT_N``); a finished report with these attacks is
+    """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts, at most ``DEFAULT_N``
+    (the demos and studies pass their own evaluation size); a finished report with these attacks is
     reused, and a report with other attacks is completed (its finished attacks are reused)."""
     results_path = out / "results.json"
     if results_path.is_file():
@@ -475,6 +475,7 @@ def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], step
         if all(a in results["attacks"] for a in attacks):
             return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
         results_path.unlink()
-    job = AttackJob(target=model, attacks=list(attacks), concept=concept, n=n, steps=steps, guidance=guidance)
+    job = AttackJob(target=model, attacks=list(attacks), concept=concept, n=min(n, DEFAULT_N), steps=steps,
+                    guidance=guidance)
     results = run_attack_job(job, out, progress=progress, command=command)
     return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}

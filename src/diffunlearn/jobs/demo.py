@@ -16,7 +16,7 @@ from ..models import load_adapter
 from ..report import image_grid, markdown_table, tradeoff_plot
 from ..tasks.prompts import PromptTask
 from ..utils import atomic_write_text, environment
-from .attack import DEFAULT_N, red_team
+from .attack import red_team
 from .run import reuse_or_run
 from .runfolder import check_out_dir
 
@@ -32,7 +32,7 @@ def red_team_demo(summary: dict, out: Path, cfg: UnlearnConfig, attacks: tuple[s
         model = cfg.model if name == "base" else str(out / name / "model")
         values["asr"] = red_team(model, summary["concept"], out / "attacks" / name, attacks, cfg.eval_steps,
                                  cfg.eval_guidance, progress, f"{command} (attack {name})",
-                                 n=min(DEFAULT_N, cfg.eval_prompts))
+                                 n=cfg.eval_prompts)
 
 
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,

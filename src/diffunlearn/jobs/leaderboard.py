@@ -25,7 +25,7 @@ from ..evaluate.world import evaluate_world
 from ..methods import METHODS
 from ..report import mean_std, mean_std_table
 from ..utils import atomic_write_text, environment
-from .attack import DEFAULT_N, red_team
+from .attack import red_team
 from .demo import red_team_demo, run_demo
 
 LEADERBOARD_METHODS = tuple(name for name in METHODS if name != "rg-flat")
@@ -64,7 +64,7 @@ def retrained_row(concept: str, out: Path, attacks: tuple[str, ...], cfg, progre
     if attacks:
         row["asr"] = red_team(name, concept, out / f"retrained-{concept}", attacks, cfg.eval_steps,
                               cfg.eval_guidance, progress, f"{command} (retrained without {concept})",
-                              n=min(DEFAULT_N, cfg.eval_prompts))
+                              n=cfg.eval_prompts)
     return row
 
 

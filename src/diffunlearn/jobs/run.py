@@ -33,7 +33,7 @@ from .runfolder import check_out_dir, load_for_run, save_model, training_summary
 
 def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command: str, progress: bool = True,
             copy_model: bool = True, resume: bool = False, parallel: Parallel | None = None,
-            base_model: str | None = None, keep_model: bool = True, pictures: bool = True):
+            base_model: str | None = None, keep_model: bool = True, pictures: bool = True, header: bool = True):
     """Unlearn ``base_adapter`` (a COPY of it when ``copy_model``) with ``cfg.method`` on ``data``,
     evaluate it as ``task`` says, and fill ``out``.
 
@@ -41,6 +41,8 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
         keep_model: save ``out/model`` with its model card (a demo that only needs the numbers
             passes False).
         pictures: the task's before/after pictures (a demo that draws its own grid passes False).
+        header: write config.yaml and environment.json (``run_unlearning`` wrote them already, before
+            the data).
 
     Returns:
         (results as written to results.json ({} on processes other than the main one), the
@@ -50,7 +52,7 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main and not resume:
+    if parallel.is_main and header and not resume:
         write_run_header(cfg, out, command, parallel, base_adapter)
     method = get_method(cfg.method)
     adapter = base_adapter.clone() if copy_model else base_adapter
@@ -120,5 +122,5 @@ def run_unlearning(cfg, out: Path, force: bool, command: str, progress: bool = T
     data_dir = Path(cfg.data_dir) if cfg.data_dir else out / "data"
     data = task.build(adapter, folder, cfg, data_dir, progress, parallel, replace=not cfg.data_dir)
     results, _, _ = run_job(task, adapter, data, cfg, out, command, progress, copy_model=False, resume=resume,
-                            parallel=parallel, base_model=str(folder) if folder else cfg.model)
+                            parallel=parallel, base_model=str(folder) if folder else cfg.model, header=False)
     return results

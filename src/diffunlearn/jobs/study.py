@@ -497,10 +497,10 @@ def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
 
 
 def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -> float:
-    from .attack import DEFAULT_N, red_team
+    from .attack import red_team
 
     return red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", (spec.attack,), cfg.eval_steps,
-                    cfg.eval_guidance, progress, command, n=min(DEFAULT_N, cfg.eval_prompts))[spec.attack]
+                    cfg.eval_guidance, progress, command, n=cfg.eval_prompts)[spec.attack]
 
 
 # Settings that decide the generated training images; runs that agree on all of them share one

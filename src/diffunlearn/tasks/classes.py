@@ -106,13 +106,26 @@ class ClassTask:
 
     name = "classes"
 
+    def __init__(self) -> None:
+        # (config, selection) of the last config seen: `check` then `build` of one run read and encode
+        # its images once (a user's image folder can take minutes to load).
+        self._last: tuple[str, tuple] | None = None
+
+    def _selection(self, adapter, cfg) -> tuple:
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, class_training_data(adapter, cfg))
+        return self._last[1]
+
     def check(self, adapter, cfg) -> None:
-        class_training_data(adapter, cfg)  # bad data (classes, sizes, the concept) fails before anything is written
+        self._selection(adapter, cfg)  # bad data (classes, sizes, the concept) fails before anything is written
 
     def build(self, adapter, folder, cfg, data_dir: Path, progress: bool = True, parallel=None,
               replace: bool = True) -> TrainingSet:
-        write = parallel is None or parallel.is_main
-        fx, fc, rx, rc, target, record = class_training_data(adapter, cfg, data_dir if write else None)
+        fx, fc, rx, rc, target, record = self._selection(adapter, cfg)
+        if parallel is None or parallel.is_main:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(data_dir / "selection.json", json.dumps(record, indent=2) + "\n")
         info = {"images": record["source"], "forget_images": record["forget_count"], "remain": record["mode"],
                 "remain_per_class": record["per_class"], "data_seed": cfg.data_seed,
                 "selection": str(data_dir / "selection.json")}
