@@ -157,15 +157,7 @@ class StableDiffusionAdapter(DenoisingObjective):
                  source: str | None = None, folder: Path | None = None) -> None:
         from diffusers import DDPMScheduler
 
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.frozen_dtype = parse_dtype(frozen_dtype)
-        # nn.Module.to rather than diffusers' ModelMixin.to, which warns on every dtype cast.
-        self.unet = nn.Module.to(unet, device=self.device, dtype=torch.float32)
-        self.vae = nn.Module.to(vae, device=self.device, dtype=self.frozen_dtype or torch.float32)
-        self.text_encoder = nn.Module.to(text_encoder, device=self.device, dtype=self.frozen_dtype or torch.float32)
-        for frozen in (self.vae, self.text_encoder):
-            frozen.eval().requires_grad_(False)
+        self.text_encoder = self._place(unet, vae, [text_encoder], device, frozen_dtype)[0]
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         # The forward process q(x_t | x_0) of the ORIGINAL training (DDPM), whatever sampler the folder
@@ -177,6 +169,21 @@ class StableDiffusionAdapter(DenoisingObjective):
             raise UserError(f"prediction type {self.prediction_type!r} is not supported; Stable Diffusion models "
                             "predict epsilon or v_prediction")
         self._finish_init(source, folder)
+
+    def _place(self, denoiser: nn.Module, vae: nn.Module, encoders: Sequence[nn.Module | None],
+               device: torch.device | str | None, frozen_dtype: torch.dtype | str | None) -> list:
+        """What every latent family sets first: the device (CUDA when present), the trained network in
+        fp32 as ``self.unet``, the frozen VAE and text ``encoders`` in ``frozen_dtype`` (or fp32), in eval
+        mode without gradients. Returns the placed encoders (None stays None)."""
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.frozen_dtype = parse_dtype(frozen_dtype)
+        frozen = self.frozen_dtype or torch.float32
+        # nn.Module.to rather than diffusers' ModelMixin.to, which warns on every dtype cast.
+        self.unet = nn.Module.to(denoiser, device=self.device, dtype=torch.float32)
+        self.vae = nn.Module.to(vae, device=self.device, dtype=frozen).eval().requires_grad_(False)
+        return [None if e is None else nn.Module.to(e, device=self.device, dtype=frozen).eval().requires_grad_(False)
+                for e in encoders]
 
     def _finish_init(self, source: str | None, folder: Path | None) -> None:
         """What every latent family sets last: the VAE's downsampling factor, where the model came

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .sd import StableDiffusionAdapter, absent_components, parse_dtype
+from .sd import StableDiffusionAdapter, absent_components
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 # MMDiT's joint attention: the text-side ("context") projections are the analogue of a UNet's
@@ -95,16 +95,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
                  folder: Path | None = None, max_sequence_length: int = 256) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.frozen_dtype = parse_dtype(frozen_dtype)
-        self.unet = nn.Module.to(transformer, device=self.device, dtype=torch.float32)
-        self.vae = nn.Module.to(vae, device=self.device, dtype=self.frozen_dtype or torch.float32)
-        self.text_encoders = [None if e is None else nn.Module.to(e, device=self.device,
-                                                                  dtype=self.frozen_dtype or torch.float32)
-                              for e in text_encoders]
-        for frozen in (self.vae, *[e for e in self.text_encoders if e is not None]):
-            frozen.eval().requires_grad_(False)
+        self.text_encoders = self._place(transformer, vae, text_encoders, device, frozen_dtype)
         self.text_encoder = self.text_encoders[0]  # what callers that name one encoder get (CLIP-L)
         self.tokenizers = list(tokenizers)
         self.tokenizer = self.tokenizers[0]

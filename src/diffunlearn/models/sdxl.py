@@ -67,7 +67,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                  tokenizer: Any, tokenizer_2: Any, scheduler: Any, force_zeros_for_empty_prompt: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
-        self.text_encoder_2 = nn.Module.to(text_encoder_2, device=self.device,
+        self.text_encoder_2 = nn.Module.to(text_encoder_2, device=self.device,  # frozen, as the first encoder
                                            dtype=self.frozen_dtype or torch.float32).eval().requires_grad_(False)
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
