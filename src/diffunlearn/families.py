@@ -16,6 +16,8 @@ folder reads back as the family that saved it.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,29 @@ RETRAINED_PREFIX = EMBEDDED + "-without-"  # the digit world retrained without a
 FAMILIES = ("pixel", "class", "text", "sdxl", "sd3", "flux")
 # The diffusers text-to-image pipelines: template prompts, scored by `diffunlearn eval`.
 TEXT_FAMILIES = ("text", "sdxl", "sd3", "flux")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` is spelled like a Hub repository id (``org/name``) rather than a path."""
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def hub_offline() -> bool:
+    """Hub access is off unless the environment says ``HF_HUB_OFFLINE=0``: runs never download by surprise."""
+    return os.environ.get("HF_HUB_OFFLINE") != "0"
+
+
+def hub_model_index(repo_id: str) -> Path:
+    """The local path of a Hub repo's ``model_index.json``: from the Hugging Face cache, fetched (a
+    small JSON file) only when ``HF_HUB_OFFLINE=0``.
+
+    Raises:
+        Exception: whatever ``huggingface_hub`` raises (not cached while offline, unknown repo, network).
+    """
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=hub_offline()))
 # Per diffusers family: the pipeline class, its name for the trained network and that network's class
 # (the model card's load code and the loaders' dispatch read these).
 PIPELINES: dict[str, tuple[str, str, str]] = {
@@ -95,6 +120,14 @@ def model_kind(model: str) -> str:
         return "pixel"
     folder = Path(model).expanduser()
     index_path = folder / "model_index.json"
+    if looks_like_hub_id(model):
+        # A Hub id is told by its model_index.json as well, so an SDXL, SD3 or FLUX id gets its own
+        # family's recipe and model card (an id that cannot be read counts as "text"; the loader reports it).
+        try:
+            index_path = hub_model_index(model)
+        except Exception:  # not cached while offline, unknown repo, network: huggingface_hub's own types
+            return "text"
+        folder = index_path.parent
     try:
         index = json.loads(index_path.read_text())
         if not isinstance(index, dict):

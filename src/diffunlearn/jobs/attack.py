@@ -299,8 +299,8 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     if baseline and Path(baseline).expanduser().resolve() == Path(job.target).expanduser().resolve():
         raise UserError("--baseline is the attacked model itself; pass the model it was unlearned from")
     if baseline:
+        from ..families import looks_like_hub_id
         from ..models import resolve_model_folder
-        from ..models.sd import looks_like_hub_id
 
         if not looks_like_hub_id(baseline):
             resolve_model_folder(baseline)  # a missing baseline fails before any attack runs

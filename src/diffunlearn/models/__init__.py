@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, model_kind
+from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, looks_like_hub_id, model_kind
 from .classcond import ClassConditionalAdapter
 from .flux import FluxAdapter
 from .pixel import PixelTextToImage
-from .sd import StableDiffusionAdapter, check_pipeline_index, looks_like_hub_id
+from .sd import StableDiffusionAdapter, check_pipeline_index
 from .sd3 import StableDiffusion3Adapter
 from .sdxl import StableDiffusionXLAdapter
 

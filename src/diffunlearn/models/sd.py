@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,29 +30,19 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..families import hub_model_index, hub_offline, looks_like_hub_id
 from .pixel_base import DenoisingObjective, sampling
 from .selection import CROSS_ATTENTION_MARK, LoraSettings, has_lora, select_parameters
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 SAMPLER_NAME = "DPMSolverMultistepScheduler"
 # `org/name` as the Hugging Face Hub spells repository ids.
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What identifies a pipeline folder cheaply: its configs and tokenizer files, not its weights.
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                 "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
                 "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether ``name`` is spelled like a Hub repository id (``org/name``) rather than a path."""
-    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
-
-
-def hub_offline() -> bool:
-    """Hub access is off unless the environment says ``HF_HUB_OFFLINE=0``: runs never download by surprise."""
-    return os.environ.get("HF_HUB_OFFLINE") != "0"
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -285,11 +274,9 @@ class StableDiffusionAdapter(DenoisingObjective):
         Raises:
             UserError: not cached while offline, unreachable, or not a SD 1.x/2.x pipeline.
         """
-        from huggingface_hub import hf_hub_download
-
         offline = hub_offline()
         try:
-            index = Path(hf_hub_download(repo_id, "model_index.json", local_files_only=offline))
+            index = hub_model_index(repo_id)
         except Exception as exc:  # LocalEntryNotFoundError, RepositoryNotFoundError, HTTP and OS errors
             if offline:
                 raise UserError(f"{repo_id} is neither a local folder nor a Hub model in the local Hugging Face cache; "
