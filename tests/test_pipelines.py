@@ -301,3 +301,46 @@ def test_a_flow_matching_run_resumes_to_the_same_weights(family, tmp_path, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_the_prompt_attack_takes_an_offloaded_encoder_back_for_good(tiny_sd_folder):
+    model, _ = load_adapter(str(tiny_sd_folder), device="cpu")
+    moves: list[str] = []
+    model.move_text_encoders = lambda device: moves.append(str(device))
+    model.encoder_home = torch.device("meta")
+    model.offload_text_encoders()
+    tokenizer, encoder, length = model.text_tokens()    # it back-propagates through the encoder
+    assert moves == ["meta", "cpu"] and not model.offload_encoders and encoder is model.text_encoder
+
+
+@pytest.mark.parametrize("name", ["sd3", "sdxl", "flux"])
+def test_offloaded_text_encoders_come_to_the_device_only_while_encoding(name, request):
+    """offload_encoders: the encoders wait at ``encoder_home`` (the CPU on a GPU machine) and move to the
+    adapter's device for each encoding call only. On this CPU-only machine the two are the same device,
+    so the moves are recorded with ``encoder_home`` set to another device name instead of made."""
+    model, _ = load_adapter(str(request.getfixturevalue(FAMILIES[name][0])), device="cpu")
+    expected = model.encode_prompts(["a photo of a cat", "a red car"])
+    encoders = model.text_encoder_modules()
+    assert len(encoders) == 2 and all(e is not None for e in encoders)   # SD3 saved without T5, FLUX CLIP + T5
+    moves: list[str] = []
+    model.move_text_encoders = lambda device: moves.append(str(device))
+    model.encoder_home = torch.device("meta")
+    model.offload_text_encoders()
+    assert moves == ["meta"]
+    got = model.encode_prompts(["a photo of a cat", "a red car"])
+    assert moves == ["meta", "cpu", "meta"]                             # in for the call, out after it
+    assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled)
+    if name == "sdxl":
+        model.negative_condition(1)
+        assert moves[3:] == ["cpu", "meta"]                             # SDXL encodes "" for its negative
+
+
+def test_offload_encoders_trains_the_same_model_and_is_refused_for_the_digit_world(tiny_sd3_folder, sd3_data,
+                                                                                  tmp_path, capsys):
+    args = [f"model={tiny_sd3_folder}", f"data_dir={sd3_data}", *COMMON, "checkpoint_every=0"]
+    assert run("unlearn", *args, "--out", str(tmp_path / "plain")) == 0
+    assert run("unlearn", *args, "offload_encoders=true", "--out", str(tmp_path / "offload")) == 0
+    a, b = network_weights(tmp_path / "plain" / "model"), network_weights(tmp_path / "offload" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert run("unlearn", "offload_encoders=true", "steps=1", "--out", str(tmp_path / "pixel")) == 2
+    assert "offload_encoders" in capsys.readouterr().err and not (tmp_path / "pixel").exists()

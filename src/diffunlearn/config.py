@@ -163,6 +163,9 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.concept not in TEMPLATES:
             errors.append(f"unknown concept {cfg.concept!r} for a Stable Diffusion model; choose one of: "
                           f"{', '.join(TEMPLATES)}")
+    if cfg.offload_encoders and kind not in TEXT_FAMILIES:
+        errors.append("`offload_encoders` is for the diffusers families (SD, SDXL, SD3, FLUX); the digit-world "
+                      "models share one small frozen encoder: set offload_encoders=false")
     if cfg.save == "lora" and cfg.selection != "lora":
         errors.append("`save: lora` needs `selection: lora`; use save=pipeline or save=unet for other selections")
     targets = [t for t in cfg.lora_targets.split(",") if t.strip()]

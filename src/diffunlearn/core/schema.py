@@ -59,6 +59,7 @@ class UnlearnConfig:
     mixed_precision: str = "no"    # "no", "bf16" or "fp16" autocast; trainable weights stay fp32 (master copy)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     optimizer: str = "adam"        # "adam" or "adam8bit" (bitsandbytes, the `8bit` extra)
+    offload_encoders: bool = False # SD/SDXL/SD3/FLUX: text encoders wait on the CPU between (cached) encodings
     device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int = 0               # torch CPU threads of this process; 0 = torch's default (one per core)
     checkpoint_every: int = 0      # write a resumable checkpoint every N steps; 0 = never

@@ -92,6 +92,8 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
                             "model use full, cross-attention or non-cross-attention")
         adapter.configure_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                target_modules=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()))
+    if cfg.offload_encoders:  # (config.validate refused it for the digit-world models)
+        adapter.offload_text_encoders()
     if cfg.gradient_checkpointing:
         if not hasattr(adapter, "enable_gradient_checkpointing"):
             raise UserError("gradient_checkpointing is available for Stable Diffusion models only (the digit-world "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .sd import absent_components
+from .sd import absent_components, uses_text_encoders
 from .sd3 import SD3Condition, StableDiffusion3Adapter
 
 PIPELINE_CLASS = "FluxPipeline"
@@ -132,6 +132,7 @@ class FluxAdapter(StableDiffusion3Adapter):
 
     # ---- the protocol -------------------------------------------------------------------------
     @torch.no_grad()
+    @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> FluxCondition:
         """The pipeline's own prompt encoding (T5 states, pooled CLIP), float32 on the CPU."""
         pipe = self._pipeline()

@@ -18,7 +18,9 @@ xformers is needed; ``attention_processors()`` reports what is in use.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -117,6 +119,17 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
 
 
+def uses_text_encoders(method):
+    """Decorate an adapter method that runs the text encoders: with ``offload_encoders`` on, they come
+    to the accelerator for the call and go back to the CPU after it (``StableDiffusionAdapter.encoders_placed``)."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with self.encoders_placed():
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
 class StableDiffusionAdapter(DenoisingObjective):
     """Adapter for diffusers ``StableDiffusionPipeline`` models (SD 1.x and 2.x, ε- or v-prediction).
 
@@ -178,9 +191,52 @@ class StableDiffusionAdapter(DenoisingObjective):
         """What every latent family sets last: the VAE's downsampling factor, where the model came
         from, and the default LoRA settings."""
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.offload_encoders = False
+        self.encoder_home = torch.device("cpu")  # where offloaded text encoders wait
         self.source = source
         self.folder = folder
         self.lora_settings = LoraSettings()
+
+    # ---- frozen text encoders off the accelerator (issue 15 §1) ------------------------------
+    def text_encoder_modules(self) -> list[nn.Module]:
+        """Every text encoder of the pipeline (one for SD, two for SDXL and FLUX, up to three for SD3)."""
+        found: list[nn.Module] = []
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self, name, None)
+            if module is not None and all(module is not m for m in found):
+                found.append(module)
+        for module in getattr(self, "text_encoders", None) or ():
+            if module is not None and all(module is not m for m in found):
+                found.append(module)
+        return found
+
+    def move_text_encoders(self, device: torch.device | str) -> None:
+        for module in self.text_encoder_modules():
+            nn.Module.to(module, device=device)
+
+    def offload_text_encoders(self) -> None:
+        """Keep the text encoders on the CPU between encodings, so only the denoiser, the VAE and the
+        optimizer state occupy the accelerator while training. Prompts are encoded once per run and
+        cached, so each call moves the encoders once each way (T5-XXL in bf16: 9.5 GB over PCIe)."""
+        self.offload_encoders = True
+        if self.device != self.encoder_home:
+            self.move_text_encoders(self.encoder_home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def encoders_placed(self):
+        """The text encoders on ``self.device`` for the duration (they live there unless offloaded)."""
+        if not getattr(self, "offload_encoders", False) or self.device == self.encoder_home:
+            yield
+            return
+        self.move_text_encoders(self.device)
+        try:
+            yield
+        finally:
+            self.move_text_encoders(self.encoder_home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def pooled_inputs(self, uncond) -> Any:
         """The pipeline inputs of a condition with token states and a pooled projection (SDXL, SD3),
@@ -475,6 +531,7 @@ class StableDiffusionAdapter(DenoisingObjective):
 
     # ---- the protocol -------------------------------------------------------------------------
     @torch.no_grad()
+    @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> TextCondition:
         """CLIP token states of ``prompts`` as the pipeline computes them (77 tokens, padded, truncated).
 
@@ -622,7 +679,11 @@ class StableDiffusionAdapter(DenoisingObjective):
         return TextCondition(states)
 
     def text_tokens(self):
-        """The CLIP tokenizer, text encoder and token length (for the discrete prompt attack)."""
+        """The CLIP tokenizer, text encoder and token length (for the discrete prompt attack, which
+        back-propagates through the encoder: an offloaded encoder comes back to the accelerator for good)."""
+        if self.offload_encoders:
+            self.offload_encoders = False
+            self.move_text_encoders(self.device)
         return self.tokenizer, self.text_encoder, int(self.tokenizer.model_max_length)
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextCondition:

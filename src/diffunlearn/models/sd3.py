@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .sd import StableDiffusionAdapter, absent_components
+from .sd import StableDiffusionAdapter, absent_components, uses_text_encoders
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 # MMDiT's joint attention: the text-side ("context") projections are the analogue of a UNet's
@@ -189,6 +189,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
 
     # ---- the protocol -------------------------------------------------------------------------
     @torch.no_grad()
+    @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> SD3Condition:
         """The pipeline's own prompt encoding (no classifier-free copy), float32 on the CPU."""
         pipe = self._pipeline()

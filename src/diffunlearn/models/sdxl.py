@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .sd import StableDiffusionAdapter, absent_components
+from .sd import StableDiffusionAdapter, absent_components, uses_text_encoders
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
@@ -113,6 +113,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(n, -1).clone()
 
     @torch.no_grad()
+    @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> SDXLCondition:
         """The pipeline's own prompt encoding (no classifier-free copy), float32 on the CPU."""
         pipe = self._pipeline()
@@ -128,6 +129,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return SDXLCondition(torch.cat(states), torch.cat(pooled), self.time_ids(len(prompts)))
 
     @torch.no_grad()
+    @uses_text_encoders
     def negative_condition(self, n: int) -> SDXLCondition:
         """The pipeline's unconditional input for ``n`` rows: zeros when the model is configured so
         (``force_zeros_for_empty_prompt``, SDXL base), else the encoding of ""."""
