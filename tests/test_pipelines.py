@@ -344,3 +344,23 @@ def test_offload_encoders_trains_the_same_model_and_is_refused_for_the_digit_wor
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert run("unlearn", "offload_encoders=true", "steps=1", "--out", str(tmp_path / "pixel")) == 2
     assert "offload_encoders" in capsys.readouterr().err and not (tmp_path / "pixel").exists()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"], indirect=True)
+def test_the_sdxl_and_flux_recipe_files_run_with_their_memory_settings(family, tmp_path):
+    """configs/sdxl-nudity.yaml and configs/flux-nudity.yaml on the tiny models, with their gradient
+    checkpointing, encoder offload and (FLUX) micro-batches kept; fp32 instead of bf16 on this CPU."""
+    name, folder, data, part, *_ = family
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}-nudity.yaml"
+    out = tmp_path / "recipe"
+    assert run("unlearn", str(config), f"model={folder}", f"data_dir={data}", *COMMON, "lr=5e-2",
+               "mixed_precision=no", "checkpoint_every=0", "--out", str(out)) == 0
+    import yaml
+
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["gradient_checkpointing"] is True and recorded["offload_encoders"] is True
+    assert recorded["micro_batches"] == (4 if name == "flux" else 1) and recorded["selection"] == "lora"
+    lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
+    assert any(".to_q." in k for k in lora) and (name != "flux" or any("add_k_proj" in k for k in lora))
+    card = (out / "model" / "README.md").read_text()
+    assert FAMILIES[name][2] + ".from_pretrained" in card
