@@ -6,8 +6,13 @@
 # runs the same bench small (tiny preset, batch 2, fp32) so CI keeps the script working. Then a short
 # class-track run (embedded class-conditional model, device=auto) whose recorded device must be the
 # GPU when there is one: a class-conditional model once trained on the CPU even with device: cuda.
-# Writes OUT_DIR/bench.json, OUT_DIR/bench.md and OUT_DIR/class-run (OUT_DIR defaults to $OUT, else
-# ./gpu-check).
+# Then (issue 15 §4) the LoRA RG bench against GradDiff at the real sizes of SDXL (2.6 B UNet) and
+# FLUX.1-dev (11.9 B transformer, T5-XXL): bf16 autocast over fp32 LoRA weights, gradient
+# checkpointing, text encoders offloaded to the CPU, 8-bit Adam when bitsandbytes imports; the random
+# weights are initialised on the GPU and saved in bf16 (FLUX: 33 GB of the 64 GB disk). Without a GPU
+# the same steps run on the tiny presets.
+# Writes OUT_DIR/bench.json, OUT_DIR/bench.md, OUT_DIR/bench-sdxl.{json,md}, OUT_DIR/bench-flux.{json,md}
+# and OUT_DIR/class-run (OUT_DIR defaults to $OUT, else ./gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -21,12 +26,20 @@ export HF_HUB_OFFLINE=1
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     want=cuda
     args=(--preset sd15 --batch-size 8 --mixed-precision bf16 --steps 5 --warmup 2)
+    big=(--mixed-precision bf16 --steps 3 --warmup 1)
+    sdxl=sdxl; flux=flux-dev; sdxl_batch=4; flux_batch=2
     "$py" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 else
     echo "no CUDA GPU: running the small CPU version of the check"
     want=cpu
     args=(--preset tiny --batch-size 2 --steps 2 --warmup 1)
+    big=(--steps 2 --warmup 1)
+    sdxl=sdxl-tiny; flux=flux-tiny; sdxl_batch=2; flux_batch=2
 fi
+optimizer=adam
+if "$py" -c "import bitsandbytes" 2>/dev/null; then optimizer=adam8bit; fi
+lora=(--methods graddiff,rg --selection lora --lora-rank 16 --gradient-checkpointing --offload-encoders
+      --optimizer "$optimizer")
 start=$(date +%s)
 "$py" -m diffunlearn.cli bench "${args[@]}" --json "$out/bench.json" --quiet | tee "$out/bench.md"
 "$py" -m diffunlearn.cli unlearn model=embedded:digits-class concept=three steps=5 remain_per_class=8 \
@@ -37,4 +50,11 @@ device = json.load(open(sys.argv[1]))["device"]
 print(f"class track ran on: {device}")
 sys.exit(0 if device.startswith(sys.argv[2]) else f"class track ran on {device}, expected {sys.argv[2]}")
 PY
+echo "SDXL ($sdxl) LoRA bench, optimizer $optimizer:"
+"$py" -m diffunlearn.cli bench --preset "$sdxl" --batch-size "$sdxl_batch" "${big[@]}" "${lora[@]}" \
+    --json "$out/bench-sdxl.json" --quiet | tee "$out/bench-sdxl.md"
+echo "FLUX ($flux) LoRA bench, both sides of the double-stream attention, optimizer $optimizer:"
+"$py" -m diffunlearn.cli bench --preset "$flux" --batch-size "$flux_batch" "${big[@]}" "${lora[@]}" \
+    --lora-targets to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out \
+    --json "$out/bench-flux.json" --quiet | tee "$out/bench-flux.md"
 echo "gpu-check finished in $(( $(date +%s) - start )) s"

@@ -90,3 +90,9 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     # The class-track step: on this machine it must report the CPU (on a GPU machine, cuda).
     assert "class track ran on: cpu" in proc.stdout
     assert json.loads((tmp_path / "class-run" / "environment.json").read_text())["device"] == "cpu"
+    # The SDXL and FLUX LoRA RG benches (issue 15 §4), on the tiny presets here.
+    for family in ("sdxl", "flux"):
+        bench = json.loads((tmp_path / f"bench-{family}.json").read_text())
+        assert sorted(bench) == ["graddiff", "rg"]
+        assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in bench.values())
+        assert "| rg |" in (tmp_path / f"bench-{family}.md").read_text()

@@ -374,9 +374,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         _check_output_file(Path(args.json), force=True)
     with temporary_workdir() as work:
-        model = bench_model_folder(args.preset, args.model, Path(work))
+        model = bench_model_folder(args.preset, args.model, Path(work),
+                                   dtype=None if args.mixed_precision == "no" else args.mixed_precision)
         results = run_bench(model, methods, args.batch_size, args.steps, args.warmup, args.mixed_precision,
-                            args.selection, args.device, args.gradient_checkpointing, not args.quiet)
+                            args.selection, args.device, args.gradient_checkpointing, not args.quiet,
+                            optimizer=args.optimizer, offload_encoders=args.offload_encoders,
+                            lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     _emit(bench_table(results))
     if args.json:
         from .utils import atomic_write_text
@@ -398,7 +401,7 @@ def cmd_model_init(args: argparse.Namespace) -> None:
         raise UserError(f"{out} is a run or demo folder; write the model to a folder of its own")
     if (out / "model_index.json").exists() and not args.force:
         raise UserError(f"{out} already holds a model; choose another --out or pass --force")
-    init_pipeline(args.preset, out, seed=args.seed)
+    init_pipeline(args.preset, out, seed=args.seed, dtype=args.dtype, device=args.device)
     _note(f"wrote a random-weight {args.preset} diffusers pipeline to {out}")
 
 
@@ -747,8 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="per-step time and peak memory of ga, graddiff, rg and rg-flat")
     p.add_argument("--model", default=None, help="model folder (Stable Diffusion or digit world) to benchmark")
-    p.add_argument("--preset", default=None, help="or a random-weight preset: tiny, small, sd15, sd21, sd3-tiny, "
-                   "sd3-medium, sd35-large (neither flag: tiny)")
+    p.add_argument("--preset", default=None, help="or a random-weight preset (`diffunlearn model init --help` lists "
+                   "them: tiny, small, sd15, sdxl-small, sd3-small, flux-small, sdxl, flux-dev...; none: tiny)")
     p.add_argument("--methods", default=None, help="comma-separated (default: ga,graddiff,rg,rg-flat)")
     p.add_argument("--batch-size", type=int, default=8, help="paired images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
@@ -758,6 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "non-cross-attention or lora")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam",
+                   help="adam8bit = bitsandbytes' 8-bit Adam (the 8bit extra)")
+    p.add_argument("--offload-encoders", action="store_true",
+                   help="text encoders wait on the CPU between encodings (diffusers families)")
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank with --selection lora")
+    p.add_argument("--lora-targets", default="", help="modules LoRA wraps (default: to_q,to_k,to_v,to_out.0)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write {method: {step_seconds, peak_memory_mb}}")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
@@ -766,9 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     p = msub.add_parser("init", help="a diffusers pipeline (SD, SDXL, SD3, FLUX) with random weights from a "
                         "preset config")
-    p.add_argument("--preset", required=True, help="tiny, small, sd15, sd21, sd3-tiny, sd3-medium or sd35-large")
+    p.add_argument("--preset", required=True, help="tiny, small, sd15, sd21; sdxl-tiny, sdxl-small, sdxl; sd3-tiny, "
+                   "sd3-small, sd3-medium, sd35-large; flux-tiny, flux-small, flux-dev")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="precision of the saved weights (flux-dev: 67 GB in fp32, 33 GB in bf16)")
+    p.add_argument("--device", default=None, help="build and initialise the weights there, e.g. cuda (seconds "
+                   "instead of minutes for the billion-parameter presets)")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_model_init)
 

@@ -41,6 +41,9 @@ def _worker(spec: dict) -> dict:
                               f"batch_size={spec['batch_size']}", f"steps={spec['warmup'] + spec['steps']}",
                               f"mixed_precision={spec['mixed_precision']}", f"device={spec['device']}",
                               f"gradient_checkpointing={spec['gradient_checkpointing']}", "forget_cap=none",
+                              f"optimizer={spec['optimizer']}", f"offload_encoders={spec['offload_encoders']}",
+                              f"lora_rank={spec['lora_rank']}", f"lora_alpha={spec['lora_rank']}",
+                              *([f"lora_targets={spec['lora_targets']}"] if spec["lora_targets"] else []),
                               "diagnose=false", "lr=1e-6",
                               # a concept the model knows: a digit for digit-world models, else nudity
                               "concept=" + ("three" if model_kind(spec["model"]) == "pixel" else "nudity")])
@@ -74,8 +77,13 @@ def _worker(spec: dict) -> dict:
 
 def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: int = 8, steps: int = 5,
               warmup: int = 2, mixed_precision: str = "no", selection: str = "full", device: str = "auto",
-              gradient_checkpointing: bool = False, progress: bool = True) -> dict[str, dict]:
+              gradient_checkpointing: bool = False, progress: bool = True, optimizer: str = "adam",
+              offload_encoders: bool = False, lora_rank: int = 4, lora_targets: str = "") -> dict[str, dict]:
     """Benchmark ``methods`` on the model folder ``model``; returns ``{method: measurements}``.
+
+    The memory settings (``mixed_precision``, ``gradient_checkpointing``, ``optimizer``, ``offload_encoders``,
+    a ``lora`` selection with ``lora_rank`` on ``lora_targets``, empty = the config's default) are the
+    run config's keys of the same names.
 
     Raises:
         UserError: bad arguments, or a worker process failed (its last error line is quoted).
@@ -94,7 +102,9 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
     for method in methods:
         spec = {"model": model, "method": method, "batch_size": batch_size, "steps": steps, "warmup": warmup,
                 "mixed_precision": mixed_precision, "selection": selection, "device": device,
-                "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads()}
+                "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(),
+                "optimizer": optimizer, "offload_encoders": offload_encoders, "lora_rank": lora_rank,
+                "lora_targets": lora_targets}
         if progress:
             print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "diffunlearn.jobs.bench", json.dumps(spec)], capture_output=True,
@@ -119,8 +129,10 @@ def bench_table(results: dict[str, dict], baseline: str = "graddiff") -> str:
     return "\n".join(rows)
 
 
-def bench_model_folder(preset: str | None, model: str | None, workdir: Path) -> str:
-    """The model to benchmark: ``model`` as given, or a random-weight ``preset`` built into ``workdir``."""
+def bench_model_folder(preset: str | None, model: str | None, workdir: Path, dtype: str | None = None) -> str:
+    """The model to benchmark: ``model`` as given, or a random-weight ``preset`` built into ``workdir``
+    (on the GPU when there is one: initialising FLUX-size weights takes minutes on a CPU; saved in
+    ``dtype``, e.g. ``bf16`` for a bf16 bench, which halves the folder: FLUX.1-dev 33 GB)."""
     if preset is not None and model is not None:
         raise UserError("pass one of --model FOLDER and --preset NAME, not both")
     if preset is None and model is None:
@@ -129,7 +141,8 @@ def bench_model_folder(preset: str | None, model: str | None, workdir: Path) -> 
         return model
     from ..models.presets import init_pipeline
 
-    return str(init_pipeline(preset, workdir / preset, seed=0))
+    device = "cuda" if torch.cuda.is_available() else None
+    return str(init_pipeline(preset, workdir / preset, seed=0, dtype=dtype, device=device))
 
 
 def temporary_workdir() -> tempfile.TemporaryDirectory:
