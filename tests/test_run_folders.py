@@ -306,13 +306,15 @@ def test_bench_defaults_to_the_tiny_preset_and_measures_digit_models(capsys, mon
 
     seen = {}
 
-    def record_preset(preset, folder, seed=0):  # stands in for building the weights, to keep this test short
-        seen["preset"] = preset
+    def record_preset(preset, folder, seed=0, dtype=None, device=None):  # stands in for building the weights
+        seen.update(preset=preset, dtype=dtype, device=device)
         return folder
 
     monkeypatch.setattr("diffunlearn.models.presets.init_pipeline", record_preset)
     assert bench.bench_model_folder(None, None, Path("/tmp/w")) == "/tmp/w/tiny"
-    assert seen["preset"] == "tiny"
+    assert seen == {"preset": "tiny", "dtype": None, "device": None}    # the CPU here; fp32
+    bench.bench_model_folder("flux-dev", None, Path("/tmp/w"), dtype="bf16")
+    assert seen["dtype"] == "bf16"    # a bf16 bench saves its random weights in bf16 (FLUX.1-dev: 33 GB)
     results = bench.run_bench("embedded:digits", ("graddiff",), batch_size=2, steps=1, warmup=0, progress=False)
     assert results["graddiff"]["step_seconds"] > 0 and results["graddiff"]["peak_memory_mb"] > 0
     with pytest.raises(UserError, match="class-conditional model"):
