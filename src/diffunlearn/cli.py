@@ -181,7 +181,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     if not cfg.checkpoint_every:
         args.resume_hint += " (no checkpoints: it reuses the finished training images, but training starts over)"
     results = run_unlearning(cfg, out, args.force, args.command_line, not args.quiet, resume=bool(args.resume))
-    shown = ("forget_score", "alignment", "quality_fd", "seconds")
+    shown = ("forget_score", "forget_scores", "alignment", "quality_fd", "seconds")
     if results:  # the main process (the others return {})
         _emit(json.dumps({k: results[k] for k in shown if k in results} | {"training": results["training"]},
                          indent=2))

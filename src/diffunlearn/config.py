@@ -138,9 +138,16 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.selection == "lora":
             errors.append("`selection: lora` is available for Stable Diffusion models only; for the digit-world "
                           "model use full, cross-attention or non-cross-attention")
-        if cfg.concept not in DIGITS + COLOURS:
-            errors.append(f"unknown concept {cfg.concept!r}: the digit world can forget a digit "
-                          f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
+        for concept in cfg.concepts:
+            if concept not in DIGITS + COLOURS:
+                errors.append(f"unknown concept {concept!r}: the digit world can forget a digit "
+                              f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
+        if len(set(cfg.concepts) & set(DIGITS)) >= len(DIGITS) - 1:
+            errors.append("a several-concept run must leave at least two digits unlisted (the remain prompts "
+                          "replace a listed digit by an unlisted one)")
+    if kind == "class" and len(cfg.concepts) > 1:
+        errors.append("a class-conditional run forgets one class; run one class per request (several concepts at "
+                      "once are for the text-to-image models)")
     if kind == "class":
         # Class names come from the model (checked when its data is built); the selection can be checked now.
         if cfg.selection in ("lora", "cross-attention"):
@@ -160,9 +167,10 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         # (A model path that does not exist is reported by the loader, which says what to pass instead.)
         from .data.templates import TEMPLATES
 
-        if cfg.concept not in TEMPLATES:
-            errors.append(f"unknown concept {cfg.concept!r} for a Stable Diffusion model; choose one of: "
-                          f"{', '.join(TEMPLATES)}")
+        for concept in cfg.concepts:
+            if concept not in TEMPLATES:
+                errors.append(f"unknown concept {concept!r} for a Stable Diffusion model; choose one of: "
+                              f"{', '.join(TEMPLATES)}")
     if cfg.offload_encoders and kind not in TEXT_FAMILIES:
         errors.append("`offload_encoders` is for the diffusers families (SD, SDXL, SD3, FLUX); the digit-world "
                       "models share one small frozen encoder: set offload_encoders=false")

@@ -21,7 +21,7 @@ class UnlearnConfig:
 
     # --- model and concept ---
     model: str = EMBEDDED          # a model folder, "embedded:digits" or "embedded:digits-class" (committed models)
-    concept: str = "three"         # the word to forget (a digit or a colour in the digit world; a class name)
+    concept: str = "three"         # the word to forget (a digit or colour, a class, a template); several: three,red
     method: str = "rg"             # a key of diffunlearn.methods.METHODS
     selection: str = "full"        # trainable UNet parameters: full, cross-attention, non-cross-attention, lora
     lora_rank: int = 4             # LoRA rank (selection "lora", through peft)
@@ -54,6 +54,7 @@ class UnlearnConfig:
     saliency_fraction: float = 0.5 # SalUn: fraction of parameter entries kept trainable by the saliency mask
     cone_margin: float = 0.0       # rg-opt: each loss must improve by at least this × |g|·|u| to first order
     anchor: str = ""               # SalUn remap prompt; empty = each forget prompt's paired remain prompt
+    forget_batches: str = "joint"  # several concepts: "joint" (all every step) or "interleaved" (one a step)
     seed: int = 0                  # batch order, noise and timesteps
     # --- memory, speed and faults ---
     mixed_precision: str = "no"    # "no", "bf16" or "fp16" autocast; trainable weights stay fp32 (master copy)
@@ -75,6 +76,11 @@ class UnlearnConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def concepts(self) -> list[str]:
+        """The concepts of ``concept`` (one, or several separated by commas), in the order given."""
+        return [c.strip() for c in self.concept.split(",") if c.strip()]
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
 
@@ -88,6 +94,7 @@ CHOICES = {
     "forget_cap": ("hinge", "elementwise", "none"),
     "margin_mode": ("absolute", "relative"),
     "eval_split": ("test", "train"),
+    "forget_batches": ("joint", "interleaved"),
 }
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
                 "micro_batches", "remain_per_class")
@@ -150,6 +157,11 @@ def check_values(cfg: UnlearnConfig) -> list[str]:
             errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
+    concepts = cfg.concepts
+    if not concepts or len(concepts) != len(cfg.concept.split(",")):
+        errors.append(f"`concept` must name one concept or several separated by commas, got {cfg.concept!r}")
+    elif len(set(concepts)) != len(concepts):
+        errors.append(f"`concept` lists a concept twice: {cfg.concept!r}")
     return errors
 
 

@@ -307,6 +307,20 @@ def backtrack_step(engine: GradientEngine, params: list[torch.nn.Parameter], ste
     return {"forget_loss_change": 0.0, "remain_loss_change": 0.0, "step_scale": 0.0, "backtracks": tries}
 
 
+def step_stats(forget_list: list, g_r: list, gram) -> dict[str, Any]:
+    """The step log's gradient numbers: cos(g_f, g_r), both norms and whether they conflict; with
+    several forget gradients the smallest cos(g_fj, g_r), each concept's, the largest forget norm,
+    and whether ANY two of the k + 1 gradients conflict (what a projecting rule reacts to)."""
+    if len(forget_list) == 1:
+        return gradient_stats(forget_list[0], g_r, pair_gram(gram))
+    k = len(forget_list)
+    per = [gradient_stats(forget_list[j], g_r, (gram[j][j], gram[k][k], gram[j][k])) for j in range(k)]
+    conflict = any(gram[i][j] < 0 for i in range(k + 1) for j in range(i + 1, k + 1))
+    return {"cos": min(p["cos"] for p in per), "cos_per_concept": [p["cos"] for p in per],
+            "forget_grad_norm": max(p["forget_grad_norm"] for p in per), "remain_grad_norm": per[0]["remain_grad_norm"],
+            "conflict": conflict}
+
+
 def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor, forget_cond,
             remain_x0: torch.Tensor, remain_cond, metrics_path: Path | None = None, progress: bool = True,
             checkpoint_dir: Path | None = None, resume: bool = False, parallel: Parallel | None = None
@@ -335,9 +349,16 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     """
     from tqdm.auto import tqdm
 
-    if len(forget_x0) != len(remain_x0):
-        raise ValueError(f"paired batches need forget and remain sets of equal length, got "
-                         f"{len(forget_x0)} and {len(remain_x0)}")
+    # Several concepts at once: ``forget_x0`` and ``forget_cond`` are lists, one set per concept, each
+    # paired by index with the one remain set (data.training.training_prompt_sets).
+    several = isinstance(forget_x0, (list, tuple))
+    forget_sets = list(zip(forget_x0, forget_cond)) if several else [(forget_x0, forget_cond)]
+    for fx, _ in forget_sets:
+        if len(fx) != len(remain_x0):
+            raise ValueError(f"paired batches need forget and remain sets of equal length, got "
+                             f"{len(fx)} and {len(remain_x0)}")
+    if several and (method.mask is not None or method.restrict_update and cfg.forget_batches == "joint"):
+        raise ValueError(f"method {method.name} takes one forget set (config.validate says so first)")
     parallel = parallel or Parallel()
     # A frozen copy of the model as it is now (ESD's and SalUn's reference ε₀): one more UNet of memory.
     reference = adapter.clone(frozen=True) if method.needs_reference else None
@@ -347,7 +368,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     scaler = LossScale(cfg.mixed_precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(forget_x0)
+    n = len(remain_x0)
     order = torch.randperm(n, generator=gen)
     cursor, first_step = 0, 1
     history: list[dict] = []
@@ -404,10 +425,20 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            f_chunks = engine.chunks(forget_x0, forget_cond, idx)
-            g_f, f_loss = forget_step(f_chunks)  # None for fine-tuning: the forget batch is only measured
-            record = {"step": step, "forget_loss": f_loss}
-            record["forget_active"] = method.forget.active(f_loss, cfg)
+            # Each concept's forget batch (the same rows of every set), or one concept per step when
+            # interleaved; its gradient is None for fine-tuning (the forget batch is only measured).
+            concepts = (range(len(forget_sets)) if cfg.forget_batches == "joint" or not several
+                        else [(step - 1) % len(forget_sets)])
+            f_batches = [engine.chunks(*forget_sets[j], idx) for j in concepts]
+            taken = [forget_step(chunks) for chunks in f_batches]
+            forget_list = [g for g, _ in taken if g is not None]
+            f_losses = [loss for _, loss in taken]
+            del taken  # the gradients live in forget_list only, so the step can free them
+            record = {"step": step, "forget_loss": sum(f_losses) / len(f_losses)}
+            if several:
+                names = cfg.concepts
+                record["forget_losses"] = {names[j]: loss for j, loss in zip(concepts, f_losses)}
+            record["forget_active"] = any(method.forget.active(loss, cfg) for loss in f_losses)
             if relative_margin:
                 record["margin"] = cfg.margin
             r_chunks = engine.chunks(remain_x0, remain_cond, idx)
@@ -420,7 +451,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 if method.uses_remain:
                     g_r, _ = engine.full_remain_grads(remain_x0, remain_cond, cfg.batch_size)
             finite = math.isfinite(record["forget_loss"]) and math.isfinite(record["remain_loss"])
-            finite = finite and (g_f is None or _finite(g_f)) and (g_r is None or _finite(g_r))
+            finite = finite and all(_finite(g) for g in forget_list) and (g_r is None or _finite(g_r))
             if not finite and scaler.enabled and math.isfinite(record["forget_loss"]):
                 scaler.update(False)  # fp16 gradient overflow: skip this step at a lower scale
                 record.update({"skipped": True, "loss_scale": scaler.scale})
@@ -434,13 +465,12 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 raise TrainingDiverged(f"step {step}: a loss or gradient became NaN/inf; lower `lr` (now {cfg.lr}) "
                                        f"or set `max_grad_norm`, then rerun with --force{kept}")
             gram = None
-            forget_list = [g_f] if g_f is not None else []  # one forget objective per concept (one today)
             if g_r is not None and forget_list:
                 gram = gram_matrix([*forget_list, g_r])  # shared by the log and the update rule: computed once
-                stats = gradient_stats(g_f, g_r, pair_gram(gram))
-                record.update(stats)
-                record["projected"] = bool(stats["conflict"] and method.projects)
+                record.update(step_stats(forget_list, g_r, gram))
+                record["projected"] = bool(record["conflict"] and method.projects)
             direction = method.combine(forget_list, g_r, cfg.remain_weight, gram)
+            g_f = forget_list[0] if len(forget_list) == 1 else None  # rg-opt restricts one forget gradient
             del forget_list
             if masks is not None:
                 for d, m in zip(direction, masks):
@@ -463,7 +493,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 record.update(restrict_realised_update(params, before, g_f, g_r, pair_gram(gram), cfg.cone_margin))
                 del g_f, g_r
                 if method.backtrack:
-                    record.update(backtrack_step(engine, params, before, f_chunks, r_chunks, record["forget_loss"],
+                    record.update(backtrack_step(engine, params, before, f_batches[0], r_chunks, record["forget_loss"],
                                                  record["remain_loss"], record["forget_active"], method.backtrack))
                     checked = True  # the realised changes are measured already
                 del before
@@ -477,7 +507,8 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                                        f"rerun with --force{kept}")
             scaler.update(True)
             if cfg.diagnose and not checked:
-                record["forget_loss_change"] = engine.mean_loss(f_chunks) - record["forget_loss"]
+                after = [engine.mean_loss(chunks) for chunks in f_batches]
+                record["forget_loss_change"] = sum(after) / len(after) - record["forget_loss"]
                 record["remain_loss_change"] = engine.mean_loss(r_chunks) - record["remain_loss"]
             record["seconds"] = time.perf_counter() - started
             # Training time so far, summed over the sessions of a resumed run (results.json reports the last).

@@ -126,6 +126,80 @@ def restricted_gradient(forget_grads: Sequence[Tensor], remain_grads: Sequence[T
     return [torch.add(f, r, alpha=b / a).mul_(a) for f, r in zip(forget_grads, remain_grads)]
 
 
+def pcgrad_weights(gram: Gram, remain_weight: float = 1.0,
+                   orders: Sequence[Sequence[int]] | None = None) -> list[float]:
+    """Weights w of the k-way restricted gradient d = Σ_i w_i·g_fi + w_k·(λ·g_r), from the Gramian alone.
+
+    PCGrad's k-task form (Yu et al. 2020, Algorithm 1) on the weighted rows [g_f1, …, g_fk, λ·g_r]:
+    each row v_i starts as itself and is projected, in turn, against every OTHER ORIGINAL row g_j it
+    still conflicts with (v_i ← v_i − (v_i·g_j / ‖g_j‖²)·g_j when v_i·g_j < 0, global dot products);
+    the direction is Σ_i v_i. Every v_i is a combination of the original rows, so the whole rule runs
+    on coefficient vectors c_i (v_i = Σ_m c_im·g_m, v_i·g_j = Σ_m c_im·G_mj) and costs nothing per
+    parameter until the final weighted sum.
+
+    ``orders[i]`` is the order in which row i meets the others. torchjd draws a random permutation
+    per row from torch's global generator; ours is deterministic by default: the other forget rows in
+    ascending order, then the remain row LAST, so every forget row ends restricted against the
+    remain gradient (the objective the paper protects; a later projection can re-open an earlier
+    conflict, never the last one), and the remain row meets the forget rows in ascending order.
+    With k = 1 this is the paper's rule: δ_f + λ·δ_r (see :func:`restricted_gradient`).
+
+    Returns:
+        k + 1 weights (the last multiplies λ·g_r).
+    """
+    m = len(gram)
+    G = [[float(gram[i][j]) for j in range(m)] for i in range(m)]
+    lam = float(remain_weight)
+    for i in range(m):  # the Gramian of the weighted rows: the remain row scaled by λ
+        G[i][m - 1] *= lam
+        G[m - 1][i] *= lam
+    if orders is None:
+        orders = [[j for j in range(m - 1) if j != i] + ([m - 1] if i != m - 1 else []) for i in range(m)]
+    weights = [0.0] * m
+    for i in range(m):
+        c = [0.0] * m
+        c[i] = 1.0
+        for j in orders[i]:
+            if j == i or G[j][j] <= 0.0:  # a zero row conflicts with nothing
+                continue
+            inner = sum(c[q] * G[q][j] for q in range(m))
+            if inner < 0.0:
+                c[j] -= inner / G[j][j]
+        weights = [w + x for w, x in zip(weights, c)]
+    return weights
+
+
+def combine_rows(rows: Sequence[Sequence[Tensor]], weights: Sequence[float]) -> list[Tensor]:
+    """Σ_i weights_i·rows_i per parameter: one output tensor each, accumulated in place (no flat
+    copy, no per-row temporary)."""
+    for row in rows[1:]:
+        _check(rows[0], row)
+    out = [torch.mul(g, weights[0]) for g in rows[0]]
+    for row, w in zip(rows[1:], weights[1:]):
+        if w != 0.0:
+            for acc, g in zip(out, row):
+                acc.add_(g, alpha=w)
+    return out
+
+
+def restricted_gradient_k(forget_grads: Sequence[Sequence[Tensor]], remain_grads: Sequence[Tensor],
+                          remain_weight: float = 1.0, gram: Gram | None = None,
+                          orders: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+    """The restricted gradient over k forget gradients and the remain gradient (:func:`pcgrad_weights`).
+
+    k = 1 is :func:`restricted_gradient` itself (bit for bit). For k > 1 the extra memory is the k − 1
+    further forget gradients the caller holds (one model-size buffer each) and one output tensor per
+    parameter; the rule itself needs only the (k+1)×(k+1) Gramian.
+    """
+    if len(forget_grads) == 1:
+        return restricted_gradient(forget_grads[0], remain_grads, remain_weight,
+                                   pair_gram(gram) if gram is not None else None)
+    rows = [*forget_grads, remain_grads]
+    gram = gram if gram is not None else gram_matrix(rows)
+    w = pcgrad_weights(gram, remain_weight, orders)
+    return combine_rows(rows, [*w[:-1], w[-1] * remain_weight])
+
+
 def gradient_stats(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor],
                    gram: tuple[float, float, float] | None = None) -> dict[str, float]:
     """cos(g_f, g_r), both norms and whether the two conflict (for the per-step log)."""

@@ -10,25 +10,50 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from ..worlds import digits as world
 from ..worlds.digits import Caption
 
 
-def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "train", seed: int = 0
-                ) -> tuple[list[Caption], list[Caption]]:
+def excluded_values(concepts: Sequence[str]) -> dict[str, set[int]]:
+    """attribute -> value indices of ``concepts`` (the other concepts of a several-concept run, which
+    no prompt of this concept's pairs may show)."""
+    out: dict[str, set[int]] = {a: set() for a in world.ATTRIBUTES}
+    for c in concepts:
+        attribute = world.concept_attribute(c)
+        out[attribute].add(world.VALUES[attribute].index(c))
+    return out
+
+
+def _draw(rng: random.Random, attribute: str, avoid: set[int]) -> int | None:
+    """A random attribute value (or None: left out, 15%), redrawn while it is one to avoid. With
+    nothing to avoid this is the single draw of a one-concept run, so its prompts are unchanged."""
+    while True:
+        value = None if rng.random() < 0.15 else rng.randrange(len(world.VALUES[attribute]))
+        if value is None or value not in avoid:
+            return value
+
+
+def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "train", seed: int = 0,
+                exclude: Sequence[str] = ()) -> tuple[list[Caption], list[Caption]]:
     """Make ``n`` index-paired (forget, remain) captions for ``concept``.
 
     Args:
         concept: a digit word ("three") or a colour word ("red").
         split: ``"train"`` for unlearning data, ``"test"`` for the disjoint held-out filler vocabulary.
+        exclude: the other concepts of a several-concept run: neither caption of a pair shows any of
+            them (random attributes are redrawn, a digit is replaced by a digit not listed).
 
     Raises:
-        ValueError: unknown concept or diversity.
+        ValueError: unknown concept or diversity, or ``exclude`` leaves no value to pair with.
     """
     attribute = world.concept_attribute(concept)
     value = world.VALUES[attribute].index(concept)
-    others = [i for i in range(len(world.VALUES[attribute])) if i != value]
+    avoid = excluded_values(exclude)
+    others = [i for i in range(len(world.VALUES[attribute])) if i != value and i not in avoid[attribute]]
+    if not others and attribute == "digit":
+        raise ValueError(f"the concepts {[concept, *exclude]} leave no other digit for the remain prompts")
     if diversity == "uniform":
         if attribute == "digit":
             forget = Caption(f"an image of a {concept}", digit=value)
@@ -42,7 +67,7 @@ def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "
     rng = random.Random(f"pairs:{concept}:{split}:{seed}")
     forget_caps, remain_caps = [], []
     for i in range(n):
-        attrs = {a: (None if rng.random() < 0.15 else rng.randrange(len(world.VALUES[a]))) for a in world.ATTRIBUTES}
+        attrs = {a: _draw(rng, a, avoid[a]) for a in world.ATTRIBUTES}
         with_filler = rng.random() > 0.1
         state = rng.getstate()
         attrs[attribute] = value
@@ -61,6 +86,8 @@ def eval_sets(concept: str, n: int, split: str = "test", seed: int = 0) -> tuple
         forget: ``n`` captions that request the concept; remain: ``n`` captions that do not: the
         concept's attribute is another value (80%) or left out (20%), other attributes random.
     """
+    if "," in concept:
+        return multi_eval_sets(concept.split(","), n, split, seed)
     attribute = world.concept_attribute(concept)
     value = world.VALUES[attribute].index(concept)
     others = [i for i in range(len(world.VALUES[attribute])) if i != value]
@@ -70,4 +97,32 @@ def eval_sets(concept: str, n: int, split: str = "test", seed: int = 0) -> tuple
     for _ in range(n):
         other = rng.choice(others) if rng.random() < 0.8 else None
         remain.append(world.random_caption(rng, split, fixed={attribute: other}))
+    return forget, remain
+
+
+def multi_eval_sets(concepts: Sequence[str], n: int, split: str = "test", seed: int = 0
+                    ) -> tuple[list[Caption], list[Caption]]:
+    """The evaluation prompts of a several-concept run: ``n`` forget captions per concept (that
+    concept requested, no other listed concept shown), concatenated in the order of ``concepts``, and
+    ``n`` remain captions that show none of them (attribute values drawn from the unlisted ones, or
+    left out, with the one-concept set's 80/20 split for each listed attribute)."""
+    avoid = excluded_values(concepts)
+    forget: list[Caption] = []
+    for c in concepts:
+        attribute = world.concept_attribute(c)
+        rng = random.Random(f"eval:{c}:{split}:{seed}:multi:{','.join(concepts)}")
+        rest = excluded_values([x for x in concepts if x != c])
+        for _ in range(n):
+            fixed = {attribute: world.VALUES[attribute].index(c)}
+            fixed.update({a: _draw(rng, a, rest[a]) for a in world.ATTRIBUTES if a != attribute and rest[a]})
+            forget.append(world.random_caption(rng, split, fixed=fixed))
+    rng = random.Random(f"eval:remain:{split}:{seed}:multi:{','.join(concepts)}")
+    remain = []
+    for _ in range(n):
+        fixed = {}
+        for a in world.ATTRIBUTES:
+            if avoid[a]:
+                allowed = [i for i in range(len(world.VALUES[a])) if i not in avoid[a]]
+                fixed[a] = rng.choice(allowed) if allowed and rng.random() < 0.8 else None
+        remain.append(world.random_caption(rng, split, fixed=fixed))
     return forget, remain

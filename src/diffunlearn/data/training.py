@@ -24,14 +24,34 @@ def model_identity(adapter, folder: Path | None) -> str:
     return hashlib.sha256(json.dumps(adapter.model_identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _concept_pairs(cfg: UnlearnConfig, concept: str, n: int, split: str, exclude: list[str]) -> tuple[list, list]:
+    if concept in TEMPLATES:  # a template's remain prompt deletes its own words and holds no other template's
+        return template_pairs(concept, n, cfg.diversity, split, cfg.data_seed)
+    world.concept_attribute(concept)
+    return build_pairs(concept, n, cfg.diversity, split, cfg.data_seed, exclude=exclude)
+
+
+def training_prompt_sets(cfg: UnlearnConfig, split: str = "train", n: int | None = None) -> tuple[list[list], list]:
+    """The forget prompts of every concept (``n`` each) and the ``n`` remain prompts.
+
+    With one concept this is :func:`training_prompts`. With several (``concept=three,red``) each
+    concept's pairs are drawn so that neither side shows another listed concept, and remain row i is
+    the pair of row i of concept ``i mod k``: one remain set as diverse as every concept's pairing,
+    the size of one forget set, containing none of the concepts.
+    """
+    n = cfg.num_pairs if n is None else n
+    concepts = cfg.concepts
+    pairs = [_concept_pairs(cfg, c, n, split, [x for x in concepts if x != c]) for c in concepts]
+    remain = [pairs[i % len(pairs)][1][i] for i in range(n)]
+    return [f for f, _ in pairs], remain
+
+
 def training_prompts(cfg: UnlearnConfig, split: str = "train", n: int | None = None) -> tuple[list, list]:
     """Index-paired (forget, remain) prompts: the SD templates for a template concept, the digit
-    world's captions otherwise (``Caption`` objects there, strings here)."""
-    n = cfg.num_pairs if n is None else n
-    if cfg.concept in TEMPLATES:
-        return template_pairs(cfg.concept, n, cfg.diversity, split, cfg.data_seed)
-    world.concept_attribute(cfg.concept)
-    return build_pairs(cfg.concept, n, cfg.diversity, split, cfg.data_seed)
+    world's captions otherwise (``Caption`` objects there, strings here). With several concepts,
+    forget row i is row i of concept ``i mod k``, the pair of remain row i."""
+    forget_sets, remain = training_prompt_sets(cfg, split, n)
+    return [forget_sets[i % len(forget_sets)][i] for i in range(len(remain))], remain
 
 
 def sample_batch(adapter, cfg: UnlearnConfig) -> int:
@@ -53,15 +73,24 @@ def build_training_data(adapter, model_folder: Path | None, cfg: UnlearnConfig, 
 
     Returns:
         (forget_x0, forget_cond, remain_x0, remain_cond, forget_prompts, remain_prompts) with x0 in
-        the space the UNet denoises (latents for Stable Diffusion).
+        the space the UNet denoises (latents for Stable Diffusion). With several concepts the three
+        forget entries are lists, one per concept (each set in ``data_dir/forget-<concept>``).
     """
-    forget_p, remain_p = training_prompts(cfg)
+    forget_sets, remain_p = training_prompt_sets(cfg)
     model_id = model_identity(adapter, model_folder)  # hashes every weight file: once, not per image set
+    multi = len(forget_sets) > 1
+    # Forget set j's images use seed offset j·10000 (j = 0: the one-concept run's), the remain set 50000.
+    jobs = [(f"forget-{c}" if multi else "forget", p, 10000 * j) for j, (c, p) in enumerate(zip(cfg.concepts,
+                                                                                              forget_sets))]
     sets = {}
-    for name, prompts, offset in (("forget", forget_p, 0), ("remain", remain_p, 50000)):
+    for name, prompts, offset in (*jobs, ("remain", remain_p, 50000)):
         seeds = image_seeds(cfg.data_seed, len(prompts), offset=offset)
         sets[name] = generate_image_set(adapter, model_id, prompt_texts(prompts), seeds, data_dir / name,
                                         cfg.data_steps, cfg.data_guidance, progress, resolution=cfg.resolution,
                                         batch_size=sample_batch(adapter, cfg), replace=replace, parallel=parallel)
-    return (adapter.encode_images(sets["forget"]), adapter.encode_prompts(prompt_texts(forget_p)),
-            adapter.encode_images(sets["remain"]), adapter.encode_prompts(prompt_texts(remain_p)), forget_p, remain_p)
+    forget_x0 = [adapter.encode_images(sets[name]) for name, _, _ in jobs]
+    forget_cond = [adapter.encode_prompts(prompt_texts(p)) for p in forget_sets]
+    remain = (adapter.encode_images(sets["remain"]), adapter.encode_prompts(prompt_texts(remain_p)))
+    if not multi:
+        return forget_x0[0], forget_cond[0], *remain, forget_sets[0], remain_p
+    return forget_x0, forget_cond, *remain, forget_sets, remain_p

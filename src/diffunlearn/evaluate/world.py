@@ -31,6 +31,11 @@ ORACLE_BATCH = 512  # images per oracle pass (the oracle's own default)
 
 @dataclasses.dataclass
 class WorldEvaluation:
+    """The in-run scores. With several concepts ``forget_score`` is the mean over the concepts,
+    ``forget_scores`` each concept's (its own held-out forget prompts, no other listed concept in
+    them), and the remain set shows none of the concepts; ``forget_images`` holds the concepts' sets
+    one after another (``n`` each)."""
+
     forget_score: float
     alignment: float
     alignment_per_attribute: dict[str, float]
@@ -39,17 +44,24 @@ class WorldEvaluation:
     remain_images: torch.Tensor
     forget_captions: list[Caption]
     remain_captions: list[Caption]
+    forget_scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict:
-        return {"forget_score": self.forget_score, "alignment": self.alignment,
-                "alignment_per_attribute": self.alignment_per_attribute, "quality_fd": self.quality_fd}
+        out = {"forget_score": self.forget_score, "alignment": self.alignment,
+               "alignment_per_attribute": self.alignment_per_attribute, "quality_fd": self.quality_fd}
+        if len(self.forget_scores) > 1:
+            out["forget_scores"] = dict(self.forget_scores)
+        return out
 
     def as_eval_metrics(self) -> dict:
         """The same numbers in the ``diffunlearn eval`` schema (metric -> set -> aggregate), under the
         names the ``oracle`` metric uses, so ``compare`` reads every run the same way."""
         remain = {"alignment": self.alignment, **{f"alignment_{k}": v for k, v in self.alignment_per_attribute.items()},
                   "quality_fd": self.quality_fd}
-        return {"oracle": {"forget": {"forget_score": self.forget_score}, "remain": remain}}
+        out = {"oracle": {"forget": {"forget_score": self.forget_score}, "remain": remain}}
+        if len(self.forget_scores) > 1:  # one forget set per concept, as `diffunlearn eval` names its sets
+            out["oracle"].update({f"forget:{c}": {"forget_score": v} for c, v in self.forget_scores.items()})
+        return out
 
 
 def forget_score(predicted: torch.Tensor, concept: str) -> float:
@@ -65,24 +77,33 @@ def evaluate_world(adapter, concept: str, n: int = 100, split: str = "test", see
 
     ``split="test"`` uses the held-out filler vocabulary; ``"train"`` the tuning one.
     """
-    forget_caps, remain_caps = eval_sets(concept, n, split=split)
+    concepts = [c.strip() for c in concept.split(",") if c.strip()]
+    forget_caps, remain_caps = eval_sets(",".join(concepts), n, split=split)
     prompts = [c.text for c in forget_caps + remain_caps]
     seeds = image_seeds(seed, len(prompts))
     images = adapter.sample(prompts, seeds, steps=steps, guidance=guidance,
                             progress=progress and f"sampling evaluation: forget {concept!r} + remain ({split})")
-    f_img, r_img = images[:n], images[n:]
+    nf = len(forget_caps)
+    f_img, r_img = images[:nf], images[nf:]
     # Real reference: four renders of every remain caption, from held-out glyphs.
     gen = torch.Generator().manual_seed(seed)
     real, _ = world.render_captions(remain_caps * 4, gen, split="test")
-    options = MetricOptions(concept=concept, feature="oracle", reference_images=real, batch_size=ORACLE_BATCH)
-    scored = score_sets(PLAN, {"forget": (f_img, prompts[:n]), "remain": (r_img, prompts[n:])}, options)
+    options = MetricOptions(concept=concepts[0], feature="oracle", reference_images=real, batch_size=ORACLE_BATCH)
+    scored = score_sets(PLAN, {"forget": (f_img[:n], prompts[:n]), "remain": (r_img, prompts[nf:])}, options)
     remain = scored["oracle"]["remain"].aggregate
+    scores = {concepts[0]: scored["oracle"]["forget"].aggregate["forget_score"]}
+    for j, c in enumerate(concepts[1:], start=1):  # each further concept's own forget set, by its own oracle
+        rows = slice(j * n, (j + 1) * n)
+        more = score_sets({"oracle": ("forget",)}, {"forget": (f_img[rows], prompts[rows])},
+                          dataclasses.replace(options, concept=c))
+        scores[c] = more["oracle"]["forget"].aggregate["forget_score"]
     return WorldEvaluation(
-        forget_score=scored["oracle"]["forget"].aggregate["forget_score"], alignment=remain["alignment"],
+        forget_score=sum(scores.values()) / len(scores), alignment=remain["alignment"],
         # An attribute no remain prompt requests has no alignment: NaN, as before (the metric leaves it out).
         alignment_per_attribute={a: remain.get(f"alignment_{a}", float("nan")) for a in world.ATTRIBUTES},
         quality_fd=scored["fid"]["remain"].aggregate["fid"],
-        forget_images=f_img, remain_images=r_img, forget_captions=forget_caps, remain_captions=remain_caps)
+        forget_images=f_img, remain_images=r_img, forget_captions=forget_caps, remain_captions=remain_caps,
+        forget_scores=scores)
 
 
 def write_reference_renders(concept: str, out, n: int = 100, split: str = "test", seed: int = 1,

@@ -32,7 +32,7 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
     Raises:
         UserError: bad model, or ``out`` holds images made with other settings.
     """
-    from ..data.training import build_training_data, prompt_texts, training_prompts
+    from ..data.training import build_training_data, prompt_texts, training_prompt_sets
     from .runfolder import load_for_run
 
     parallel = Parallel.from_environment()
@@ -40,15 +40,23 @@ def build_data(cfg: UnlearnConfig, out: Path, progress: bool = True, command: st
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml", command)
-        train_f, train_r = training_prompts(cfg)
-        prompts = {"train": {"forget": prompt_texts(train_f), "remain": prompt_texts(train_r)}}
+        def listed(split: str, n: int | None = None) -> dict:
+            # One concept: {"forget": [...], "remain": [...]}; several: forget is {concept: [...]}.
+            forget_sets, remain = training_prompt_sets(cfg, split=split, n=n)
+            forget = ({c: prompt_texts(f) for c, f in zip(cfg.concepts, forget_sets)} if len(forget_sets) > 1
+                      else prompt_texts(forget_sets[0]))
+            return {"forget": forget, "remain": prompt_texts(remain)}
+
+        prompts = {"train": listed("train")}
         if cfg.diversity == "diverse":
-            test_f, test_r = training_prompts(cfg, split="test", n=TEST_PROMPTS)
-            prompts["test"] = {"forget": prompt_texts(test_f), "remain": prompt_texts(test_r)}
+            prompts["test"] = listed("test", TEST_PROMPTS)
         atomic_write_text(out / "prompts.json", json.dumps(prompts, indent=1) + "\n")
     parallel.barrier()
     data = build_training_data(adapter, folder, cfg, out, progress, parallel, replace=False)
     if not parallel.is_main:
         return None
-    return {"folder": str(out), "pairs": len(data[4]), "forget_latents": list(data[0].shape),
+    several = isinstance(data[0], list)
+    return {"folder": str(out), "pairs": len(data[5]),
+            "forget_latents": ({c: list(x.shape) for c, x in zip(cfg.concepts, data[0])} if several
+                               else list(data[0].shape)),
             "remain_latents": list(data[2].shape)}

@@ -55,6 +55,8 @@ class Method:
         weighs_remain: whether ``combine`` reads ``remain_weight`` (fine-tuning follows the remain
             gradient alone, so λ means nothing to it).
         checks: ``cfg -> list of problems`` with this method's own settings (see :meth:`validate`).
+        multi_concept: whether ``combine`` takes k > 1 forget gradients (several concepts in one step);
+            ``multi_concept_note`` says why not where it does not.
     """
 
     name: str
@@ -73,6 +75,8 @@ class Method:
     modifier_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     weighs_remain: bool = True
     checks: Callable | None = None
+    multi_concept: bool = True
+    multi_concept_note: str = ""
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -99,6 +103,16 @@ class Method:
         if cfg.cone_margin != 0 and "cone_margin" not in self.settings:
             errors.append(f"`cone_margin` narrows rg-opt's no-regress cone; method {self.name} takes Adam's step as it "
                           "is, so drop cone_margin or use method=rg-opt")
+        if len(cfg.concepts) > 1 and cfg.forget_batches == "joint" and not self.multi_concept:
+            errors.append(f"method {self.name} takes one forget gradient ({self.multi_concept_note}); for several "
+                          "concepts at once use forget_batches=interleaved (one concept per step) or a method that "
+                          "takes k forget gradients (rg, graddiff, ga, esd-u, esd-x, upgrad, mgda, ...)")
+        if len(cfg.concepts) > 1 and self.mask is not None:
+            errors.append(f"method {self.name}'s saliency mask is computed from one forget set; run one concept per "
+                          "request with it (several concepts at once: rg, graddiff, ...)")
+        if len(cfg.concepts) > 1 and cfg.margin_mode == "relative":
+            errors.append("`margin_mode: relative` measures one concept's forget loss; use margin_mode=absolute for "
+                          "several concepts at once")
         if self.checks is not None:
             errors.extend(self.checks(cfg))
         return errors
@@ -108,7 +122,10 @@ class Method:
         top for a colour (a modifier concept, which the method study found wants other settings)."""
         from ..worlds.digits import COLOURS
 
-        return {**self.defaults, **(self.modifier_defaults if concept in COLOURS else {})}
+        # Several concepts (``three,red``): the modifier values only when every listed concept is a colour.
+        concepts = [c.strip() for c in concept.split(",") if c.strip()]
+        colours = bool(concepts) and all(c in COLOURS for c in concepts)
+        return {**self.defaults, **(self.modifier_defaults if colours else {})}
 
     @property
     def forget_loss(self) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.updates import _check, gradient_gram, pair_gram, single_forget
+from ..core.updates import _check, combine_rows, gradient_gram, gram_matrix, pair_gram
 from ..errors import UserError
 from .base import Combine
 
@@ -74,6 +74,25 @@ def row_weights(weighting: Callable[[Tensor], Tensor], gram: tuple[float, float,
     return w[0], w[1]
 
 
+def row_weights_k(weighting: Callable[[Tensor], Tensor], gram, remain_weight: float) -> list[float]:
+    """The weights of the k + 1 rows [g_f1, …, g_fk, λ·g_r] (several concepts at once) from their
+    (k+1)×(k+1) Gramian, trace-normalised as :func:`row_weights` does for two rows."""
+    lam = float(remain_weight)
+    G = torch.tensor(gram, dtype=torch.float64)
+    G[-1, :] *= lam
+    G[:, -1] *= lam
+    trace = float(G.diagonal().sum())
+    if not math.isfinite(trace):
+        raise FloatingPointError(f"non-finite gradient Gramian {G.tolist()}")
+    if trace <= 0.0:
+        return [0.0] * len(gram)
+    with torch.no_grad():
+        w = weighting(G / trace).tolist()
+    if not all(math.isfinite(x) for x in w):
+        raise FloatingPointError(f"weighting {weighting} gave non-finite weights {w} for Gramian {G.tolist()}")
+    return w
+
+
 def weighted_direction(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor], a: float,
                        b: float) -> list[Tensor]:
     """a·g_f + b·g_r per parameter: one output tensor each, written by fused ops (no flat copies)."""
@@ -93,10 +112,14 @@ def weighting_combine(weighting_name: str, method: str) -> Combine:
                 gram=None) -> list[Tensor]:
         if remain_grads is None:
             raise ValueError(f"method {method} needs remain gradients")
-        forget_grads = single_forget(forget, method)
-        _check(forget_grads, remain_grads)
         if not cache:
             cache.append(make_weighting(weighting_name, method))
+        if len(forget) > 1:  # several concepts: the same weighting on the k + 1 rows
+            rows = [*forget, remain_grads]
+            w = row_weights_k(cache[0], gram if gram is not None else gram_matrix(rows), remain_weight)
+            return combine_rows(rows, [*w[:-1], w[-1] * remain_weight])
+        forget_grads = forget[0]
+        _check(forget_grads, remain_grads)
         pair = pair_gram(gram) if gram is not None else gradient_gram(forget_grads, remain_grads)
         w0, w1 = row_weights(cache[0], pair, remain_weight)
         return weighted_direction(forget_grads, remain_grads, w0, w1 * remain_weight)

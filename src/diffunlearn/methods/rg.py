@@ -3,14 +3,14 @@ Generative Models", NeurIPS 2024: conflict-only mutual projection of g_f and g_r
 with the remain gradient from the remain minibatch paired with the forget minibatch.
 """
 
-from ..core.updates import pair_gram, restricted_gradient, single_forget
+from ..core.updates import restricted_gradient_k
 from .base import Method
 
 
 def rg_combine(forget, remain, weight, gram=None):
-    """RG's ``combine``: the restricted gradient of the one forget gradient and the remain gradient."""
-    return restricted_gradient(single_forget(forget, "restricted-gradient"), remain, weight,
-                               pair_gram(gram) if gram is not None else None)
+    """RG's ``combine``: the restricted gradient of the k forget gradients and the remain gradient
+    (k = 1: the paper's rule; k > 1: its PCGrad form, ``updates.pcgrad_weights``)."""
+    return restricted_gradient_k(forget, remain, weight, gram)
 
 
 METHOD = Method(

@@ -8,6 +8,8 @@ from .base import Method
 from .rg import METHOD as RG
 
 METHOD = Method(
+    multi_concept=False,
+    multi_concept_note="it is the reference code's two-vector form, for the bench",
     name="rg-flat",
     summary="rg with the reference code's flat gradient vectors (for benchmarks; same update as rg)",
     uses_remain=True,

@@ -28,6 +28,8 @@ def _checks(cfg) -> list[str]:
 
 
 METHOD = Method(
+    multi_concept=False,
+    multi_concept_note="its no-regress cone has two constraints",
     name="rg-opt",
     checks=_checks,
     summary="optimizer-aware RG: Adam's realised step projected onto the no-regress cone, then backtracked",

@@ -28,13 +28,15 @@ class TrainingSet:
     """A run's training data: index-paired forget and remain rows.
 
     Attributes:
-        forget_x0, remain_x0: what the model denoises (pixels or latents), one row per pair.
-        forget_cond, remain_cond: the matching conditions (text embeddings or labels).
+        forget_x0, remain_x0: what the model denoises (pixels or latents), one row per pair; with
+            several concepts ``forget_x0`` is a list, one set per concept, each paired with the remain set.
+        forget_cond, remain_cond: the matching conditions (text embeddings or labels); a list with
+            ``forget_x0``.
         info: the data section of the model card (where the data came from, how it was made).
         results: task facts that go into ``results.json`` (e.g. the forgotten class's index).
     """
 
-    forget_x0: torch.Tensor
+    forget_x0: torch.Tensor | list[torch.Tensor]
     forget_cond: Any
     remain_x0: torch.Tensor
     remain_cond: Any
