@@ -13,8 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffunlearn.core.updates import (gradient_difference, gram_matrix, pcgrad_weights, restricted_gradient,
-                                      restricted_gradient_k)
+from diffunlearn.core.updates import (
+    gradient_difference,
+    gram_matrix,
+    pcgrad_weights,
+    restricted_gradient,
+    restricted_gradient_k,
+)
 from diffunlearn.methods import get_method
 
 SHAPES = [(3, 4), (5,), (2, 2, 3)]
