@@ -26,7 +26,8 @@ def test_each_method_names_its_objective_and_hooks():
         "esd", "esd", "remap")
     assert get_method("salun").saliency and not get_method("rg").saliency
     assert [m for m, v in METHODS.items() if v.needs_reference] == ["esd-u", "esd-x", "salun"]
-    assert all(v.procedure is None for v in METHODS.values())  # every registered method uses the gradient loop
+    # Every registered method uses the gradient loop but the closed-form UCE (tests/test_uce.py).
+    assert [m for m, v in METHODS.items() if v.procedure is not None] == ["uce"]
     cfg = build_config(None, ["margin=0.5"])
     assert ASCENT.active(0.4, cfg) and not ASCENT.active(0.6, cfg) and not NO_FORGET.active(0.0, cfg)
 

@@ -143,7 +143,7 @@ def test_missing_torchjd_is_a_user_error_naming_the_install(monkeypatch):
 
 def test_rules_are_registered_after_the_existing_methods():
     names = list(METHODS)
-    assert names[-5:] == ["upgrad", "mgda", "dualproj", "imtlg", "aligned-mtl"]
+    assert names[-6:] == ["upgrad", "mgda", "dualproj", "imtlg", "aligned-mtl", "uce"]
     assert names[:3] == ["ga", "graddiff", "rg"]
     for name in RULES:
         m = get_method(name)

@@ -169,6 +169,7 @@ def test_combine_takes_a_list_of_forget_gradients():
     assert torch.equal(flat(METHODS["graddiff"].combine([f1], r, lam)), flat(gradient_difference(f1, r, lam)))
     assert torch.equal(flat(METHODS["rg"].combine([f1], r, lam, gram_matrix([f1, r]))),
                        flat(restricted_gradient(f1, r, lam)))
-    # The projection rules are two-gradient rules so far: several forget gradients are refused, not summed.
-    with pytest.raises(ValueError, match="combines one forget gradient"):
-        METHODS["rg"].combine([f1, f2], r, lam)
+    # RG takes the k forget gradients as its k-way form (tests/test_kway_rules.py checks its numbers).
+    from diffunlearn.core.updates import restricted_gradient_k
+
+    assert torch.equal(flat(METHODS["rg"].combine([f1, f2], r, lam)), flat(restricted_gradient_k([f1, f2], r, lam)))

@@ -54,6 +54,11 @@ class UnlearnConfig:
     saliency_fraction: float = 0.5 # SalUn: fraction of parameter entries kept trainable by the saliency mask
     cone_margin: float = 0.0       # rg-opt: each loss must improve by at least this × |g|·|u| to first order
     anchor: str = ""               # SalUn remap prompt; empty = each forget prompt's paired remain prompt
+    uce_guide: str = ""            # UCE: the text whose old keys/values the erased words now map to ("" = empty prompt)
+    uce_preserve: str = ""         # UCE: comma-separated texts whose keys/values are kept (e.g. other artists)
+    uce_erase_scale: float = 1.0   # UCE: weight e of the erased words in the least-squares edit
+    uce_preserve_scale: float = 1.0  # UCE: weight p of the preserved texts
+    uce_lambda: float = 0.5        # UCE: weight λ of staying near the original projection (the reference's lamb)
     forget_batches: str = "joint"  # several concepts: "joint" (all every step) or "interleaved" (one a step)
     seed: int = 0                  # batch order, noise and timesteps
     # --- memory, speed and faults ---
@@ -99,7 +104,8 @@ CHOICES = {
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
                 "micro_batches", "remain_per_class")
 NON_NEGATIVE = ("threads", "remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
-                "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta")
+                "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta",
+                "uce_erase_scale", "uce_preserve_scale", "uce_lambda")
 
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from . import aligned_mtl, dualproj, esd, ft, ga, graddiff, imtlg, mgda, rg, rg_flat, rg_opt, rgd, salun, upgrad
+from . import aligned_mtl, dualproj, esd, ft, ga, graddiff, imtlg, mgda, rg, rg_flat, rg_opt, rgd, salun, uce, upgrad
 from .base import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (ga.METHOD, graddiff.METHOD, rg.METHOD, rgd.METHOD, rg_opt.METHOD,
                                                    esd.ESD_U, esd.ESD_X, salun.METHOD, ft.METHOD, rg_flat.METHOD,
                                                    upgrad.METHOD, mgda.METHOD, dualproj.METHOD, imtlg.METHOD,
-                                                   aligned_mtl.METHOD)}
+                                                   aligned_mtl.METHOD, uce.METHOD)}
 
 
 def get_method(name: str) -> Method:

@@ -57,6 +57,8 @@ class Method:
         checks: ``cfg -> list of problems`` with this method's own settings (see :meth:`validate`).
         multi_concept: whether ``combine`` takes k > 1 forget gradients (several concepts in one step);
             ``multi_concept_note`` says why not where it does not.
+        needs_images: whether the procedure reads training images (a closed-form edit such as UCE
+            reads only text, so no image is generated for it).
     """
 
     name: str
@@ -77,6 +79,7 @@ class Method:
     checks: Callable | None = None
     multi_concept: bool = True
     multi_concept_note: str = ""
+    needs_images: bool = True
 
     @property
     def settings(self) -> tuple[str, ...]:

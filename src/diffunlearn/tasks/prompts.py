@@ -47,6 +47,11 @@ class PromptTask:
 
     def build(self, adapter, folder, cfg, data_dir: Path, progress: bool = True, parallel=None,
               replace: bool = True) -> TrainingSet:
+        from ..methods import get_method
+
+        if not get_method(cfg.method).needs_images:  # a closed-form edit (UCE) reads text only
+            return TrainingSet(None, None, None, None, {"prompts": "none: a closed-form edit from the concept's words",
+                                                        "folder": None})
         fx, fc, rx, rc, _, _ = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=replace)
         info = {"prompts": "templates:" + cfg.concept if cfg.concept in TEMPLATES else "digit-world",
                 "pairs": cfg.num_pairs, "diversity": cfg.diversity, "data_seed": cfg.data_seed,
