@@ -96,6 +96,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if key in ("concept", "method"):
             flag = "--concept" if key == "concept" else "--methods"
             raise UserError(f"the demo sets `{key}` for every model itself; use {flag} instead of {override!r}")
+    if args.sequential:
+        if args.track == "class" or args.all_methods or args.attacks:
+            raise UserError("--sequential is a text-track demo of its own; drop --track class, --all-methods and "
+                            "--attacks")
+        from .jobs.sequential import run_sequential
+        from .methods import get_method
+
+        methods = [m.strip() for m in (args.methods or "rg,graddiff").split(",") if m.strip()]
+        for m in methods:
+            get_method(m)
+        concepts = [c.strip() for c in args.sequential.split(",") if c.strip()]
+        out = Path(args.out) if args.out else Path("runs") / ("sequential-" + "-".join(concepts))
+        _emit(run_sequential(out, concepts, methods, args.overrides, protect=args.protect, force=args.force,
+                             progress=not args.quiet))
+        _note(f"wrote {out}/sequential.md, sequential.png and summary.json")
+        return None
+    if args.protect:
+        raise UserError("--protect belongs to --sequential (e.g. --sequential three,seven,red --protect)")
     if args.track == "class":
         if args.concept != "three" or args.all_methods or args.attacks:
             raise UserError("--concept, --all-methods and --attacks belong to the text track; the class track "
@@ -629,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", default=None, help="with --all-methods: comma-separated (default three,red)")
     p.add_argument("--attacks", default=None, help="red-team the base model and every result with these attacks "
                    "(e.g. embedding,relearn; see `diffunlearn attack`) and add their ASR columns")
+    p.add_argument("--sequential", default=None, metavar="C1,C2,...",
+                   help="serve these concepts one request after another and score every concept after each "
+                   "(methods: --methods, default rg,graddiff)")
+    p.add_argument("--protect", action="store_true", help="with --sequential: also run each method keeping the "
+                   "earlier concepts in its forget objective (METHOD+protect)")
     p.add_argument("--track", choices=("text", "class"), default="text",
                    help="class: Table 1/3 on the class-conditional digits model (default out runs/class-demo)")
     p.add_argument("--classes", default=None, help="with --track class: target digits (default: all ten)")

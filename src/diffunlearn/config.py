@@ -138,11 +138,11 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if cfg.selection == "lora":
             errors.append("`selection: lora` is available for Stable Diffusion models only; for the digit-world "
                           "model use full, cross-attention or non-cross-attention")
-        for concept in cfg.concepts:
+        for concept in cfg.concepts + cfg.excluded:
             if concept not in DIGITS + COLOURS:
                 errors.append(f"unknown concept {concept!r}: the digit world can forget a digit "
                               f"({', '.join(DIGITS)}) or a colour ({', '.join(COLOURS)})")
-        if len(set(cfg.concepts) & set(DIGITS)) >= len(DIGITS) - 1:
+        if len(set(cfg.concepts + cfg.excluded) & set(DIGITS)) >= len(DIGITS) - 1:
             errors.append("a several-concept run must leave at least two digits unlisted (the remain prompts "
                           "replace a listed digit by an unlisted one)")
     if kind == "class" and len(cfg.concepts) > 1:

@@ -59,6 +59,7 @@ class UnlearnConfig:
     uce_erase_scale: float = 1.0   # UCE: weight e of the erased words in the least-squares edit
     uce_preserve_scale: float = 1.0  # UCE: weight p of the preserved texts
     uce_lambda: float = 0.5        # UCE: weight λ of staying near the original projection (the reference's lamb)
+    remain_excludes: str = ""      # digit world: concepts no training prompt may show (earlier requests of a lineage)
     forget_batches: str = "joint"  # several concepts: "joint" (all every step) or "interleaved" (one a step)
     seed: int = 0                  # batch order, noise and timesteps
     # --- memory, speed and faults ---
@@ -80,6 +81,11 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def excluded(self) -> list[str]:
+        """The concepts of ``remain_excludes``."""
+        return [c.strip() for c in self.remain_excludes.split(",") if c.strip()]
 
     @property
     def concepts(self) -> list[str]:
@@ -164,6 +170,8 @@ def check_values(cfg: UnlearnConfig) -> list[str]:
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
     concepts = cfg.concepts
+    if set(cfg.excluded) & set(concepts):
+        errors.append(f"`remain_excludes` repeats a concept of `concept` ({cfg.remain_excludes!r}); list each once")
     if not concepts or len(concepts) != len(cfg.concept.split(",")):
         errors.append(f"`concept` must name one concept or several separated by commas, got {cfg.concept!r}")
     elif len(set(concepts)) != len(concepts):

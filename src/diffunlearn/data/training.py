@@ -37,11 +37,12 @@ def training_prompt_sets(cfg: UnlearnConfig, split: str = "train", n: int | None
     With one concept this is :func:`training_prompts`. With several (``concept=three,red``) each
     concept's pairs are drawn so that neither side shows another listed concept, and remain row i is
     the pair of row i of concept ``i mod k``: one remain set as diverse as every concept's pairing,
-    the size of one forget set, containing none of the concepts.
+    the size of one forget set, containing none of the concepts. ``remain_excludes`` (the concepts
+    earlier requests removed) are kept out of every prompt as well.
     """
     n = cfg.num_pairs if n is None else n
     concepts = cfg.concepts
-    pairs = [_concept_pairs(cfg, c, n, split, [x for x in concepts if x != c]) for c in concepts]
+    pairs = [_concept_pairs(cfg, c, n, split, [x for x in concepts if x != c] + cfg.excluded) for c in concepts]
     remain = [pairs[i % len(pairs)][1][i] for i in range(n)]
     return [f for f, _ in pairs], remain
 

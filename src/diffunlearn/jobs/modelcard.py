@@ -33,8 +33,20 @@ LOAD_SNIPPETS = {
 }
 
 
+def lineage_lines(lineage: list[dict] | None) -> list[str]:
+    """The model card's lineage section: every request this model has served (none for a first one)."""
+    if not lineage or len(lineage) < 2:
+        return []
+    lines = ["## Lineage", "", "Every concept removed so far, one request after another:", ""]
+    for i, e in enumerate(lineage, 1):
+        settings = ", ".join(f"{k} {v}" for k, v in e["settings"].items())
+        lines.append(f"{i}. `{', '.join(e['concepts'])}` with `{e['method']}` ({settings}) from `{e['from_model']}`")
+    return [*lines, ""]
+
+
 def write_model_card(folder: Path, cfg: UnlearnConfig, save_format: str, base_model: str, command: str,
-                     data: dict[str, Any], training: dict[str, Any], evaluation: dict[str, Any] | None) -> Path:
+                     data: dict[str, Any], training: dict[str, Any], evaluation: dict[str, Any] | None,
+                     lineage: list[dict] | None = None) -> Path:
     """Write ``folder/README.md``; returns its path.
 
     Args:
@@ -61,6 +73,7 @@ def write_model_card(folder: Path, cfg: UnlearnConfig, save_format: str, base_mo
            if cfg.selection == "lora" else "") + f"; saved as `{save_format}`.",
         f"- Reproduce: `{command}`", "",
         "## Load it", "", "```python", snippet, "```", "",
+        *lineage_lines(lineage),
         "## Data", "", "```json", json.dumps(data, indent=2), "```", "",
         "## Hyperparameters", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", "",
         "## Training", "", "```json", json.dumps(training, indent=2), "```", "",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..core.parallel import Parallel
+from ..errors import UserError
 from ..methods import get_method
 from ..tasks import Task, TrainingSet, task_for
 from ..utils import atomic_write_text
@@ -73,22 +74,51 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
                    **(metrics or {}), "training": training}
         if evaluation is not None:
             results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
+        lineage = [*previous_lineage(cfg.model), lineage_entry(cfg, method, out, metrics)]
+        results["lineage"] = lineage
         if keep_model:
             fmt = save_model(adapter, cfg, out)
-            write_model_card(out / "model", cfg, fmt, base_model or cfg.model, command, data.info, training, metrics)
+            atomic_write_text(out / "model" / LINEAGE_FILE, json.dumps(lineage, indent=2) + "\n")
+            write_model_card(out / "model", cfg, fmt, base_model or cfg.model, command, data.info, training, metrics,
+                             lineage=lineage)
             results["model"] = {"folder": str(out / "model"), "format": fmt}
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     parallel.barrier()
     return results, evaluation, adapter
 
 
+LINEAGE_FILE = "lineage.json"  # in a run's model/: every concept removed so far, one entry per request
+
+
+def previous_lineage(model: str) -> list[dict]:
+    """The requests a model folder has already served (its ``lineage.json``; none for a base model)."""
+    path = Path(model).expanduser() / LINEAGE_FILE
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} is corrupt (not JSON); restore it or delete it to start a new lineage") from None
+    return entries if isinstance(entries, list) else []
+
+
+def lineage_entry(cfg, method, out: Path, metrics: dict | None) -> dict:
+    """One request of a lineage: what was removed, how, from which model, and what it scored."""
+    keys = ("lr", "steps", "batch_size", "selection", "seed", *method.settings)
+    entry = {"concepts": cfg.concepts, "method": cfg.method, "settings": {k: getattr(cfg, k) for k in keys},
+             "from_model": cfg.model, "run": str(out)}
+    if metrics:
+        entry["scores"] = {k: metrics[k] for k in ("forget_score", "forget_scores", "alignment") if k in metrics}
+    return entry
+
+
 def reuse_or_run(task: Task, base_adapter, cfg, folder: Path, command: str, data: TrainingSet | None = None,
                  force: bool = False, progress: bool = True, keep_model: bool = True, pictures: bool = True,
-                 need_model: bool = True, load_kwargs: dict | None = None):
+                 need_model: bool = True, load_kwargs: dict | None = None, model_folder: Path | None = None):
     """One run of a demo, leaderboard or any driver of many runs: the finished run in ``folder`` made
     with exactly ``cfg`` (``finished_run``; with ``need_model`` only if it kept its model), else a
     fresh :func:`run_job` on a copy of ``base_adapter``. ``data`` is built by ``task`` into
-    ``folder/data`` when not given.
+    ``folder/data`` when not given (from ``model_folder``, the base model's files, when it has them).
 
     Returns:
         (results, the run's evaluation or None when reused, the unlearned adapter or None when reused
@@ -102,7 +132,7 @@ def reuse_or_run(task: Task, base_adapter, cfg, folder: Path, command: str, data
         model = load_adapter(str(folder / "model"), **(load_kwargs or {}))[0] if (folder / "model").is_dir() else None
         return results, None, model
     if data is None:
-        data = task.build(base_adapter, None, cfg, folder / "data", progress)
+        data = task.build(base_adapter, model_folder, cfg, folder / "data", progress)
     return run_job(task, base_adapter, data, cfg, folder, command, progress, keep_model=keep_model,
                    pictures=pictures)
 
