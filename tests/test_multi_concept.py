@@ -90,3 +90,26 @@ def test_what_several_concepts_cannot_do_is_refused_with_exit_2(args, fragment, 
     base = ["concept=three,red"] if not any(a.startswith("concept=") for a in args) else []
     assert run("unlearn", *base, *args, "steps=1", "--out", str(tmp_path / "bad")) == 2
     assert fragment in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_artists_recipe_runs_on_the_tiny_stable_diffusion_pipeline(tiny_sd_folder, tmp_path):
+    """configs/sd-artists.yaml: three artists' styles at once as a LoRA, then UCE on the same list."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "sd-artists.yaml"
+    tiny = ["num_pairs=4", "batch_size=4", "steps=2", "data_steps=2", "eval_steps=2", "eval_prompts=2",
+            "mixed_precision=no", "checkpoint_every=0", "threads=1", "lr=1e-2"]
+    out = tmp_path / "artists"
+    assert run("unlearn", str(config), f"model={tiny_sd_folder}", *tiny, "--out", str(out)) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["forget-monet", "forget-picasso", "forget-van-gogh",
+                                                                 "remain"]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(s["forget_losses"]) for s in steps] == [["monet", "picasso", "van-gogh"]] * 2
+    assert (out / "model" / "pytorch_lora_weights.safetensors").is_file()
+    remain = json.loads((out / "data" / "remain" / "request.json").read_text())["prompts"]
+    assert not any(w in p for p in remain for w in ("Gogh", "Monet", "Picasso"))
+    uce = tmp_path / "uce"
+    assert run("unlearn", str(config), f"model={tiny_sd_folder}", *tiny, "method=uce", "selection=full",
+               "--out", str(uce)) == 0
+    record = json.loads((uce / "metrics.jsonl").read_text())
+    assert "by Claude Monet" in record["erased_texts"] and record["edited_projections"] > 0

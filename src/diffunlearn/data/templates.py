@@ -80,6 +80,25 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def _artist(name: str, artist: str, words: tuple[str, ...]) -> Template:
+    """Another artist's style on the ``van-gogh`` template and vocabulary (only the style phrases
+    differ), so several artists can be erased at once (``configs/sd-artists.yaml``): the remain
+    prompt of every artist is the same painting without any style phrase."""
+    base = TEMPLATES["van-gogh"]
+    return dataclasses.replace(base, name=name, words=words,
+                               uniform=(f"a painting in the style of {artist}", "a painting"))
+
+
+TEMPLATES["monet"] = _artist("monet", "Claude Monet", (
+    "in the style of Claude Monet", "by Claude Monet", "in Monet's style", "painted by Monet", "Monet style"))
+TEMPLATES["picasso"] = _artist("picasso", "Pablo Picasso", (
+    "in the style of Pablo Picasso", "by Pablo Picasso", "in Picasso's style", "painted by Picasso",
+    "Picasso style"))
+TEMPLATES["rembrandt"] = _artist("rembrandt", "Rembrandt", (
+    "in the style of Rembrandt", "by Rembrandt van Rijn", "in Rembrandt's style", "painted by Rembrandt",
+    "Rembrandt style"))
+
+
 def get_template(name: str) -> Template:
     """Raises ValueError for an unknown template name."""
     if name not in TEMPLATES:

@@ -40,7 +40,7 @@ class PromptTask:
     @staticmethod
     def scored_in_run(cfg) -> bool:
         """Whether the run has a built-in judge: the oracle, for a digit-world concept."""
-        return cfg.concept not in TEMPLATES
+        return cfg.concepts[0] not in TEMPLATES
 
     def check(self, adapter, cfg) -> None:
         """Nothing to check here: the config already validated the concept and its prompts."""
@@ -53,7 +53,7 @@ class PromptTask:
             return TrainingSet(None, None, None, None, {"prompts": "none: a closed-form edit from the concept's words",
                                                         "folder": None})
         fx, fc, rx, rc, _, _ = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=replace)
-        info = {"prompts": "templates:" + cfg.concept if cfg.concept in TEMPLATES else "digit-world",
+        info = {"prompts": "templates:" + cfg.concept if cfg.concepts[0] in TEMPLATES else "digit-world",
                 "pairs": cfg.num_pairs, "diversity": cfg.diversity, "data_seed": cfg.data_seed,
                 "sampler_steps": cfg.data_steps, "guidance": cfg.data_guidance, "folder": str(data_dir)}
         return TrainingSet(fx, fc, rx, rc, info)
