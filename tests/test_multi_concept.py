@@ -113,3 +113,13 @@ def test_the_artists_recipe_runs_on_the_tiny_stable_diffusion_pipeline(tiny_sd_f
                "--out", str(uce)) == 0
     record = json.loads((uce / "metrics.jsonl").read_text())
     assert "by Claude Monet" in record["erased_texts"] and record["edited_projections"] > 0
+
+
+def test_the_bench_measures_k_forget_gradients():
+    from diffunlearn.errors import UserError
+    from diffunlearn.jobs import bench
+
+    results = bench.run_bench("embedded:digits", ("rg",), batch_size=2, steps=1, warmup=0, progress=False, concepts=3)
+    assert results["rg"]["step_seconds"] > 0 and results["rg"]["projected_fraction"] in (0.0, 1.0)
+    with pytest.raises(UserError, match="--concepts must be between 1 and 4"):
+        bench.run_bench("embedded:digits", ("rg",), concepts=5, progress=False)

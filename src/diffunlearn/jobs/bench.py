@@ -26,13 +26,16 @@ import torch
 from ..errors import UserError
 
 BENCH_METHODS = ("ga", "graddiff", "rg", "rg-flat")
+# The concepts of a k-concept bench (--concepts K), in order.
+PIXEL_CONCEPTS = ("three", "seven", "red", "blue")
+TEMPLATE_CONCEPTS = ("nudity", "van-gogh", "monet", "picasso")
 
 
 def _worker(spec: dict) -> dict:
     """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
     from ..config import build_config, model_kind
     from ..core.parallel import Parallel
-    from ..data.training import prompt_texts, training_prompts
+    from ..data.training import prompt_texts, training_prompt_sets
     from ..methods import get_method
     from .runfolder import load_for_run
 
@@ -45,11 +48,13 @@ def _worker(spec: dict) -> dict:
                               f"lora_rank={spec['lora_rank']}", f"lora_alpha={spec['lora_rank']}",
                               *([f"lora_targets={spec['lora_targets']}"] if spec["lora_targets"] else []),
                               "diagnose=false", "lr=1e-6",
-                              # a concept the model knows: a digit for digit-world models, else nudity
-                              "concept=" + ("three" if model_kind(spec["model"]) == "pixel" else "nudity")])
+                              # k concepts the model knows: digits and colours for digit-world models, else templates
+                              "concept=" + ",".join((PIXEL_CONCEPTS if model_kind(spec["model"]) == "pixel"
+                                                     else TEMPLATE_CONCEPTS)[:spec.get("concepts", 1)])])
     adapter, _ = load_for_run(cfg, Parallel())
     n = cfg.batch_size * cfg.steps
-    forget_p, remain_p = (prompt_texts(p) for p in training_prompts(cfg, n=n))
+    forget_sets, remain_p = training_prompt_sets(cfg, n=n)
+    remain_p = prompt_texts(remain_p)
     # The bench needs latents of the model's shape, not pictures: random ones cost no VAE pass.
     if hasattr(adapter, "latent_shape"):  # latent families (FLUX packs its latents, so not the network's input)
         shape = (n, *adapter.latent_shape)
@@ -57,8 +62,11 @@ def _worker(spec: dict) -> dict:
         unet_config = adapter.unet.config
         shape = (n, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
     gen = torch.Generator().manual_seed(0)
-    fx, rx = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    fc, rc = adapter.encode_prompts(forget_p), adapter.encode_prompts(remain_p)
+    fx = [torch.randn(shape, generator=gen) for _ in forget_sets]
+    rx = torch.randn(shape, generator=gen)
+    fc, rc = [adapter.encode_prompts(prompt_texts(p)) for p in forget_sets], adapter.encode_prompts(remain_p)
+    if len(forget_sets) == 1:  # one concept: the loop's one-set form
+        fx, fc = fx[0], fc[0]
     cuda = adapter.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -78,12 +86,14 @@ def _worker(spec: dict) -> dict:
 def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: int = 8, steps: int = 5,
               warmup: int = 2, mixed_precision: str = "no", selection: str = "full", device: str = "auto",
               gradient_checkpointing: bool = False, progress: bool = True, optimizer: str = "adam",
-              offload_encoders: bool = False, lora_rank: int = 4, lora_targets: str = "") -> dict[str, dict]:
+              offload_encoders: bool = False, lora_rank: int = 4, lora_targets: str = "",
+              concepts: int = 1) -> dict[str, dict]:
     """Benchmark ``methods`` on the model folder ``model``; returns ``{method: measurements}``.
 
     The memory settings (``mixed_precision``, ``gradient_checkpointing``, ``optimizer``, ``offload_encoders``,
     a ``lora`` selection with ``lora_rank`` on ``lora_targets``, empty = the config's default) are the
-    run config's keys of the same names.
+    run config's keys of the same names. ``concepts`` = k forget sets a step (several concepts at
+    once: k forget gradients live together, which is what the k-way rule costs).
 
     Raises:
         UserError: bad arguments, or a worker process failed (its last error line is quoted).
@@ -98,13 +108,15 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                         "Diffusion folder, a preset or embedded:digits)")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+    if not 1 <= concepts <= len(PIXEL_CONCEPTS):
+        raise UserError(f"--concepts must be between 1 and {len(PIXEL_CONCEPTS)}, got {concepts}")
     results: dict[str, dict] = {}
     for method in methods:
         spec = {"model": model, "method": method, "batch_size": batch_size, "steps": steps, "warmup": warmup,
                 "mixed_precision": mixed_precision, "selection": selection, "device": device,
                 "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(),
                 "optimizer": optimizer, "offload_encoders": offload_encoders, "lora_rank": lora_rank,
-                "lora_targets": lora_targets}
+                "lora_targets": lora_targets, "concepts": concepts}
         if progress:
             print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "diffunlearn.jobs.bench", json.dumps(spec)], capture_output=True,
