@@ -33,7 +33,7 @@ else
     echo "no CUDA GPU: running the small CPU version of the check"
     want=cpu
     args=(--preset tiny --batch-size 2 --steps 2 --warmup 1)
-    big=(--steps 2 --warmup 1)
+    big=(--steps 1 --warmup 0)
     sdxl=sdxl-tiny; flux=flux-tiny; sdxl_batch=2; flux_batch=2
 fi
 optimizer=adam

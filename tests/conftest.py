@@ -66,3 +66,14 @@ def tiny_flux_folder(tmp_path_factory):
     from diffunlearn.models.presets import init_pipeline
 
     return init_pipeline("flux-tiny", tmp_path_factory.mktemp("tiny-flux") / "model", seed=0)
+
+
+# The longest tests (tens of seconds each, most of them subprocesses) run first: pytest-xdist hands out
+# tests in collection order, so a long test collected last would run alone at the end and leave the
+# other workers idle. Order only; every test still runs.
+SLOW_FIRST = ("test_gpu_check_script_runs_small_on_cpu", "test_families_parallel.py",
+              "test_two_processes_reach_the_same_weights_as_one")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 0 if any(s in item.nodeid for s in SLOW_FIRST) else 1)  # stable: same order else

@@ -1,5 +1,6 @@
 """Issue 15 §5: the 2-process gloo run equals one process for SDXL, SD3 and FLUX, as it does for SD
-(tests/test_sd_cli.py), and `diffunlearn data build` shards across the processes into the same set.
+(tests/test_sd_cli.py), and `diffunlearn data build` shards across the processes into the same set
+(checked for SD3 here and SD in tests/test_sd_cli.py: the sharding code is the same for every family).
 
 One process splits the global batch of 4 into the two halves the two processes hold (micro_batches=2);
 both run single-threaded, so both compute the same per-half float sums. The flow families draw σ from
@@ -47,12 +48,13 @@ def test_two_processes_build_the_same_data_and_reach_the_same_weights(name, requ
     folder = request.getfixturevalue(fixture)
     build = ["data", "build", f"model={folder}", "num_pairs=8", "batch_size=4", "data_steps=2"]
     cli(SINGLE, *build, "threads=1", "--out", str(tmp_path / "data1"))
-    cli(LAUNCH, *build, "--out", str(tmp_path / "data2"))
-    for side in ("forget", "remain"):
-        assert pngs(tmp_path / "data1" / side).shape[0] == 8
-        assert np.abs(pngs(tmp_path / "data1" / side) - pngs(tmp_path / "data2" / side)).max() <= 1
-        assert (json.loads((tmp_path / "data1" / side / "request.json").read_text())
-                == json.loads((tmp_path / "data2" / side / "request.json").read_text()))
+    if name == "sd3":  # the sharded build is family-independent code; once for a latent family keeps the budget
+        cli(LAUNCH, *build, "--out", str(tmp_path / "data2"))
+        for side in ("forget", "remain"):
+            assert pngs(tmp_path / "data1" / side).shape[0] == 8
+            assert np.abs(pngs(tmp_path / "data1" / side) - pngs(tmp_path / "data2" / side)).max() <= 1
+            assert (json.loads((tmp_path / "data1" / side / "request.json").read_text())
+                    == json.loads((tmp_path / "data2" / side / "request.json").read_text()))
 
     args = [f"model={folder}", f"data_dir={tmp_path / 'data1'}", *COMMON]
     cli(SINGLE, "unlearn", *args, "micro_batches=2", "threads=1", "--out", str(tmp_path / "one"))
