@@ -15,6 +15,10 @@ them so for tiny gradients, where torchjd's absolute guards (the dual-cone proje
 Gramian whose trace is below 1e-4; IMTL-G drops weights summing to under 1e-12) would otherwise
 silently change the rule.
 
+With several concepts at once (issue 16) the same weighting runs on the k + 1 rows
+[g_f1, …, g_fk, λ·g_r] and their (k+1)×(k+1) Gramian (``row_weights_k``); k = 1 keeps the two-row
+code above, number for number.
+
 torchjd is imported on the first step, not when the registry loads, so every other method works
 without it.
 """
