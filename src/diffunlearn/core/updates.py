@@ -66,7 +66,11 @@ def sum_forget(forget_grads: Sequence[Sequence[Tensor]]) -> Sequence[Tensor]:
         return forget_grads[0]
     for g in forget_grads[1:]:
         _check(forget_grads[0], g)
-    return [torch.stack(parts).sum(0) for parts in zip(*forget_grads)]
+    out = [g.clone() for g in forget_grads[0]]  # accumulated in place: no k-deep stacked temporary
+    for grads in forget_grads[1:]:
+        for acc, g in zip(out, grads):
+            acc.add_(g)
+    return out
 
 
 def single_forget(forget_grads: Sequence[Sequence[Tensor]], rule: str) -> Sequence[Tensor]:
