@@ -123,3 +123,13 @@ def test_the_bench_measures_k_forget_gradients():
     assert results["rg"]["step_seconds"] > 0 and results["rg"]["projected_fraction"] in (0.0, 1.0)
     with pytest.raises(UserError, match="--concepts must be between 1 and 4"):
         bench.run_bench("embedded:digits", ("rg",), concepts=5, progress=False)
+
+
+def test_a_file_of_concepts_is_the_concept_list(tmp_path):
+    path = tmp_path / "concepts.txt"
+    path.write_text("three\n# the colour next\nred   # a modifier\n\nseven\n")
+    assert build_config(None, [f"concept=@{path}"]).concepts == ["three", "red", "seven"]
+    from diffunlearn.errors import UserError
+
+    with pytest.raises(UserError, match="cannot be read"):
+        build_config(None, [f"concept=@{tmp_path / 'missing.txt'}"])

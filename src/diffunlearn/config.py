@@ -85,6 +85,17 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
             values[key] = raw  # kept verbatim: YAML would read `mixed_precision=no` as false
         else:
             values[key] = yaml.safe_load(raw) if raw.strip() else raw
+    concept = values.get("concept")
+    if isinstance(concept, str) and concept.startswith("@"):
+        # A file of concepts, one per line (blank lines and # comments skipped): the run's concept list,
+        # recorded in config.yaml as the list itself so the run stays reproducible without the file.
+        path = Path(concept[1:]).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            raise UserError(f"concept file {path} cannot be read; pass an existing text file with one concept per "
+                            "line (concept=@concepts.txt) or list them (concept=three,red)") from None
+        values["concept"] = ",".join(x.split("#")[0].strip() for x in lines if x.split("#")[0].strip())
     from .methods import METHODS
 
     method = values.get("method", UnlearnConfig.method)
