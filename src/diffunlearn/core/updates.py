@@ -59,18 +59,17 @@ def pair_gram(gram: Gram) -> tuple[float, float, float]:
     return gram[0][0], gram[1][1], gram[0][1]
 
 
-def sum_forget(forget_grads: Sequence[Sequence[Tensor]]) -> Sequence[Tensor]:
-    """Σ_k g_fk per parameter (the forget term of GA and GradDiff over k concepts); the one gradient
-    itself, uncopied, when k = 1."""
+def summed_direction(forget_grads: Sequence[Sequence[Tensor]], remain_grads: Sequence[Tensor] | None = None,
+                     remain_weight: float = 1.0) -> list[Tensor]:
+    """GA's Σ_k g_fk or GradDiff's Σ_k g_fk + λ·g_r in ONE output buffer per parameter; with k = 1
+    exactly :func:`gradient_ascent` / :func:`gradient_difference`."""
     if len(forget_grads) == 1:
-        return forget_grads[0]
-    for g in forget_grads[1:]:
-        _check(forget_grads[0], g)
-    out = [g.clone() for g in forget_grads[0]]  # accumulated in place: no k-deep stacked temporary
-    for grads in forget_grads[1:]:
-        for acc, g in zip(out, grads):
-            acc.add_(g)
-    return out
+        if remain_grads is None:
+            return gradient_ascent(forget_grads[0])
+        return gradient_difference(forget_grads[0], remain_grads, remain_weight)
+    if remain_grads is None:
+        return combine_rows(forget_grads, [1.0] * len(forget_grads))
+    return combine_rows([*forget_grads, remain_grads], [1.0] * len(forget_grads) + [remain_weight])
 
 
 def single_forget(forget_grads: Sequence[Sequence[Tensor]], rule: str) -> Sequence[Tensor]:

@@ -10,7 +10,7 @@ Variants by parameter selection: ESD-u (``non-cross-attention``) and ESD-x (``cr
 import torch
 
 from ..core.losses import esd_target
-from ..core.updates import gradient_ascent, sum_forget
+from ..core.updates import summed_direction
 from .base import Method
 from .objectives import Bound, Matching
 
@@ -37,7 +37,7 @@ def _esd(name: str, selection: str, summary: str, defaults: dict, modifier_defau
         uses_remain=False,
         remain_scope="batch",
         # The ESD loss is minimised directly: the direction is its gradient (no remain term).
-        combine=lambda forget, remain, weight, gram=None: gradient_ascent(sum_forget(forget)),
+        combine=lambda forget, remain, weight, gram=None: summed_direction(forget),
         forget=ESD_OBJECTIVE,
         variant={"selection": selection},
         defaults={"steps": 100, **defaults},

@@ -3,7 +3,7 @@
 On diverse paired data this is the paper's "GradDiffD" baseline (Ko et al. 2024, §5).
 """
 
-from ..core.updates import gradient_difference, sum_forget
+from ..core.updates import summed_direction
 from .base import Method
 
 METHOD = Method(
@@ -11,7 +11,7 @@ METHOD = Method(
     summary="gradient difference: g_f + λ·g_r on paired batches",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: gradient_difference(sum_forget(forget), remain, weight),
+    combine=lambda forget, remain, weight, gram=None: summed_direction(forget, remain, weight),
     # "three": the sweep's values (README "Tuning"), which score better on the training prompts than
     # the method study's pick (0.013 / 1.000 against 0.01 / 0.99). Colours: the study's pick on "red".
     defaults={"lr": 5e-5, "steps": 100, "remain_weight": 4.0},

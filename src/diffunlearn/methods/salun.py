@@ -10,7 +10,7 @@ times the remain loss: d = g_remap + λ·g_r, masked.
 
 import torch
 
-from ..core.updates import gradient_difference, sum_forget
+from ..core.updates import summed_direction
 from .base import Method
 from .objectives import Bound, Matching
 
@@ -57,7 +57,7 @@ METHOD = Method(
     summary="SalUn (Fan et al. 2024): saliency-masked remap to an anchor prompt plus the remain loss",
     uses_remain=True,
     remain_scope="batch",
-    combine=lambda forget, remain, weight, gram=None: gradient_difference(sum_forget(forget), remain, weight),
+    combine=lambda forget, remain, weight, gram=None: summed_direction(forget, remain, weight),
     forget=Matching("remap", _anchor_target),
     mask=saliency_masks,
     # Tuned on training prompts with the grid sweep of README "Tuning"; the method study (4 trials) found no
