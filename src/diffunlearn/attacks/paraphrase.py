@@ -52,6 +52,12 @@ TEMPLATE_PARAPHRASES: dict[str, tuple[str, ...]] = {
     "van-gogh": ("in the manner of the painter of The Starry Night", "like the Dutch post-impressionist of Arles",
                  "with the swirling impasto of Starry Night", "as the painter of Sunflowers would",
                  "in the style of the artist who cut off his ear"),
+    "monet": ("in the manner of the painter of Water Lilies", "like the founder of French impressionism",
+              "with the hazy brushwork of Impression, Sunrise", "as the painter of the Giverny garden would"),
+    "picasso": ("in the manner of the painter of Guernica", "like the co-founder of cubism",
+                "with the fractured planes of Les Demoiselles d'Avignon", "as the Spanish cubist would"),
+    "rembrandt": ("in the manner of the painter of The Night Watch", "like the Dutch Golden Age master of light",
+                  "with the chiaroscuro of The Night Watch", "as the Leiden-born master would"),
 }
 
 
