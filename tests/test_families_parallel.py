@@ -42,7 +42,15 @@ def pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]).astype(int)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+# SD3 in `make test` (flow matching: the σ stream of both processes); SDXL and FLUX with
+# DIFFUNLEARN_FULL_TESTS=1 (30 s each here, which `make test`'s 8-minute budget cannot hold; all three
+# passed when this test was written).
+FULL = os.environ.get("DIFFUNLEARN_FULL_TESTS") == "1"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(n != "sd3" and not FULL,
+                                                                          reason="DIFFUNLEARN_FULL_TESTS=1 runs it"))
+                                  for n in sorted(FAMILIES)])
 def test_two_processes_build_the_same_data_and_reach_the_same_weights(name, request, tmp_path):
     fixture, part = FAMILIES[name]
     folder = request.getfixturevalue(fixture)
