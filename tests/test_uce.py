@@ -5,7 +5,6 @@ digit world without generating a training image, and a model family it cannot ed
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -85,4 +84,4 @@ def test_uce_through_the_cli_edits_the_digit_world_without_training_images(tmp_p
     assert cli.main(["unlearn", f"model={tiny_sd3_folder}", "method=uce", "--out", str(tmp_path / "sd3"),
                      "--quiet"]) == 2
     assert "gradient method" in capsys.readouterr().err and not (tmp_path / "sd3").exists()
-    assert copy.copy(erase_texts(["van-gogh"]))[0].startswith("in the style")
+    assert erase_texts(["van-gogh"])[0].startswith("in the style")

@@ -105,13 +105,13 @@ def run_sequential(out: Path, concepts: list[str], methods: list[str], overrides
         raise UserError("--sequential runs on the embedded digit world; for your own model chain `diffunlearn "
                         "unlearn model=PREVIOUS_RUN/model concept=NEXT remain_excludes=EARLIER` (README)")
     out.mkdir(parents=True, exist_ok=True)
-    base, _ = load_adapter("embedded:digits")
+    base, base_folder = load_adapter("embedded:digits")
     rows = [{"method": "base", "served": [], **_scores(base, concepts, base_cfg, out / "base", progress)}]
     variants = [(m, False) for m in methods] + ([(m, True) for m in methods] if protect else [])
     task = PromptTask()
     for method, protecting in variants:
         name = method + ("+protect" if protecting else "")
-        model = "embedded:digits"
+        model, adapter, model_folder = "embedded:digits", base, base_folder
         for i, concept in enumerate(concepts):
             earlier = concepts[:i]
             request = ",".join([*earlier, concept]) if protecting else concept
@@ -120,12 +120,12 @@ def run_sequential(out: Path, concepts: list[str], methods: list[str], overrides
                 keys.append("remain_excludes=" + ",".join(earlier))
             cfg = build_config(None, keys)
             folder = out / name / f"request-{i + 1}-{concept}"
-            adapter, model_folder = load_adapter(model)
+            # Request i starts from request i − 1's model, already in memory (run_job trains a copy of it).
             _, _, unlearned = reuse_or_run(task, adapter, cfg, folder, f"{command} ({name}, request {i + 1})",
                                            force=force, progress=progress, pictures=False, model_folder=model_folder)
             scores = _scores(unlearned, concepts, base_cfg, folder, progress)
             rows.append({"method": name, "served": concepts[:i + 1], **scores})
-            model = str(folder / "model")
+            model, adapter, model_folder = str(folder / "model"), unlearned, folder / "model"
     table = sequential_table(rows, concepts)
     atomic_write_text(out / "sequential.md", table + "\n")
     atomic_write_text(out / "summary.json", json.dumps({"concepts": concepts, "methods": methods, "protect": protect,

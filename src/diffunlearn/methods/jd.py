@@ -61,40 +61,36 @@ def gramian(gram: tuple[float, float, float], remain_weight: float) -> Tensor:
     return torch.tensor([[ff, lam * fr], [lam * fr, lam * lam * rr]], dtype=torch.float64)
 
 
-def row_weights(weighting: Callable[[Tensor], Tensor], gram: tuple[float, float, float],
-                remain_weight: float) -> tuple[float, float]:
-    """(w0, w1) with direction w0·g_f + w1·(λ·g_r): the weighting applied to the trace-normalised
-    Gramian. A zero Gramian (both gradients zero) gives (0, 0): every direction is zero there."""
-    G = gramian(gram, remain_weight)
+def normalised_weights(weighting: Callable[[Tensor], Tensor], G: Tensor) -> list[float]:
+    """The weighting applied to the trace-normalised Gramian ``G`` of the weighted rows. A zero
+    Gramian (every gradient zero) gives zero weights: every direction is zero there."""
     trace = float(G.diagonal().sum())
     if not math.isfinite(trace):
         raise FloatingPointError(f"non-finite gradient Gramian {G.tolist()}")
     if trace <= 0.0:
-        return 0.0, 0.0
+        return [0.0] * G.shape[0]
     with torch.no_grad():
         w = weighting(G / trace).tolist()  # CPU float64: no device sync
     if not all(math.isfinite(x) for x in w):
         raise FloatingPointError(f"weighting {weighting} gave non-finite weights {w} for Gramian {G.tolist()}")
+    return w
+
+
+def row_weights(weighting: Callable[[Tensor], Tensor], gram: tuple[float, float, float],
+                remain_weight: float) -> tuple[float, float]:
+    """(w0, w1) with direction w0·g_f + w1·(λ·g_r) (:func:`normalised_weights` of the 2×2 Gramian)."""
+    w = normalised_weights(weighting, gramian(gram, remain_weight))
     return w[0], w[1]
 
 
 def row_weights_k(weighting: Callable[[Tensor], Tensor], gram, remain_weight: float) -> list[float]:
     """The weights of the k + 1 rows [g_f1, …, g_fk, λ·g_r] (several concepts at once) from their
-    (k+1)×(k+1) Gramian, trace-normalised as :func:`row_weights` does for two rows."""
+    (k+1)×(k+1) Gramian, normalised as :func:`row_weights` does for two rows."""
     lam = float(remain_weight)
     G = torch.tensor(gram, dtype=torch.float64)
     G[-1, :] *= lam
     G[:, -1] *= lam
-    trace = float(G.diagonal().sum())
-    if not math.isfinite(trace):
-        raise FloatingPointError(f"non-finite gradient Gramian {G.tolist()}")
-    if trace <= 0.0:
-        return [0.0] * len(gram)
-    with torch.no_grad():
-        w = weighting(G / trace).tolist()
-    if not all(math.isfinite(x) for x in w):
-        raise FloatingPointError(f"weighting {weighting} gave non-finite weights {w} for Gramian {G.tolist()}")
-    return w
+    return normalised_weights(weighting, G)
 
 
 def weighted_direction(forget_grads: Sequence[Tensor], remain_grads: Sequence[Tensor], a: float,
