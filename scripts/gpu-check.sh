@@ -7,7 +7,7 @@
 # class-track run (embedded class-conditional model, device=auto) whose recorded device must be the
 # GPU when there is one: a class-conditional model once trained on the CPU even with device: cuda.
 # Then (issue 15 §4) the LoRA RG bench against GradDiff at the real sizes of SDXL (2.6 B UNet) and
-# FLUX.1-dev (11.9 B transformer, T5-XXL): bf16 autocast over fp32 LoRA weights, gradient
+# FLUX.1-dev (11.9 B transformer, T5-XXL): bf16 autocast over fp32 LoRA weights on a bf16 frozen base, gradient
 # checkpointing, text encoders offloaded to the CPU, 8-bit Adam when bitsandbytes imports; the random
 # weights are initialised on the GPU and saved in bf16 (FLUX: 33 GB of the 64 GB disk). Without a GPU
 # the same steps run on the tiny presets.
@@ -26,7 +26,7 @@ export HF_HUB_OFFLINE=1
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     want=cuda
     args=(--preset sd15 --batch-size 8 --mixed-precision bf16 --steps 5 --warmup 2)
-    big=(--mixed-precision bf16 --steps 3 --warmup 1)
+    big=(--mixed-precision bf16 --lora-base-dtype bf16 --steps 3 --warmup 1)
     sdxl=sdxl; flux=flux-dev; sdxl_batch=4; flux_batch=2
     pair=graddiff,rg
     "$py" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"

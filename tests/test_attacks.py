@@ -95,6 +95,35 @@ def test_prompt_attack_suffix_is_made_of_real_vocabulary_words(base):
     assert all(p.endswith(suffix) for p in samples.prompts) and len(samples.prompts) == 8
 
 
+def test_sentencepiece_words_are_allowed_and_found_where_the_text_puts_them():
+    """T5's vocabulary (SentencePiece pieces "▁word"), as FLUX's searched encoder has it: whole alphabetic
+    words that tokenize back to their one piece are allowed, and the suffix is found in the tokenized
+    text before the end token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from diffunlearn.attacks.prompt import attacked_prompt, suffix_positions
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581a", "\u2581photo", "\u2581of", "\u2581cat", "\u2581dog", "\u2581x9",
+              "\u2581c", "at", "s", "\u2581catdog"]
+    model = Tokenizer(models.Unigram([(p, -1.0 if p.startswith("\u2581") and len(p) > 2 else -5.0) for p in pieces],
+                                     unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    vocab = tokenizer.get_vocab()
+    allowed = allowed_token_ids(tokenizer, round_trip=True)
+    assert sorted(tokenizer.convert_ids_to_tokens(allowed)) == sorted(
+        ["\u2581photo", "\u2581of", "\u2581cat", "\u2581dog", "\u2581catdog"])   # no letters, digits, sub-pieces
+    suffix_ids = [vocab["\u2581dog"], vocab["\u2581cat"]]
+    texts = [attacked_prompt("a photo of a cat.", tokenizer.decode(suffix_ids).strip()), "a dog cat"]
+    where = suffix_positions(tokenizer, texts, suffix_ids, 12)
+    assert where[0].nonzero().flatten().tolist() == [5, 6] and where[1].nonzero().flatten().tolist() == [1, 2]
+    with pytest.raises(UserError, match="no room"):
+        suffix_positions(tokenizer, ["a photo of a cat dog cat"], suffix_ids, 4)
+
+
 def test_suffix_positions_sit_before_the_end_token(base):
     tokenizer = base.text_encoder.tokenizer
     ids, mask, where = with_suffix(tokenizer, ["a three", "an image of a red digit"], [2000, 2001], 24)

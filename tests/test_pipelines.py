@@ -1,7 +1,7 @@
 """Today's pipelines on their tiny presets: SD3 (MMDiT, flow matching), SDXL (two text encoders,
 pooled and size/crop conditions) and FLUX.1 (packed latents, guidance embedding, CLIP + T5). Per
 family: every method for two steps and the cross-attention selection through the CLI, the LoRA round
-trip through diffusers' loader, the embedding attack. For SD3 also the training terms by hand and the
+trip through diffusers' loader, the embedding and prompt attacks. For SD3 also the training terms by hand and the
 timestep density; for SDXL the conditions the UNet gets; for FLUX the packing and its density; and the
 published sizes of the real presets."""
 
@@ -176,19 +176,56 @@ def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(family, tmp_pa
     assert np.abs(trained - base).max() > 2         # and the LoRA changed it
 
 
-def test_the_embedding_attack_optimises_the_text_condition(family, tmp_path):
+def test_the_embedding_and_prompt_attacks_run_on_every_family(family, tmp_path):
+    """The embedding inversion, Ring-A-Bell, the paraphrases, and the prompt attack through several text
+    encoders: its suffix is
+    searched in one encoder (OpenCLIP-G, CLIP-G, T5), straight-through at the suffix's positions, while
+    every encoder reads the projected words as text."""
+    from diffunlearn.attacks.prompt import allowed_token_ids, attacked_prompt, input_embedding_modules, suffix_positions
+
     name, folder, data, *_ = family
     out = tmp_path / "run"
     assert run("unlearn", f"model={folder}", f"data_dir={data}", *COMMON, "--out", str(out)) == 0
-    assert run("attack", str(out), "--attacks", "embedding", "--n", "2", "--steps", "2", "--option",
-               "embedding.iterations=3", "--out", str(tmp_path / "attack")) == 0
+    assert run("attack", str(out), "--attacks", "embedding,prompt,ring-a-bell,paraphrase", "--n", "2", "--steps", "2",
+               "--option",
+               "embedding.iterations=3", "--option", "prompt.iterations=3", "--option", "prompt.tokens=2",
+               "--out", str(tmp_path / "attack")) == 0
     report = json.loads((tmp_path / "attack" / "results.json").read_text())
-    assert 0.0 <= report["attacks"]["embedding"]["asr"]["nudenet"] <= 1.0
+    for attack in ("embedding", "prompt", "ring-a-bell", "paraphrase"):
+        assert 0.0 <= report["attacks"][attack]["asr"]["nudenet"] <= 1.0
+    prompt = json.loads((tmp_path / "attack" / "attacks" / "prompt" / "result.json").read_text())
+    assert len(prompt["details"]["suffix"].split()) == 2 and prompt["prompts"][0].endswith(prompt["details"]["suffix"])
     model, _ = load_adapter(str(out / "model"), device="cpu")
     states, pooled = model.condition_tensors(model.encode_prompts(["a nude person"]))
     assert states.shape[-1] == (32 if name == "flux" else 64) and pooled.shape[0] == 1   # token states; pooled
-    with pytest.raises(Exception, match="embedding attack"):
-        model.text_tokens()                                     # the token attacks say what to use instead
+    with pytest.raises(Exception, match="encode_prompts_with_grad"):
+        model.text_tokens()                                     # no single token path: says what is used instead
+    # The searched encoder's suffix positions, replaced by the same words' table rows, give the text's own
+    # encoding (forward) and a gradient to those rows (backward).
+    tokenizer, encoder, length = model.suffix_encoder()
+    suffix_ids = allowed_token_ids(tokenizer, round_trip=True)[10:12]
+    texts = [attacked_prompt(p, tokenizer.decode(suffix_ids).strip()) for p in ("a nude person.", "a nude figure")]
+    where = suffix_positions(tokenizer, texts, suffix_ids, length)
+    assert where.sum(1).tolist() == [2, 2]
+    table = encoder.get_input_embeddings()
+    rows = table.weight.detach()[torch.tensor(suffix_ids)].clone().requires_grad_(True)
+
+    def replace(module, inputs, output):
+        output = output.clone()
+        output[where] = rows.to(output.dtype).repeat(2, 1)
+        return output
+
+    handles = [m.register_forward_hook(replace) for m in input_embedding_modules(encoder)]
+    try:
+        hooked = model.encode_prompts_with_grad(texts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    plain = model.encode_prompts(texts)
+    for x, y in zip(model.condition_tensors(hooked), model.condition_tensors(plain)):
+        assert (x - y).abs().max().item() <= 1e-5
+    model.condition_tensors(hooked)[0].square().sum().backward()
+    assert rows.grad is not None and rows.grad.abs().sum(1).min() > 0
 
 
 def test_sdxl_conditions_carry_the_pooled_projection_and_the_size_ids(tiny_sdxl_folder):
@@ -267,7 +304,8 @@ def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder,
     config = Path(__file__).resolve().parents[1] / "configs" / "sd3-nudity.yaml"
     out = tmp_path / "recipe"
     assert run("unlearn", str(config), f"model={tiny_sd3_folder}", f"data_dir={sd3_data}", *COMMON, "lr=5e-2",
-               "mixed_precision=no", "gradient_checkpointing=false", "checkpoint_every=0", "--out", str(out)) == 0
+               "mixed_precision=no", "lora_base_dtype=fp32", "gradient_checkpointing=false", "checkpoint_every=0",
+               "--out", str(out)) == 0
     lora = load_file(str(out / "model" / "pytorch_lora_weights.safetensors"))
     assert any("add_k_proj" in k for k in lora) and any(".to_q." in k for k in lora)
     clip = build_tiny_clip(tmp_path / "clip", seed=0)
@@ -356,13 +394,16 @@ def test_offload_encoders_trains_the_same_model_and_is_refused_for_the_digit_wor
 @pytest.mark.parametrize("family", ["sdxl", "flux"], indirect=True)
 def test_the_sdxl_and_flux_recipe_files_run_with_their_memory_settings(family, tmp_path):
     """configs/sdxl-nudity.yaml and configs/flux-nudity.yaml on the tiny models, with their gradient
-    checkpointing, encoder offload and (FLUX) micro-batches kept; fp32 instead of bf16 on this CPU."""
+    checkpointing, encoder offload and (FLUX) micro-batches kept; fp32 instead of bf16 (autocast and
+    the frozen base) on this CPU."""
     name, folder, data, part, *_ = family
     config = Path(__file__).resolve().parents[1] / "configs" / f"{name}-nudity.yaml"
     out = tmp_path / "recipe"
     assert run("unlearn", str(config), f"model={folder}", f"data_dir={data}", *COMMON, "lr=5e-2",
-               "mixed_precision=no", "checkpoint_every=0", "--out", str(out)) == 0
+               "mixed_precision=no", "lora_base_dtype=fp32", "checkpoint_every=0", "--out", str(out)) == 0
     import yaml
+
+    assert yaml.safe_load(config.read_text())["lora_base_dtype"] == "bf16"   # on a GPU: the base in bf16
 
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["gradient_checkpointing"] is True and recorded["offload_encoders"] is True
@@ -371,3 +412,40 @@ def test_the_sdxl_and_flux_recipe_files_run_with_their_memory_settings(family, t
     assert any(".to_q." in k for k in lora) and (name != "flux" or any("add_k_proj" in k for k in lora))
     card = (out / "model" / "README.md").read_text()
     assert FAMILIES[name][2] + ".from_pretrained" in card
+
+
+def test_a_lora_runs_frozen_base_can_live_in_bf16_while_its_adapters_train_in_fp32(tiny_sd3_folder):
+    """``lora_base_dtype=bf16``: the base is loaded straight into bf16 (half its memory), the adapters
+    stay fp32 and take the gradient under bf16 autocast; combinations that would round a saved or
+    trained weight are refused."""
+    from diffunlearn.config import build_config
+    from diffunlearn.core.losses import denoising_loss
+    from diffunlearn.errors import UserError
+    from diffunlearn.jobs.runfolder import load_for_run
+
+    settings = [f"model={tiny_sd3_folder}", "selection=lora", "mixed_precision=bf16", "device=cpu"]
+    plain, _ = load_for_run(build_config(None, settings))
+    adapter, _ = load_for_run(build_config(None, [*settings, "lora_base_dtype=bf16"]))
+    assert adapter.unet.dtype == torch.bfloat16 and plain.unet.dtype == torch.float32   # loaded in bf16
+    named = adapter.trainable_parameters("lora")
+    plain.trainable_parameters("lora")
+    assert named and all(p.dtype == torch.float32 for _, p in named)
+    frozen = [p for n, p in adapter.unet.named_parameters() if "lora_" not in n]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+    def nbytes(model):
+        return sum(p.numel() * p.element_size() for n, p in model.unet.named_parameters() if "lora_" not in n)
+
+    assert nbytes(adapter) * 2 == nbytes(plain)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((2, *adapter.latent_shape), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = denoising_loss(adapter, x0, adapter.encode_prompts(["a nude person", "a person"]),
+                              torch.randn(x0.shape, generator=gen), adapter.draw_timesteps(2, gen)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in named)
+    assert any(p.grad.abs().max() > 0 for _, p in named) and all(p.grad is None for p in frozen)
+    for extra, word in ((["selection=full"], "selection=lora"), (["mixed_precision=no"], "mixed_precision=bf16"),
+                        (["save=pipeline"], "save=lora")):
+        with pytest.raises(UserError, match=word):
+            build_config(None, [*settings, "lora_base_dtype=bf16", *extra])

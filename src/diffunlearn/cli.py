@@ -397,7 +397,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         results = run_bench(model, methods, args.batch_size, args.steps, args.warmup, args.mixed_precision,
                             args.selection, args.device, args.gradient_checkpointing, not args.quiet,
                             optimizer=args.optimizer, offload_encoders=args.offload_encoders,
-                            lora_rank=args.lora_rank, lora_targets=args.lora_targets, concepts=args.concepts)
+                            lora_rank=args.lora_rank, lora_targets=args.lora_targets, concepts=args.concepts,
+                            lora_base_dtype=args.lora_base_dtype)
     _emit(bench_table(results))
     if args.json:
         from .utils import atomic_write_text
@@ -791,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank with --selection lora")
     p.add_argument("--concepts", type=int, default=1, help="k concepts at once: k forget gradients a step (1-4)")
     p.add_argument("--lora-targets", default="", help="modules LoRA wraps (default: to_q,to_k,to_v,to_out.0)")
+    p.add_argument("--lora-base-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="with --selection lora: the frozen base's dtype (match --mixed-precision); adapters stay fp32")
     p.add_argument("--json", default=None, metavar="FILE", help="also write {method: {step_seconds, peak_memory_mb}}")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)

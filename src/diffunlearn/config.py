@@ -187,6 +187,15 @@ def validate(cfg: UnlearnConfig) -> list[str]:
                       "models share one small frozen encoder: set offload_encoders=false")
     if cfg.save == "lora" and cfg.selection != "lora":
         errors.append("`save: lora` needs `selection: lora`; use save=pipeline or save=unet for other selections")
+    if cfg.lora_base_dtype != "fp32" and cfg.selection != "lora":
+        errors.append(f"`lora_base_dtype: {cfg.lora_base_dtype}` holds a LoRA run's frozen base in half precision; "
+                      "set selection=lora with it, or lora_base_dtype=fp32 (trained weights stay fp32)")
+    elif cfg.lora_base_dtype != "fp32" and cfg.mixed_precision != cfg.lora_base_dtype:
+        errors.append(f"`lora_base_dtype: {cfg.lora_base_dtype}` needs the matching autocast: set "
+                      f"mixed_precision={cfg.lora_base_dtype} (it is {cfg.mixed_precision})")
+    elif cfg.lora_base_dtype != "fp32" and cfg.save in ("pipeline", "unet"):
+        errors.append(f"`save: {cfg.save}` would write the {cfg.lora_base_dtype}-rounded base weights; use save=lora "
+                      "(the adapters, on the untouched base) with lora_base_dtype, or lora_base_dtype=fp32")
     targets = [t for t in cfg.lora_targets.split(",") if t.strip()]
     if cfg.selection == "lora" and not targets:
         errors.append("`lora_targets` is empty; name the modules LoRA wraps, e.g. to_q,to_k,to_v,to_out.0")

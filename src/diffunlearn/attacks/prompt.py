@@ -12,6 +12,13 @@ are allowed, so the suffix decodes to text that tokenizes back to the same token
 One universal suffix is found for the concept (on the attack's images and their prompts) and then
 appended to every held-out forget prompt; the result reports the suffix and the prompts, and the
 attacked samples are generated from the TEXT, through the ordinary prompt path.
+
+Models with several text encoders (SDXL: two CLIPs; SD3: two CLIPs and T5; FLUX: CLIP and T5) search
+the suffix in ONE encoder's vocabulary (``adapter.suffix_encoder()``: OpenCLIP-G, CLIP-G, T5) and
+encode the prompt with the suffix as TEXT through the pipeline's own ``encode_prompt``
+(``adapter.encode_prompts_with_grad``): the searched encoder sees the straight-through embeddings at
+the suffix positions, the others read the projected words, without gradient. Only words that
+tokenize back to their single token are allowed there, so the positions are known from the text.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 import torch
 
 from ..core.losses import denoising_loss
+from ..errors import UserError
 from .base import (
     AttackOutput,
     AttackSamples,
@@ -37,13 +45,17 @@ from .base import (
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
-def allowed_token_ids(tokenizer: Any) -> list[int]:
+def allowed_token_ids(tokenizer: Any, round_trip: bool = False) -> list[int]:
     """Ids of the tokenizer's whole-word alphabetic tokens (WordPiece words without ``##``; CLIP BPE
-    tokens ending in ``</w>``), special tokens excluded: what a suffix may be made of. BPE and
-    WordPiece vocabularies are told apart by their ``</w>`` endings."""
+    tokens ending in ``</w>``; SentencePiece pieces starting with ``▁``, as T5's), special tokens
+    excluded: what a suffix may be made of. The vocabularies are told apart by those marks.
+
+    ``round_trip``: keep only the words that tokenize back to exactly their one token (what the
+    several-encoder path needs to find the suffix in the tokenized text)."""
     special = set(tokenizer.all_special_ids)
     vocab = tokenizer.get_vocab()
     bpe = any(token.endswith("</w>") for token in vocab)
+    piece = not bpe and any(token.startswith("\u2581") for token in vocab)
     ids = []
     for token, i in vocab.items():
         if i in special:
@@ -51,9 +63,54 @@ def allowed_token_ids(tokenizer: Any) -> list[int]:
         if bpe:
             if token.endswith("</w>") and _WORD.match(token[:-4]):
                 ids.append(i)
+        elif piece:
+            if token.startswith("\u2581") and _WORD.match(token[1:]):
+                ids.append(i)
         elif _WORD.match(token):
             ids.append(i)
-    return sorted(ids)
+    ids.sort()
+    if round_trip and ids:
+        words = [tokenizer.decode([i]).strip() for i in ids]
+        again = tokenizer(words, add_special_tokens=False)["input_ids"]
+        ids = [i for i, back in zip(ids, again) if list(back) == [i]]
+    return ids
+
+
+def suffix_positions(tokenizer: Any, texts: list[str], suffix_ids: list[int], max_length: int) -> torch.Tensor:
+    """Boolean ``(N, max_length)``: where the ``suffix_ids`` sit in each text as the pipeline tokenizes
+    it (padded to ``max_length``): the last place they occur among the text's tokens.
+
+    Raises:
+        UserError: a text too long to keep its suffix within ``max_length`` tokens.
+    """
+    tok = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    k, want = len(suffix_ids), torch.tensor(suffix_ids, dtype=ids.dtype)
+    where = torch.zeros(ids.shape, dtype=torch.bool)
+    for row in range(len(texts)):
+        n = int(mask[row].sum())
+        for start in range(n - k, -1, -1):
+            if torch.equal(ids[row, start:start + k], want):
+                where[row, start:start + k] = True
+                break
+        else:
+            raise UserError(f"the forget prompt {texts[row]!r} leaves no room for a {k}-token suffix within "
+                            f"{max_length} tokens; use shorter prompts or fewer --option prompt.tokens")
+    return where
+
+
+def input_embedding_modules(encoder: Any) -> list[torch.nn.Module]:
+    """Every embedding module of ``encoder`` that holds its input token table: the one its forward
+    calls may be a tied copy of ``get_input_embeddings()`` (T5's ``encoder.embed_tokens`` beside its
+    ``shared``), so the attack's hook goes on each of them."""
+    table = encoder.get_input_embeddings()
+    found = [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table.weight]
+    return found or [table]
+
+
+def attacked_prompt(prompt: str, suffix: str) -> str:
+    """A prompt with the suffix appended, as the attack's samples are prompted."""
+    return f"{prompt.rstrip().rstrip('.')} {suffix}"
 
 
 def with_suffix(tokenizer: Any, prompts: list[str], suffix_ids: list[int], max_length: int
@@ -76,6 +133,11 @@ def with_suffix(tokenizer: Any, prompts: list[str], suffix_ids: list[int], max_l
     return out_ids, out_mask, where
 
 
+def several_encoders(adapter: Any) -> bool:
+    """Whether the model has several text encoders, searched through ``suffix_encoder()``."""
+    return getattr(adapter, "suffix_encoder_name", None) is not None
+
+
 @dataclasses.dataclass
 class PromptAttack:
     """Settings: ``tokens`` suffix tokens, ``iterations`` Adam steps at ``lr`` (in units of the
@@ -94,7 +156,7 @@ class PromptAttack:
         self.batch_size = positive(self.batch_size, "prompt.batch_size")
 
     def applies(self, adapter: Any) -> str | None:
-        if not is_text_model(adapter) or not hasattr(adapter, "text_tokens"):
+        if not is_text_model(adapter) or not (hasattr(adapter, "text_tokens") or several_encoders(adapter)):
             return "prompt attacks edit text, and this model is conditioned on class labels, not prompts"
         return None
 
@@ -105,9 +167,10 @@ class PromptAttack:
     def search(self, target: AttackTarget) -> tuple[list[int], list[float]]:
         """The suffix token ids found, and the loss of the projected suffix every 10 iterations."""
         adapter = target.adapter
-        tokenizer, encoder, max_length = adapter.text_tokens()
+        several = several_encoders(adapter)
+        tokenizer, encoder, max_length = adapter.suffix_encoder() if several else adapter.text_tokens()
         table_module = encoder.get_input_embeddings()
-        allowed = torch.tensor(allowed_token_ids(tokenizer))
+        allowed = torch.tensor(allowed_token_ids(tokenizer, round_trip=several))
         table = table_module.weight.detach().float()[allowed.to(table_module.weight.device)]
         generator = torch.Generator().manual_seed(target.seed)
         # Start from random vocabulary words (seeded), as PEZ does.
@@ -123,7 +186,7 @@ class PromptAttack:
             output[where] = state["hard"].to(output.dtype).repeat(int(where.shape[0]), 1)
             return output
 
-        handle = table_module.register_forward_hook(replace)
+        handles = [m.register_forward_hook(replace) for m in input_embedding_modules(encoder)]
         losses: list[float] = []
         best_ids, best_loss = allowed[torch.cdist(soft.detach(), table).argmin(1).cpu()].tolist(), float("inf")
         from tqdm.auto import tqdm
@@ -137,9 +200,15 @@ class PromptAttack:
                     projected = table[nearest]
                     state["hard"] = soft + (projected - soft).detach()  # straight-through estimator
                     prompts = [target.image_prompts[j] for j in idx.tolist()]
-                    ids, mask, where = with_suffix(tokenizer, prompts, [0] * self.tokens, max_length)
-                    state["where"] = where
-                    condition = adapter.encode_tokens(ids.to(device_of(adapter)), mask.to(device_of(adapter)))
+                    if several:  # the projected words as text, for every encoder; the hook marks them
+                        suffix_ids = allowed[nearest.cpu()].tolist()
+                        texts = [attacked_prompt(p, tokenizer.decode(suffix_ids).strip()) for p in prompts]
+                        state["where"] = suffix_positions(tokenizer, texts, suffix_ids, max_length)
+                        condition = adapter.encode_prompts_with_grad(texts)
+                    else:
+                        ids, mask, where = with_suffix(tokenizer, prompts, [0] * self.tokens, max_length)
+                        state["where"] = where
+                        condition = adapter.encode_tokens(ids.to(device_of(adapter)), mask.to(device_of(adapter)))
                     loss = denoising_loss(adapter, x0, condition, noise, t).mean()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -149,14 +218,16 @@ class PromptAttack:
                     if i % 10 == 0 or i == self.iterations - 1:
                         losses.append(round(loss.item(), 6))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return best_ids, losses
 
     def run(self, target: AttackTarget) -> AttackOutput:
-        tokenizer = target.adapter.text_tokens()[0]
+        adapter = target.adapter
+        tokenizer = (adapter.suffix_encoder() if several_encoders(adapter) else adapter.text_tokens())[0]
         ids, losses = self.search(target)
         suffix = tokenizer.decode(ids).strip()
-        prompts = [f"{p.rstrip().rstrip('.')} {suffix}" for p in target.prompts]
+        prompts = [attacked_prompt(p, suffix) for p in target.prompts]
         images = target.sample(prompts)
         return AttackOutput([AttackSamples("", images, prompts)], headline="",
                             details={"suffix": suffix, "suffix_ids": ids, "loss_every_10": losses,

@@ -27,6 +27,7 @@ class UnlearnConfig:
     lora_rank: int = 4             # LoRA rank (selection "lora", through peft)
     lora_alpha: float = 4.0        # LoRA scaling alpha
     lora_targets: str = "to_q,to_k,to_v,to_out.0"  # comma-separated module names LoRA wraps
+    lora_base_dtype: str = "fp32"  # LoRA: dtype of the frozen base weights; bf16/fp16 halve them (adapters stay fp32)
     # --- data (PAPER.md §3) ---
     diversity: str = "diverse"     # "diverse" (paired templates) or "uniform" (one prompt each, repeated)
     num_pairs: int = 256           # forget/remain prompt pairs; one generated image per prompt
@@ -98,6 +99,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
 CHOICES = {
     "selection": ("full", "cross-attention", "non-cross-attention", "lora"),
     "mixed_precision": ("no", "bf16", "fp16"),
+    "lora_base_dtype": ("fp32", "bf16", "fp16"),
     "optimizer": ("adam", "adam8bit"),
     "device": ("auto", "cpu", "cuda"),
     "save": ("auto", "pipeline", "unet", "lora"),

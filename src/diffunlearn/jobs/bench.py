@@ -46,6 +46,7 @@ def _worker(spec: dict) -> dict:
                               f"gradient_checkpointing={spec['gradient_checkpointing']}", "forget_cap=none",
                               f"optimizer={spec['optimizer']}", f"offload_encoders={spec['offload_encoders']}",
                               f"lora_rank={spec['lora_rank']}", f"lora_alpha={spec['lora_rank']}",
+                              f"lora_base_dtype={spec.get('lora_base_dtype', 'fp32')}",
                               *([f"lora_targets={spec['lora_targets']}"] if spec["lora_targets"] else []),
                               "diagnose=false", "lr=1e-6",
                               # k concepts the model knows: digits and colours for digit-world models, else templates
@@ -87,11 +88,12 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
               warmup: int = 2, mixed_precision: str = "no", selection: str = "full", device: str = "auto",
               gradient_checkpointing: bool = False, progress: bool = True, optimizer: str = "adam",
               offload_encoders: bool = False, lora_rank: int = 4, lora_targets: str = "",
-              concepts: int = 1) -> dict[str, dict]:
+              concepts: int = 1, lora_base_dtype: str = "fp32") -> dict[str, dict]:
     """Benchmark ``methods`` on the model folder ``model``; returns ``{method: measurements}``.
 
     The memory settings (``mixed_precision``, ``gradient_checkpointing``, ``optimizer``, ``offload_encoders``,
-    a ``lora`` selection with ``lora_rank`` on ``lora_targets``, empty = the config's default) are the
+    a ``lora`` selection with ``lora_rank`` on ``lora_targets``, empty = the config's default, its frozen
+    base in ``lora_base_dtype``) are the
     run config's keys of the same names. ``concepts`` = k forget sets a step (several concepts at
     once: k forget gradients live together, which is what the k-way rule costs).
 
@@ -108,6 +110,9 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                         "Diffusion folder, a preset or embedded:digits)")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+    if lora_base_dtype != "fp32" and (selection != "lora" or mixed_precision != lora_base_dtype):
+        raise UserError(f"--lora-base-dtype {lora_base_dtype} is for --selection lora with --mixed-precision "
+                        f"{lora_base_dtype}; add both, or leave --lora-base-dtype out")
     if not 1 <= concepts <= len(PIXEL_CONCEPTS):
         raise UserError(f"--concepts must be between 1 and {len(PIXEL_CONCEPTS)}, got {concepts}")
     results: dict[str, dict] = {}
@@ -116,7 +121,7 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                 "mixed_precision": mixed_precision, "selection": selection, "device": device,
                 "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(),
                 "optimizer": optimizer, "offload_encoders": offload_encoders, "lora_rank": lora_rank,
-                "lora_targets": lora_targets, "concepts": concepts}
+                "lora_targets": lora_targets, "concepts": concepts, "lora_base_dtype": lora_base_dtype}
         if progress:
             print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "diffunlearn.jobs.bench", json.dumps(spec)], capture_output=True,

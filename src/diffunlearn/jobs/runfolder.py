@@ -85,13 +85,17 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     apply_process_settings(cfg, device, parallel)
     # Frozen parts (VAE, text encoder) run in half precision on GPUs; CPUs keep fp32 (slow half kernels).
-    adapter, folder = load_adapter(cfg.model, device=device, frozen_dtype=amp if device.type == "cuda" else None)
+    # A LoRA run with lora_base_dtype loads its frozen base straight into that dtype (never fp32 on the GPU).
+    base = None if cfg.selection != "lora" or cfg.lora_base_dtype == "fp32" else cfg.lora_base_dtype
+    adapter, folder = load_adapter(cfg.model, device=device, frozen_dtype=amp if device.type == "cuda" else None,
+                                   denoiser_dtype=base)
     if cfg.selection == "lora":
         if not hasattr(adapter, "configure_lora"):
             raise UserError("selection=lora is available for Stable Diffusion models only; for the digit-world "
                             "model use full, cross-attention or non-cross-attention")
         adapter.configure_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                               target_modules=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()))
+                               target_modules=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()),
+                               base_dtype=None if cfg.lora_base_dtype == "fp32" else cfg.lora_base_dtype)
     if cfg.offload_encoders:  # (config.validate refused it for the digit-world models)
         adapter.offload_text_encoders()
     if cfg.gradient_checkpointing:

@@ -91,7 +91,7 @@ def resolve_model_folder(model: str) -> Path:
 
 
 def load_adapter(model: str, text_encoder=None, device: torch.device | str | None = None,
-                 frozen_dtype: torch.dtype | str | None = None
+                 frozen_dtype: torch.dtype | str | None = None, denoiser_dtype: torch.dtype | str | None = None
                  ) -> tuple[PixelTextToImage | ClassConditionalAdapter | StableDiffusionAdapter, Path | None]:
     """Load a model by name, folder or Hub id and wrap it in its adapter.
 
@@ -103,6 +103,8 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
             present for Stable Diffusion, the CPU for the pixel-space models).
         frozen_dtype: precision of a Stable Diffusion model's frozen parts (see
             ``StableDiffusionAdapter.from_pretrained``); the pixel-space models stay in fp32.
+        denoiser_dtype: the diffusers families' trained network in half precision (a LoRA run's
+            frozen base, ``lora_base_dtype``); default fp32.
 
     Returns:
         ``(adapter, folder)``; ``folder`` is ``None`` for a Hub id (its files live in the HF cache).
@@ -114,7 +116,8 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
             and not Path(model).expanduser().exists() and looks_like_hub_id(model)):
         index = json.loads((StableDiffusionAdapter.hub_snapshot_folder(model) / "model_index.json").read_text())
         adapter_class = PIPELINE_ADAPTERS.get(str(index.get("_class_name")), StableDiffusionAdapter)
-        return adapter_class.from_pretrained(model, device=device, frozen_dtype=frozen_dtype), None
+        return adapter_class.from_pretrained(model, device=device, frozen_dtype=frozen_dtype,
+                                              denoiser_dtype=denoiser_dtype), None
     folder = resolve_model_folder(model)
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -134,7 +137,8 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     adapter_class = PIPELINE_ADAPTERS.get(str(index.get("_class_name")), StableDiffusionAdapter)
     # SDXL and other pipelines fail here with their own message.
     check_pipeline_index(index_path, str(folder), adapter_class.pipeline_class_name)
-    return adapter_class.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype), folder
+    return adapter_class.from_pretrained(folder, device=device, frozen_dtype=frozen_dtype,
+                                          denoiser_dtype=denoiser_dtype), folder
 
 
 __all__ = ["EMBEDDED_CLASS", "ClassConditionalAdapter", "FluxAdapter", "PixelTextToImage", "StableDiffusion3Adapter",

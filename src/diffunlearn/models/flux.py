@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
 from .sd import absent_components, uses_text_encoders
 from .sd3 import SD3Condition, StableDiffusion3Adapter
 
@@ -57,21 +56,22 @@ class FluxAdapter(StableDiffusion3Adapter):
     def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module,
                  tokenizer: Any, tokenizer_2: Any, scheduler: Any, device: torch.device | str | None = None,
                  frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                 folder: Path | None = None, max_sequence_length: int = 512) -> None:
+                 folder: Path | None = None, max_sequence_length: int = 512,
+                 denoiser_dtype: torch.dtype | str | None = None) -> None:
         super().__init__(transformer, vae, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2], scheduler,
                          device=device, frozen_dtype=frozen_dtype, source=source, folder=folder,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length, denoiser_dtype=denoiser_dtype)
         self.text_encoder_2, self.tokenizer_2 = self.text_encoders[1], tokenizer_2
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe: Any, device: torch.device | str | None = None,
                       frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                      folder: Path | None = None) -> FluxAdapter:
+                      folder: Path | None = None, denoiser_dtype: torch.dtype | str | None = None) -> FluxAdapter:
         """Wrap the components of an in-memory ``FluxPipeline`` (shared, not copied)."""
         return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
                    pipe.tokenizer_2, pipe.scheduler, device=device, frozen_dtype=frozen_dtype, source=source,
-                   folder=folder)
+                   folder=folder, denoiser_dtype=denoiser_dtype)
 
     @classmethod
     def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
@@ -135,17 +135,12 @@ class FluxAdapter(StableDiffusion3Adapter):
     @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> FluxCondition:
         """The pipeline's own prompt encoding (T5 states, pooled CLIP), float32 on the CPU."""
-        pipe = self._pipeline()
-        prompts = list(prompts)
-        states, pooled = [], []
-        for start in range(0, len(prompts), batch_size):
-            embeds, pool, _ = pipe.encode_prompt(prompts[start:start + batch_size], None, device=self.device,
-                                                 max_sequence_length=self.max_sequence_length)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        if not states:
-            raise ValueError("no prompts to encode")
-        return FluxCondition(torch.cat(states), torch.cat(pooled))
+        return self._encode_pooled(prompts, batch_size)
+
+    def _encode_part(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pool, _ = self._pipeline().encode_prompt(prompts, None, device=self.device,
+                                                         max_sequence_length=self.max_sequence_length)
+        return embeds, pool
 
     @torch.no_grad()
     def sample_condition(self, condition: FluxCondition, seeds: Sequence[int], steps: int = 28,
@@ -171,12 +166,12 @@ class FluxAdapter(StableDiffusion3Adapter):
         """Inverse of :meth:`condition_tensors`."""
         return FluxCondition(states, pooled)
 
-    def text_tokens(self):
-        raise UserError("the prompt (token) attacks need a single text encoder; FLUX has CLIP and T5, so use the "
-                        "embedding attack for it")
+    # The prompt attack's suffix is searched in T5's vocabulary (T5 gives every token state; CLIP only
+    # the pooled vector, and reads the suffix as text).
+    suffix_encoder_name = "text_encoder_2"
 
-    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        raise UserError("the prompt (token) attacks need a single text encoder; use the embedding attack for FLUX")
+    def _suffix_encoder(self):
+        return self.tokenizer_2, self.text_encoder_2, int(self.max_sequence_length)
 
 
 __all__ = ["PIPELINE_CLASS", "FluxAdapter", "FluxCondition", "TRAIN_GUIDANCE"]

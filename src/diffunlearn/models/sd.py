@@ -156,10 +156,11 @@ class StableDiffusionAdapter(DenoisingObjective):
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
                  device: torch.device | str | None = None, frozen_dtype: torch.dtype | str | None = None,
-                 source: str | None = None, folder: Path | None = None) -> None:
+                 source: str | None = None, folder: Path | None = None,
+                 denoiser_dtype: torch.dtype | str | None = None) -> None:
         from diffusers import DDPMScheduler
 
-        self.text_encoder = self._place(unet, vae, [text_encoder], device, frozen_dtype)[0]
+        self.text_encoder = self._place(unet, vae, [text_encoder], device, frozen_dtype, denoiser_dtype)[0]
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         # The forward process q(x_t | x_0) of the ORIGINAL training (DDPM), whatever sampler the folder
@@ -173,16 +174,19 @@ class StableDiffusionAdapter(DenoisingObjective):
         self._finish_init(source, folder)
 
     def _place(self, denoiser: nn.Module, vae: nn.Module, encoders: Sequence[nn.Module | None],
-               device: torch.device | str | None, frozen_dtype: torch.dtype | str | None) -> list:
+               device: torch.device | str | None, frozen_dtype: torch.dtype | str | None,
+               denoiser_dtype: torch.dtype | str | None = None) -> list:
         """What every latent family sets first: the device (CUDA when present), the trained network in
         fp32 as ``self.unet``, the frozen VAE and text ``encoders`` in ``frozen_dtype`` (or fp32), in eval
-        mode without gradients. Returns the placed encoders (None stays None)."""
+        mode without gradients. Returns the placed encoders (None stays None). ``denoiser_dtype`` holds
+        the trained network in half precision instead (a LoRA run's frozen base, ``lora_base_dtype``:
+        its adapters are fp32), so it never occupies the accelerator in fp32."""
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.frozen_dtype = parse_dtype(frozen_dtype)
         frozen = self.frozen_dtype or torch.float32
         # nn.Module.to rather than diffusers' ModelMixin.to, which warns on every dtype cast.
-        self.unet = nn.Module.to(denoiser, device=self.device, dtype=torch.float32)
+        self.unet = nn.Module.to(denoiser, device=self.device, dtype=parse_dtype(denoiser_dtype) or torch.float32)
         self.vae = nn.Module.to(vae, device=self.device, dtype=frozen).eval().requires_grad_(False)
         return [None if e is None else nn.Module.to(e, device=self.device, dtype=frozen).eval().requires_grad_(False)
                 for e in encoders]
@@ -238,6 +242,48 @@ class StableDiffusionAdapter(DenoisingObjective):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    # ---- the pooled families (SDXL, SD3, FLUX): prompts through the pipeline's own encode_prompt ----
+    def _encode_part(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states, pooled projection) of a few prompts by the pipeline's ``encode_prompt``, with
+        gradient through the encoders where autograd is on. Each pooled family defines it."""
+        raise NotImplementedError(f"{type(self).__name__} has no pooled prompt encoding")
+
+    def _encode_pooled(self, prompts: Sequence[str], batch_size: int) -> Any:
+        """The family's condition of ``prompts``, ``batch_size`` prompts per ``_encode_part`` call, float32
+        on the CPU."""
+        prompts = list(prompts)
+        states, pooled = [], []
+        for start in range(0, len(prompts), batch_size):
+            embeds, pool = self._encode_part(prompts[start:start + batch_size])
+            states.append(embeds.float().cpu())
+            pooled.append(pool.float().cpu())
+        if not states:
+            raise ValueError("no prompts to encode")
+        return self.make_condition(torch.cat(states), torch.cat(pooled))
+
+    # Several text encoders: the prompt attack searches its suffix in this one's vocabulary (with
+    # gradient through it) and every encoder reads the suffix as text. None = the single-encoder path.
+    suffix_encoder_name: str | None = None
+
+    def suffix_encoder(self) -> tuple[Any, nn.Module, int]:
+        """The tokenizer, text encoder and padded length (as the pipeline tokenizes for it) that the
+        prompt attack searches its suffix in; an offloaded encoder comes back to the accelerator for good
+        (the attack back-propagates through it)."""
+        if self.suffix_encoder_name is None:
+            raise UserError(f"{type(self).__name__} has one text encoder; the prompt attack uses text_tokens()")
+        if self.offload_encoders:
+            self.offload_encoders = False
+            self.move_text_encoders(self.device)
+        return self._suffix_encoder()
+
+    def _suffix_encoder(self) -> tuple[Any, nn.Module, int]:
+        raise NotImplementedError
+
+    def encode_prompts_with_grad(self, prompts: Sequence[str]) -> Any:
+        """:meth:`encode_prompts` with gradient through the text encoders (one batch): what the prompt
+        attack differentiates."""
+        return self._encode_pooled(prompts, max(len(prompts), 1))
+
     def pooled_inputs(self, uncond) -> Any:
         """The pipeline inputs of a condition with token states and a pooled projection (SDXL, SD3),
         guided against ``uncond``: ``cond_rows -> keyword arguments``."""
@@ -256,14 +302,16 @@ class StableDiffusionAdapter(DenoisingObjective):
     @classmethod
     def from_pipeline(cls, pipe: Any, device: torch.device | str | None = None,
                       frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                      folder: Path | None = None) -> StableDiffusionAdapter:
+                      folder: Path | None = None,
+                      denoiser_dtype: torch.dtype | str | None = None) -> StableDiffusionAdapter:
         """Wrap the components of an in-memory ``StableDiffusionPipeline`` (shared, not copied)."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, device=device,
-                   frozen_dtype=frozen_dtype, source=source, folder=folder)
+                   frozen_dtype=frozen_dtype, source=source, folder=folder, denoiser_dtype=denoiser_dtype)
 
     @classmethod
     def from_pretrained(cls, folder_or_id: str | os.PathLike, device: torch.device | str | None = None,
-                        frozen_dtype: torch.dtype | str | None = None) -> StableDiffusionAdapter:
+                        frozen_dtype: torch.dtype | str | None = None,
+                        denoiser_dtype: torch.dtype | str | None = None) -> StableDiffusionAdapter:
         """Load a local pipeline folder or a Hub id (``org/name``) with safetensors weights only.
 
         Hub ids resolve through the local Hugging Face cache; the Hub is contacted only when the
@@ -273,7 +321,8 @@ class StableDiffusionAdapter(DenoisingObjective):
             folder_or_id: a diffusers ``StableDiffusionPipeline`` folder, or a Hub repository id.
             device: default CUDA when available, else CPU.
             frozen_dtype: dtype of the frozen VAE and text encoder (``torch.bfloat16``/``"bf16"``,
-                ``"fp16"``; default fp32). The UNet is always fp32.
+                ``"fp16"``; default fp32). The UNet is fp32 unless ``denoiser_dtype`` says otherwise
+                (a LoRA run's frozen base; see :meth:`_place`).
 
         Raises:
             UserError: missing folder, not a SD 1.x/2.x pipeline (SDXL included), a Hub id absent
@@ -301,7 +350,8 @@ class StableDiffusionAdapter(DenoisingObjective):
         except Exception as exc:  # diffusers/transformers/safetensors raise many types for bad files
             raise UserError(f"could not load the {cls.pipeline_class_name} {name} ({_first_line(exc)}); its weights "
                             "are missing, not safetensors, or corrupt: restore or re-download it") from exc
-        return cls.from_pipeline(pipe, device=device, frozen_dtype=frozen_dtype, source=source, folder=folder)
+        return cls.from_pipeline(pipe, device=device, frozen_dtype=frozen_dtype, source=source, folder=folder,
+                                 denoiser_dtype=denoiser_dtype)
 
     @classmethod
     def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
@@ -489,13 +539,16 @@ class StableDiffusionAdapter(DenoisingObjective):
 
     # ---- training set-up ----------------------------------------------------------------------
     def configure_lora(self, rank: int = 4, alpha: float = 4.0,
-                       target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
-        """Set the LoRA settings that ``trainable_parameters("lora")`` injects (before its first call).
+                       target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                       base_dtype: torch.dtype | str | None = None) -> None:
+        """Set the LoRA settings that ``trainable_parameters("lora")`` injects (before its first call);
+        ``base_dtype`` (``bf16``/``fp16``) holds the frozen base in half precision from then on.
 
         Raises:
             UserError: invalid settings, or adapters with other settings are already injected.
         """
-        settings = LoraSettings(rank=rank, alpha=float(alpha), target_modules=tuple(target_modules))
+        settings = LoraSettings(rank=rank, alpha=float(alpha), target_modules=tuple(target_modules),
+                                base_dtype=parse_dtype(base_dtype))
         if has_lora(self.unet):
             current = self.unet.peft_config["default"]
             if (current.r, float(current.lora_alpha), set(current.target_modules)) != (

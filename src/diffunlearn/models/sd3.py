@@ -92,10 +92,11 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoders: Sequence[nn.Module | None],
                  tokenizers: Sequence[Any], scheduler: Any, device: torch.device | str | None = None,
                  frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                 folder: Path | None = None, max_sequence_length: int = 256) -> None:
+                 folder: Path | None = None, max_sequence_length: int = 256,
+                 denoiser_dtype: torch.dtype | str | None = None) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.text_encoders = self._place(transformer, vae, text_encoders, device, frozen_dtype)
+        self.text_encoders = self._place(transformer, vae, text_encoders, device, frozen_dtype, denoiser_dtype)
         self.text_encoder = self.text_encoders[0]  # what callers that name one encoder get (CLIP-L)
         self.tokenizers = list(tokenizers)
         self.tokenizer = self.tokenizers[0]
@@ -112,11 +113,12 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     @classmethod
     def from_pipeline(cls, pipe: Any, device: torch.device | str | None = None,
                       frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                      folder: Path | None = None) -> StableDiffusion3Adapter:
+                      folder: Path | None = None,
+                      denoiser_dtype: torch.dtype | str | None = None) -> StableDiffusion3Adapter:
         """Wrap the components of an in-memory ``StableDiffusion3Pipeline`` (shared, not copied)."""
         return cls(pipe.transformer, pipe.vae, [getattr(pipe, n, None) for n in TEXT_PARTS],
                    [getattr(pipe, n, None) for n in TOKENIZER_PARTS], pipe.scheduler, device=device,
-                   frozen_dtype=frozen_dtype, source=source, folder=folder)
+                   frozen_dtype=frozen_dtype, source=source, folder=folder, denoiser_dtype=denoiser_dtype)
 
     @classmethod
     def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
@@ -192,19 +194,13 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> SD3Condition:
         """The pipeline's own prompt encoding (no classifier-free copy), float32 on the CPU."""
-        pipe = self._pipeline()
-        prompts = list(prompts)
-        states, pooled = [], []
-        for start in range(0, len(prompts), batch_size):
-            part = prompts[start:start + batch_size]
-            embeds, _, pool, _ = pipe.encode_prompt(part, None, None, device=self.device,
-                                                    do_classifier_free_guidance=False,
-                                                    max_sequence_length=self.max_sequence_length)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        if not states:
-            raise ValueError("no prompts to encode")
-        return SD3Condition(torch.cat(states), torch.cat(pooled))
+        return self._encode_pooled(prompts, batch_size)
+
+    def _encode_part(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pool, _ = self._pipeline().encode_prompt(prompts, None, None, device=self.device,
+                                                            do_classifier_free_guidance=False,
+                                                            max_sequence_length=self.max_sequence_length)
+        return embeds, pool
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -242,12 +238,20 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
         """Inverse of :meth:`condition_tensors`."""
         return SD3Condition(states, pooled)
 
+    # The prompt attack's suffix is searched in CLIP-G's vocabulary (always present, the larger CLIP);
+    # CLIP-L and T5, when the folder has it, read the same words as text.
+    suffix_encoder_name = "text_encoder_2"
+
+    def _suffix_encoder(self):
+        return self.tokenizers[1], self.text_encoders[1], int(self.tokenizers[1].model_max_length)
+
     def text_tokens(self):
-        raise UserError("the prompt (token) attacks need a single text encoder; SD3 has two CLIP encoders and T5, "
-                        "so use the embedding attack for it")
+        raise UserError(f"{self.pipeline_class_name} has several text encoders, so it has no single token path; the "
+                        "prompt attack uses suffix_encoder() and encode_prompts_with_grad()")
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        raise UserError("the prompt (token) attacks need a single text encoder; use the embedding attack for SD3")
+        raise UserError(f"{self.pipeline_class_name} has several text encoders; encode prompts with "
+                        "encode_prompts_with_grad()")
 
 
 __all__ = ["PIPELINE_CLASS", "SD3Condition", "StableDiffusion3Adapter"]

@@ -76,11 +76,13 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     @classmethod
     def from_pipeline(cls, pipe: Any, device: torch.device | str | None = None,
                       frozen_dtype: torch.dtype | str | None = None, source: str | None = None,
-                      folder: Path | None = None) -> StableDiffusionXLAdapter:
+                      folder: Path | None = None,
+                      denoiser_dtype: torch.dtype | str | None = None) -> StableDiffusionXLAdapter:
         """Wrap the components of an in-memory ``StableDiffusionXLPipeline`` (shared, not copied)."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                    pipe.scheduler, force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt),
-                   device=device, frozen_dtype=frozen_dtype, source=source, folder=folder)
+                   device=device, frozen_dtype=frozen_dtype, source=source, folder=folder,
+                   denoiser_dtype=denoiser_dtype)
 
     @classmethod
     def load_pipeline(cls, load_from: str, folder: Path, local_only: bool, **components: Any) -> Any:
@@ -116,17 +118,12 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     @uses_text_encoders
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> SDXLCondition:
         """The pipeline's own prompt encoding (no classifier-free copy), float32 on the CPU."""
-        pipe = self._pipeline()
-        prompts = list(prompts)
-        states, pooled = [], []
-        for start in range(0, len(prompts), batch_size):
-            embeds, _, pool, _ = pipe.encode_prompt(prompts[start:start + batch_size], device=self.device,
-                                                    do_classifier_free_guidance=False)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        if not states:
-            raise ValueError("no prompts to encode")
-        return SDXLCondition(torch.cat(states), torch.cat(pooled), self.time_ids(len(prompts)))
+        return self._encode_pooled(prompts, batch_size)
+
+    def _encode_part(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pool, _ = self._pipeline().encode_prompt(prompts, device=self.device,
+                                                            do_classifier_free_guidance=False)
+        return embeds, pool
 
     @torch.no_grad()
     @uses_text_encoders
@@ -166,12 +163,19 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         """Inverse of :meth:`condition_tensors` (with the default size/crop ids)."""
         return SDXLCondition(states, pooled, self.time_ids(len(states)).to(states.device))
 
+    # The prompt attack's suffix is searched in OpenCLIP-G's vocabulary (its states are 1280 of the
+    # 2048 and it alone gives the pooled projection); CLIP-L, same vocabulary, reads the same words.
+    suffix_encoder_name = "text_encoder_2"
+
+    def _suffix_encoder(self):
+        return self.tokenizer_2, self.text_encoder_2, int(self.tokenizer_2.model_max_length)
+
     def text_tokens(self):
-        raise UserError("the prompt (token) attacks need a single text encoder; SDXL has two, so use the embedding "
-                        "attack for it")
+        raise UserError("SDXL has two text encoders, so it has no single token path; the prompt attack uses "
+                        "suffix_encoder() and encode_prompts_with_grad()")
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        raise UserError("the prompt (token) attacks need a single text encoder; use the embedding attack for SDXL")
+        raise UserError("SDXL has two text encoders; encode prompts with encode_prompts_with_grad()")
 
 
 __all__ = ["PIPELINE_CLASS", "SDXLCondition", "StableDiffusionXLAdapter"]

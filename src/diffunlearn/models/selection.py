@@ -6,7 +6,10 @@
 * ``non-cross-attention``: every UNet weight except ``attn2``, in the spirit of ESD-u. (ESD's own
   ``noxattn`` also leaves out the time embedding and the output layers; this selection does not.)
 * ``lora``: low-rank adapters (peft LoRA) injected into the UNet's attention projections; the base
-  weights stay frozen and bit-identical, only the adapters train.
+  weights stay frozen and bit-identical, only the adapters train. With a ``base_dtype`` (bf16/fp16)
+  the frozen base is held in half precision while the adapters stay fp32, as diffusers' LoRA
+  training scripts do (``cast_training_params``): half the base's memory (FLUX.1-dev's 11.9 B
+  transformer: 24 GB instead of 48 GB).
 
 LoRA parameters never belong to the first three selections, so a UNet that carries adapters still
 selects exactly its base weights for them.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -33,11 +37,14 @@ class LoraSettings:
 
     ``target_modules`` are module-name suffixes inside the UNet; the default covers the query, key,
     value and output projections of both self- and cross-attention, as diffusers' LoRA scripts do.
+    ``base_dtype`` (``None`` = as loaded) is the dtype the frozen base weights are cast to once the
+    adapters are injected; the adapters themselves stay fp32 (the trained master weights).
     """
 
     rank: int = 4
     alpha: float = 4.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    base_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +54,8 @@ class LoraSettings:
             problems.append(f"LoRA `alpha` must be positive, got {self.alpha!r}")
         if not self.target_modules:
             problems.append("LoRA `target_modules` must name at least one module (e.g. to_q)")
+        if self.base_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            problems.append(f"LoRA `base_dtype` must be fp32, bf16 or fp16, got {self.base_dtype!r}")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -84,6 +93,21 @@ def inject_lora(unet: nn.Module, settings: LoraSettings) -> None:
                         "use attention projection names such as to_q, to_k, to_v, to_out.0") from exc
 
 
+def cast_frozen_base(unet: nn.Module, dtype: torch.dtype) -> None:
+    """Hold every non-LoRA weight and buffer of ``unet`` in ``dtype`` and every LoRA weight in fp32.
+
+    peft gives each adapter its base layer's dtype, so the cast comes after the injection; the
+    module's outputs keep the base dtype (peft casts the adapter's contribution back), and autocast
+    (``mixed_precision``) runs the matmuls in half precision either way.
+    """
+    for name, p in unet.named_parameters():
+        p.data = p.data.to(torch.float32 if LORA_MARK in name else dtype)
+    for module in unet.modules():
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[key] = buffer.to(dtype)
+
+
 def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None = None,
                       cross_attention: Callable[[str], bool] | None = None) -> list[tuple[str, nn.Parameter]]:
     """Mark the selected UNet parameters trainable and freeze every other one.
@@ -105,8 +129,11 @@ def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None
     """
     is_cross = cross_attention or (lambda name: CROSS_ATTENTION_MARK in name)
     if selection == "lora":
-        inject_lora(unet, lora or LoraSettings())
+        settings = lora or LoraSettings()
+        inject_lora(unet, settings)
         keep = lambda name: LORA_MARK in name  # noqa: E731
+        if settings.base_dtype is not None:
+            cast_frozen_base(unet, settings.base_dtype)
     elif selection == "full":
         keep = lambda name: LORA_MARK not in name  # noqa: E731
     elif selection == "cross-attention":
