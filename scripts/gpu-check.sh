@@ -3,7 +3,7 @@
 # The one prepared GPU check (issue 3 §4). On a CUDA machine it builds a Stable Diffusion v1.x-sized
 # UNet, VAE and text encoder from config with random weights (no download) and benchmarks ga,
 # graddiff, rg and rg-flat at batch 8 in bf16; it takes a few minutes on one H100. Without a GPU it
-# runs the same bench small (tiny preset, batch 2, fp32) so CI keeps the script working. Then a short
+# runs the same bench small (tiny preset, batch 2, fp32, rg and rg-flat) so CI keeps the script working. Then a short
 # class-track run (embedded class-conditional model, device=auto) whose recorded device must be the
 # GPU when there is one: a class-conditional model once trained on the CPU even with device: cuda.
 # Then (issue 15 §4) the LoRA RG bench against GradDiff at the real sizes of SDXL (2.6 B UNet) and
@@ -25,7 +25,7 @@ fi
 export HF_HUB_OFFLINE=1
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     want=cuda
-    args=(--preset sd15 --batch-size 8 --mixed-precision bf16 --steps 5 --warmup 2)
+    args=(--preset sd15 --batch-size 8 --mixed-precision bf16 --steps 5 --warmup 2 --methods ga,graddiff,rg,rg-flat)
     big=(--mixed-precision bf16 --lora-base-dtype bf16 --steps 3 --warmup 1)
     sdxl=sdxl; flux=flux-dev; sdxl_batch=4; flux_batch=2
     pair=graddiff,rg
@@ -33,7 +33,9 @@ if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
     echo "no CUDA GPU: running the small CPU version of the check"
     want=cpu
-    args=(--preset tiny --batch-size 2 --steps 2 --warmup 1)
+    # rg and its flat-vector twin only: each method is a process of its own, and the CPU form checks
+    # that the steps run (every method runs in the test suite), the GPU form measures all four.
+    args=(--preset tiny --batch-size 2 --steps 2 --warmup 1 --methods rg,rg-flat)
     big=(--steps 1 --warmup 0)
     sdxl=sdxl-tiny; flux=flux-tiny; sdxl_batch=2; flux_batch=2
     pair=rg  # RG alone here: the CPU form checks that the steps run, the GPU form measures the ratio

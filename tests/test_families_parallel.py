@@ -30,6 +30,13 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 
 
 def cli(command: list[str], *args: str) -> None:
+    """``SINGLE`` runs in this test's own process (one thread: tests/conftest.py), which saves a
+    process start; ``LAUNCH`` starts the two gloo processes."""
+    if command is SINGLE:
+        from diffunlearn.cli import main
+
+        assert main([*args, "--quiet"]) == 0
+        return
     proc = subprocess.run([*command, *args, "--quiet"], env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -15,7 +15,7 @@ def test_table_arithmetic_on_hand_made_runs():
     assert "| three | rg | 0.100 ± 0.141 | 0.900 ± 0.141 | 200 ± 141 | 20 ± 14 | 2 |" in table
 
 
-def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_two_seed_leaderboard_end_to_end_red_teamed_and_resumed(tmp_path, monkeypatch):
     out = tmp_path / "board"
     small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8"]
     table = run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False)
@@ -39,6 +39,22 @@ def test_two_seed_leaderboard_end_to_end_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lb, "run_demo", refuse)
     assert run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False) == table
+
+    # Red-teaming the same board (seed 0; run_demo still refuses): every model's report, reused on a rerun.
+    red = run_leaderboard(out, ("ga", "rg"), ("three",), (0,), small, progress=False, attacks=("paraphrase",))
+    saved = json.loads((out / "leaderboard.json").read_text())
+    for name in ("base", "ga", "rg"):
+        report = json.loads((out / "three-seed0" / "attacks" / name / "results.json").read_text())
+        asr = report["attacks"]["paraphrase"]["asr"]["oracle"]
+        assert saved["results"]["three"][name][0]["asr"]["paraphrase"] == asr
+    assert "ASR paraphrase ↓" in red and saved["attacks"] == ["paraphrase"]
+    import diffunlearn.jobs.attack as job
+
+    def refuse_attack(*args, **kwargs):
+        raise AssertionError("a finished red-team report was run again")
+
+    monkeypatch.setattr(job, "run_attack_job", refuse_attack)
+    assert run_leaderboard(out, ("ga", "rg"), ("three",), (0,), small, progress=False, attacks=("paraphrase",)) == red
 
     # Changed settings (here: lr) make the finished demos stale: each is redone (the demo itself then
     # reuses every method folder whose config did not change).
@@ -76,23 +92,3 @@ def test_asr_columns_are_mean_and_std_over_seeds():
     assert "| ASR embedding ↓ | ASR relearn ↓ | seeds |" in table
     assert "| 20 ± 14 | 0.600 ± 0.141 | - | 2 |" in table
 
-
-def test_leaderboard_red_teams_every_model_and_reuses_the_reports(tmp_path, monkeypatch):
-    out = tmp_path / "board"
-    small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8"]
-    table = run_leaderboard(out, ("rg",), ("three",), (0,), small, progress=False, attacks=("paraphrase",))
-    saved = json.loads((out / "leaderboard.json").read_text())
-    for name in ("base", "rg"):
-        report = json.loads((out / "three-seed0" / "attacks" / name / "results.json").read_text())
-        asr = report["attacks"]["paraphrase"]["asr"]["oracle"]
-        assert saved["results"]["three"][name][0]["asr"]["paraphrase"] == asr
-    assert "ASR paraphrase ↓" in table
-    assert saved["attacks"] == ["paraphrase"]
-
-    import diffunlearn.jobs.attack as job
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a finished red-team report was run again")
-
-    monkeypatch.setattr(job, "run_attack_job", refuse)
-    assert run_leaderboard(out, ("rg",), ("three",), (0,), small, progress=False, attacks=("paraphrase",)) == table

@@ -121,6 +121,7 @@ def test_the_bench_measures_k_forget_gradients():
 
     results = bench.run_bench("embedded:digits", ("rg",), batch_size=2, steps=1, warmup=0, progress=False, concepts=3)
     assert results["rg"]["step_seconds"] > 0 and results["rg"]["projected_fraction"] in (0.0, 1.0)
+    assert results["rg"]["peak_memory_mb"] > 0 and results["rg"]["device"] == "cpu"   # the digit model, measured
     with pytest.raises(UserError, match="--concepts must be between 1 and 4"):
         bench.run_bench("embedded:digits", ("rg",), concepts=5, progress=False)
 

@@ -315,8 +315,7 @@ def test_bench_defaults_to_the_tiny_preset_and_measures_digit_models(capsys, mon
     assert seen == {"preset": "tiny", "dtype": None, "device": None}    # the CPU here; fp32
     bench.bench_model_folder("flux-dev", None, Path("/tmp/w"), dtype="bf16")
     assert seen["dtype"] == "bf16"    # a bf16 bench saves its random weights in bf16 (FLUX.1-dev: 33 GB)
-    results = bench.run_bench("embedded:digits", ("graddiff",), batch_size=2, steps=1, warmup=0, progress=False)
-    assert results["graddiff"]["step_seconds"] > 0 and results["graddiff"]["peak_memory_mb"] > 0
+    # (A bench of the digit model itself runs in tests/test_multi_concept.py, with three concepts.)
     with pytest.raises(UserError, match="class-conditional model"):
         bench.run_bench("embedded:digits-class", ("rg",), progress=False)
 
