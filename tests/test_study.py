@@ -110,7 +110,7 @@ def test_search_space_defaults_and_overrides():
 
 def test_a_three_trial_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
-    code = main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "2",
+    code = main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "1",
                  "--out", str(out), "--quiet"])
     assert code == 0
     table = capsys.readouterr().out
@@ -133,7 +133,7 @@ def test_a_three_trial_study_end_to_end(tmp_path, capsys):
         assert 0.0 <= result["summary"][method]["hypervolume"] <= 1.0
     assert (out / "front.png").stat().st_size > 0 and (out / "study.db").is_file()
     # Rerunning finds everything done: no new trial, same table.
-    assert main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "2",
+    assert main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "1",
                  "--out", str(out), "--quiet"]) == 0
     again = json.loads((out / "study.json").read_text())
     assert [len(again["trials"][m]) for m in ("rg", "graddiff")] == [3, 3]
