@@ -146,6 +146,12 @@ def test_resume_says_its_step_and_sums_the_training_time(pixel_folder, tmp_path,
     assert seconds >= sum(r["seconds"] for r in records) * 0.999
     assert records[-1]["elapsed_seconds"] == pytest.approx(seconds)
     assert records[2]["elapsed_seconds"] > records[1]["elapsed_seconds"]
+    from pathlib import Path
+
+    from diffunlearn.core.training import resume_message
+
+    last = resume_message(4, 4, Path("ckpt"))     # a checkpoint of the last step: nothing left to train
+    assert "last of 4 steps" in last and "training is complete" in last and "step 5" not in last
 
 
 def test_an_update_that_poisons_the_weights_stops_before_a_checkpoint_takes_it(text_encoder, tmp_path,

@@ -321,6 +321,14 @@ def step_stats(forget_list: list, g_r: list, gram) -> dict[str, Any]:
             "conflict": conflict}
 
 
+def resume_message(step: int, steps: int, found: Path) -> str:
+    """What a resumed run says about where it starts (a checkpoint of the last step leaves no training)."""
+    if step >= steps:
+        return (f"resuming from the checkpoint of step {step} ({found}): that is the last of {steps} steps, so "
+                "training is complete and only what follows it runs")
+    return f"resuming from the checkpoint of step {step} ({found}); continuing at step {step + 1} of {steps}"
+
+
 def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor, forget_cond,
             remain_x0: torch.Tensor, remain_cond, metrics_path: Path | None = None, progress: bool = True,
             checkpoint_dir: Path | None = None, resume: bool = False, parallel: Parallel | None = None
@@ -397,8 +405,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
         if metrics_path is not None and parallel.is_main:
             history = _truncate_metrics(metrics_path, state["step"])
         if parallel.is_main:
-            print(f"resuming from the checkpoint of step {state['step']} ({found}); continuing at step {first_step} "
-                  f"of {cfg.steps}", file=sys.stderr)
+            print(resume_message(state["step"], cfg.steps, found), file=sys.stderr)
     else:
         if resume and parallel.is_main:
             where = checkpoint_dir if checkpoint_dir is not None else "this run"
