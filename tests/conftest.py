@@ -77,3 +77,24 @@ SLOW_FIRST = ("test_gpu_check_script_runs_small_on_cpu", "test_families_parallel
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if any(s in item.nodeid for s in SLOW_FIRST) else 1)  # stable: same order else
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch):
+    """``crash(module, name, at_step=None)``: replace the checkpoint writer ``module.name`` with one that
+    writes the checkpoint and then raises KeyboardInterrupt (at step ``at_step``, its second argument;
+    ``None`` = at the first checkpoint), as a user's Ctrl-C right after a save would. Returns the real
+    writer; the fixture's monkeypatch puts it back."""
+    def crash(module, name: str, at_step: int | None = None):
+        real = getattr(module, name)
+
+        def save_then_crash(*args, **kwargs):
+            saved = real(*args, **kwargs)
+            if at_step is None or args[1] == at_step:
+                raise KeyboardInterrupt
+            return saved
+
+        monkeypatch.setattr(module, name, save_then_crash)
+        return real
+
+    return crash

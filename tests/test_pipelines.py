@@ -321,7 +321,7 @@ def test_the_sd3_recipe_file_runs_and_its_lora_run_is_evaluated(tiny_sd3_folder,
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"], indirect=True)
-def test_a_flow_matching_run_resumes_to_the_same_weights(family, tmp_path, monkeypatch):
+def test_a_flow_matching_run_resumes_to_the_same_weights(family, tmp_path, monkeypatch, crash_after_checkpoint):
     """The flow families draw σ from the run's own generator, so a resumed run continues the same stream:
     interrupted after step 2 of 4 and resumed, it ends bit-identical to an uninterrupted run."""
     name, folder, data, part, *_ = family
@@ -330,15 +330,7 @@ def test_a_flow_matching_run_resumes_to_the_same_weights(family, tmp_path, monke
 
     import diffunlearn.core.training as training
 
-    real_save = training.save_checkpoint
-
-    def save_then_crash(root, step, *a, **k):
-        saved = real_save(root, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    real_save = crash_after_checkpoint(training, "save_checkpoint", at_step=2)
     assert run("unlearn", *args, "--out", str(tmp_path / "resumed")) == 130
     monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert run("unlearn", "--resume", str(tmp_path / "resumed")) == 0

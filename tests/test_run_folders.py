@@ -119,19 +119,12 @@ def test_an_early_interruption_leaves_a_resumable_run_and_says_how(pixel_folder,
     assert json.loads((out / "results.json").read_text())["training"]["steps"] == 3
 
 
-def test_resume_says_its_step_and_sums_the_training_time(pixel_folder, tmp_path, capsys, monkeypatch):
+def test_resume_says_its_step_and_sums_the_training_time(pixel_folder, tmp_path, capsys, monkeypatch,
+                                                          crash_after_checkpoint):
     import diffunlearn.core.training as training
 
-    real_save = training.save_checkpoint
-
-    def save_then_crash(root, step, *a, **k):
-        folder = real_save(root, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-        return folder
-
     out = tmp_path / "run"
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(training, "save_checkpoint", at_step=2)
     assert main(["unlearn", f"model={pixel_folder}", *QUICK, "steps=4", "checkpoint_every=1", "--out", str(out),
                  "--quiet"]) == 130
     monkeypatch.undo()
@@ -257,7 +250,7 @@ def test_only_the_main_process_prints(capsys, monkeypatch):
     assert "rg" in capsys.readouterr().out
 
 
-def test_train_base_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_train_base_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch, crash_after_checkpoint):
     from safetensors.torch import load_file
 
     import diffunlearn.worlds.base_model as base_model
@@ -267,13 +260,7 @@ def test_train_base_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkey
     base_model.train_base(tmp_path / "straight", **small)
     assert not (tmp_path / "straight" / "checkpoint").exists()  # removed once finished
 
-    real_save = base_model.save_recipe_checkpoint
-
-    def save_then_crash(out, step, *a, **k):
-        real_save(out, step, *a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(base_model, "save_recipe_checkpoint", save_then_crash)
+    crash_after_checkpoint(base_model, "save_recipe_checkpoint")
     with pytest.raises(KeyboardInterrupt):
         base_model.train_base(tmp_path / "resumed", **small)
     monkeypatch.undo()
@@ -349,22 +336,15 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
     assert target.read_text() == "precious"
 
 
-def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch):
+def test_the_class_recipe_resumes_to_the_same_weights_too(tmp_path, monkeypatch, crash_after_checkpoint):
     from safetensors.torch import load_file
 
-    import diffunlearn.core.checkpoints as checkpoints
     import diffunlearn.worlds.base_model as base_model
     from diffunlearn.worlds.class_digits import train_class_base
 
     small = dict(steps=4, batch_size=8, eval_every=100, eval_per_class=1, checkpoint_every=2, progress=False)
     train_class_base(tmp_path / "straight", **small)
-    real_save = checkpoints.save_recipe_checkpoint
-
-    def save_then_crash(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(base_model, "save_recipe_checkpoint", save_then_crash)
+    crash_after_checkpoint(base_model, "save_recipe_checkpoint")
     with pytest.raises(KeyboardInterrupt):
         train_class_base(tmp_path / "resumed", **small)
     monkeypatch.undo()

@@ -135,21 +135,14 @@ def test_lora_result_loads_in_diffusers_and_reproduces_the_trained_model(tiny_sd
     assert np.abs(trained - base).max() > 10  # and the LoRA really changed it
 
 
-def test_resume_after_an_interruption_matches_an_uninterrupted_run(tiny_sd_folder, data_dir, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tiny_sd_folder, data_dir, tmp_path, monkeypatch,
+                                                                    crash_after_checkpoint):
     args = [f"model={tiny_sd_folder}", f"data_dir={data_dir}", *COMMON, "steps=4", "checkpoint_every=1"]
     assert run("unlearn", *args, "--out", str(tmp_path / "straight")) == 0
 
     import diffunlearn.core.training as training
 
-    real_save = training.save_checkpoint
-
-    def save_then_crash(root, step, *a, **k):
-        folder = real_save(root, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-        return folder
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    real_save = crash_after_checkpoint(training, "save_checkpoint", at_step=2)
     assert run("unlearn", *args, "--out", str(tmp_path / "resumed")) == 130
     assert not (tmp_path / "resumed" / "results.json").exists()
     monkeypatch.setattr(training, "save_checkpoint", real_save)
