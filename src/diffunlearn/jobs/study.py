@@ -573,10 +573,8 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         total = budget(spec, space)
         left = total - len(done) - len(running)  # queued re-runs are part of what is left
-        if left <= 0:
-            continue
         bar = tqdm(total=total, initial=len(done), desc=f"study {spec.concept}: {method} trials",
-                   disable=not progress)
+                   disable=not progress or left <= 0)
 
         def objective(trial, method=method, space=space, study=study, total=total):
             others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -608,13 +606,39 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
             if clock is not None:
                 clock.tick()
 
+        callbacks = [MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.RUNNING)), tick]
         try:
-            study.optimize(objective, n_trials=left,
-                           callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,
-                                                                             TrialState.RUNNING)), tick],
-                           catch=())
+            if left > 0:
+                study.optimize(objective, n_trials=left, callbacks=callbacks, catch=())
+            finish_orphaned_trials(study, objective, callbacks, method, progress)
         finally:
             bar.close()
+
+
+def finish_orphaned_trials(study, objective, callbacks, method: str, progress: bool) -> None:
+    """Trials still RUNNING once this worker's share is done belong to another worker: wait until each
+    finishes or its heartbeat goes stale (a worker killed moments before this session started looks
+    alive for GRACE_SECONDS), and run the stale ones again here. Without this wait a study restarted
+    right after a kill counted the dead trial as running, finished without it, and kept it RUNNING."""
+    import optuna
+    from optuna.trial import TrialState
+
+    said = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        queued = requeue_interrupted(study)
+        if queued:
+            study.optimize(objective, n_trials=queued, callbacks=callbacks, catch=())
+            continue
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if progress and not said:
+            print(f"waiting for {method} trial(s) {', '.join(str(_root(t)) for t in running)} of another worker "
+                  f"(a dead worker's trial runs again here once its heartbeat is {GRACE_SECONDS} s old)",
+                  file=sys.stderr)
+            said = True
+        time.sleep(max(0.5, min(HEARTBEAT_SECONDS, GRACE_SECONDS) / 4))
 
 
 def pareto(points: list[list[float]], directions: list[str]) -> list[bool]:
