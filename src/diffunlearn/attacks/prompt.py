@@ -135,7 +135,13 @@ def with_suffix(tokenizer: Any, prompts: list[str], suffix_ids: list[int], max_l
 
 def several_encoders(adapter: Any) -> bool:
     """Whether the model has several text encoders, searched through ``suffix_encoder()``."""
-    return getattr(adapter, "suffix_encoder_name", None) is not None
+    return bool(getattr(adapter, "several_text_encoders", False))
+
+
+def token_path(adapter: Any) -> tuple[bool, Any, Any, int]:
+    """(several encoders?, tokenizer, encoder, padded length) of the encoder the suffix is searched in."""
+    several = several_encoders(adapter)
+    return (several, *(adapter.suffix_encoder() if several else adapter.text_tokens()))
 
 
 @dataclasses.dataclass
@@ -167,8 +173,7 @@ class PromptAttack:
     def search(self, target: AttackTarget) -> tuple[list[int], list[float]]:
         """The suffix token ids found, and the loss of the projected suffix every 10 iterations."""
         adapter = target.adapter
-        several = several_encoders(adapter)
-        tokenizer, encoder, max_length = adapter.suffix_encoder() if several else adapter.text_tokens()
+        several, tokenizer, encoder, max_length = token_path(adapter)
         table_module = encoder.get_input_embeddings()
         allowed = torch.tensor(allowed_token_ids(tokenizer, round_trip=several))
         table = table_module.weight.detach().float()[allowed.to(table_module.weight.device)]
@@ -223,8 +228,7 @@ class PromptAttack:
         return best_ids, losses
 
     def run(self, target: AttackTarget) -> AttackOutput:
-        adapter = target.adapter
-        tokenizer = (adapter.suffix_encoder() if several_encoders(adapter) else adapter.text_tokens())[0]
+        tokenizer = token_path(target.adapter)[1]
         ids, losses = self.search(target)
         suffix = tokenizer.decode(ids).strip()
         prompts = [attacked_prompt(p, suffix) for p in target.prompts]

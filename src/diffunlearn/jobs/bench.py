@@ -31,16 +31,11 @@ PIXEL_CONCEPTS = ("three", "seven", "red", "blue")
 TEMPLATE_CONCEPTS = ("nudity", "van-gogh", "monet", "picasso")
 
 
-def _worker(spec: dict) -> dict:
-    """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
+def bench_config(spec: dict):
+    """The run config one bench worker trains with (built, and so validated, by the parent first)."""
     from ..config import build_config, model_kind
-    from ..core.parallel import Parallel
-    from ..data.training import prompt_texts, training_prompt_sets
-    from ..methods import get_method
-    from .runfolder import load_for_run
 
-    torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
-    cfg = build_config(None, [f"model={spec['model']}", f"method={spec['method']}", f"selection={spec['selection']}",
+    return build_config(None, [f"model={spec['model']}", f"method={spec['method']}", f"selection={spec['selection']}",
                               f"batch_size={spec['batch_size']}", f"steps={spec['warmup'] + spec['steps']}",
                               f"mixed_precision={spec['mixed_precision']}", f"device={spec['device']}",
                               f"gradient_checkpointing={spec['gradient_checkpointing']}", "forget_cap=none",
@@ -52,6 +47,17 @@ def _worker(spec: dict) -> dict:
                               # k concepts the model knows: digits and colours for digit-world models, else templates
                               "concept=" + ",".join((PIXEL_CONCEPTS if model_kind(spec["model"]) == "pixel"
                                                      else TEMPLATE_CONCEPTS)[:spec.get("concepts", 1)])])
+
+
+def _worker(spec: dict) -> dict:
+    """Runs in the child process: load, train ``warmup + steps`` steps, measure."""
+    from ..core.parallel import Parallel
+    from ..data.training import prompt_texts, training_prompt_sets
+    from ..methods import get_method
+    from .runfolder import load_for_run
+
+    torch.set_num_threads(max(1, int(spec.get("threads") or torch.get_num_threads())))
+    cfg = bench_config(spec)
     adapter, _ = load_for_run(cfg, Parallel())
     n = cfg.batch_size * cfg.steps
     forget_sets, remain_p = training_prompt_sets(cfg, n=n)
@@ -110,9 +116,6 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                         "Diffusion folder, a preset or embedded:digits)")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
-    if lora_base_dtype != "fp32" and (selection != "lora" or mixed_precision != lora_base_dtype):
-        raise UserError(f"--lora-base-dtype {lora_base_dtype} is for --selection lora with --mixed-precision "
-                        f"{lora_base_dtype}; add both, or leave --lora-base-dtype out")
     if not 1 <= concepts <= len(PIXEL_CONCEPTS):
         raise UserError(f"--concepts must be between 1 and {len(PIXEL_CONCEPTS)}, got {concepts}")
     results: dict[str, dict] = {}
@@ -122,6 +125,7 @@ def run_bench(model: str, methods: tuple[str, ...] = BENCH_METHODS, batch_size: 
                 "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(),
                 "optimizer": optimizer, "offload_encoders": offload_encoders, "lora_rank": lora_rank,
                 "lora_targets": lora_targets, "concepts": concepts, "lora_base_dtype": lora_base_dtype}
+        bench_config(spec)  # a bad combination of settings fails here, before any worker starts
         if progress:
             print(f"bench {method}: {warmup} warm-up + {steps} timed steps at batch {batch_size}", file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "diffunlearn.jobs.bench", json.dumps(spec)], capture_output=True,

@@ -95,7 +95,7 @@ def load_for_run(cfg: UnlearnConfig, parallel: Parallel | None = None):
                             "model use full, cross-attention or non-cross-attention")
         adapter.configure_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                target_modules=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()),
-                               base_dtype=None if cfg.lora_base_dtype == "fp32" else cfg.lora_base_dtype)
+                               base_dtype=base)
     if cfg.offload_encoders:  # (config.validate refused it for the digit-world models)
         adapter.offload_text_encoders()
     if cfg.gradient_checkpointing:

@@ -166,11 +166,8 @@ class FluxAdapter(StableDiffusion3Adapter):
         """Inverse of :meth:`condition_tensors`."""
         return FluxCondition(states, pooled)
 
-    # The prompt attack's suffix is searched in T5's vocabulary (T5 gives every token state; CLIP only
-    # the pooled vector, and reads the suffix as text).
-    suffix_encoder_name = "text_encoder_2"
-
     def _suffix_encoder(self):
+        # T5's vocabulary: T5 gives every token state; CLIP only the pooled vector, and reads the suffix as text.
         return self.tokenizer_2, self.text_encoder_2, int(self.max_sequence_length)
 
 

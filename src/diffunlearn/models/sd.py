@@ -261,15 +261,15 @@ class StableDiffusionAdapter(DenoisingObjective):
             raise ValueError("no prompts to encode")
         return self.make_condition(torch.cat(states), torch.cat(pooled))
 
-    # Several text encoders: the prompt attack searches its suffix in this one's vocabulary (with
-    # gradient through it) and every encoder reads the suffix as text. None = the single-encoder path.
-    suffix_encoder_name: str | None = None
+    # Several text encoders (the pooled families): the prompt attack searches its suffix in one of them
+    # (:meth:`suffix_encoder`, with gradient through it) and every encoder reads the suffix as text.
+    several_text_encoders = False
 
     def suffix_encoder(self) -> tuple[Any, nn.Module, int]:
         """The tokenizer, text encoder and padded length (as the pipeline tokenizes for it) that the
         prompt attack searches its suffix in; an offloaded encoder comes back to the accelerator for good
         (the attack back-propagates through it)."""
-        if self.suffix_encoder_name is None:
+        if not self.several_text_encoders:
             raise UserError(f"{type(self).__name__} has one text encoder; the prompt attack uses text_tokens()")
         if self.offload_encoders:
             self.offload_encoders = False

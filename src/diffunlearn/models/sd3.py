@@ -240,7 +240,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
 
     # The prompt attack's suffix is searched in CLIP-G's vocabulary (always present, the larger CLIP);
     # CLIP-L and T5, when the folder has it, read the same words as text.
-    suffix_encoder_name = "text_encoder_2"
+    several_text_encoders = True
 
     def _suffix_encoder(self):
         return self.tokenizers[1], self.text_encoders[1], int(self.tokenizers[1].model_max_length)

@@ -165,7 +165,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     # The prompt attack's suffix is searched in OpenCLIP-G's vocabulary (its states are 1280 of the
     # 2048 and it alone gives the pooled projection); CLIP-L, same vocabulary, reads the same words.
-    suffix_encoder_name = "text_encoder_2"
+    several_text_encoders = True
 
     def _suffix_encoder(self):
         return self.tokenizer_2, self.text_encoder_2, int(self.tokenizer_2.model_max_length)

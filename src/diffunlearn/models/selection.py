@@ -100,12 +100,10 @@ def cast_frozen_base(unet: nn.Module, dtype: torch.dtype) -> None:
     module's outputs keep the base dtype (peft casts the adapter's contribution back), and autocast
     (``mixed_precision``) runs the matmuls in half precision either way.
     """
+    nn.Module.to(unet, dtype=dtype)  # (nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast)
     for name, p in unet.named_parameters():
-        p.data = p.data.to(torch.float32 if LORA_MARK in name else dtype)
-    for module in unet.modules():
-        for key, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point():
-                module._buffers[key] = buffer.to(dtype)
+        if LORA_MARK in name:
+            p.data = p.data.float()
 
 
 def select_parameters(unet: nn.Module, selection: str, lora: LoraSettings | None = None,
