@@ -366,3 +366,24 @@ def test_a_missing_gold_standard_says_how_to_build_it():
 
     with pytest.raises(UserError, match="world train-base --exclude seven"):
         load_adapter("embedded:digits-without-seven")
+
+
+def test_a_study_search_attacks_training_prompts_and_the_report_the_held_out_ones(tmp_path, tiny_adapter):
+    """A study that searches with the attack as an objective must not tune on the attack set: its
+    search red-teams the training-vocabulary forget prompts, its held-out re-runs the test ones."""
+    from diffunlearn.jobs.attack import red_team
+
+    model = tmp_path / "random-model"
+    tiny_adapter.save(model)
+    for split in ("train", "test"):
+        asr_ = red_team(str(model), "three", tmp_path / split, ("paraphrase",), 2, 2.0, False, "test", n=6,
+                        split=split)
+        assert 0.0 <= asr_["paraphrase"] <= 1.0
+        manifest = json.loads((tmp_path / split / "manifest.json").read_text())
+        assert manifest["prompts"]["source"] == f"world:three:{split}:forget:6"
+        assert f"{'training-vocabulary' if split == 'train' else 'held-out'} forget prompts" in \
+            (tmp_path / split / "report.md").read_text()
+    # different prompts, so different attack inputs: neither report is mistaken for the other
+    inputs = [json.loads((tmp_path / s / "attacks" / "paraphrase" / "result.json").read_text())["inputs"]
+              for s in ("train", "test")]
+    assert inputs[0] != inputs[1]

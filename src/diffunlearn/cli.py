@@ -177,7 +177,6 @@ def _config_args(args: argparse.Namespace):
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from .config import build_config
-    from .jobs.run import run_unlearning
 
     if args.resume:
         if args.config or args.overrides or args.out:
@@ -195,6 +194,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         cfg = _config_args(args)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{stamp}"
+    from .jobs.run import run_unlearning  # after the config is checked: it imports torch and diffusers
+
     args.resume_hint = _command_line(["unlearn", "--resume", str(out)])
     if not cfg.checkpoint_every:
         args.resume_hint += " (no checkpoints: it reuses the finished training images, but training starts over)"
@@ -886,17 +887,13 @@ def _innermost_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
 def main(argv: list[str] | None = None) -> int:
     """Entry point. User errors: one line on stderr, exit code 2, no traceback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network unless a user opts in
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    # transformers, diffusers and the Hub read these when (and only if) they are first imported: a typo
+    # in `key=value` is reported at once instead of after seconds of importing them just to quiet them.
+    # A user's own setting wins. (diffusers' pipeline-loading bar has no variable: the Stable Diffusion
+    # adapter turns it off when it loads a pipeline.)
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:

@@ -59,6 +59,9 @@ class AttackJob:
     seed: int = 0
     device: str = "auto"
     baseline: str = ""   # a model attacked the same way for the ceiling; "base" = a run's own base model
+    # Which vocabulary the built-in forget prompts come from: "test" (held out, what reports show) or
+    # "train" (what a study may tune on: its search must never see the held-out attack prompts).
+    split: str = "test"
 
 
 def detected(metric: str, sample: dict[str, Any], target_class: str) -> bool:
@@ -123,9 +126,10 @@ def load_image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list
     return images, prompts
 
 
-def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter) -> tuple[list[str], list[int | None], str]:
-    """The held-out forget prompts the attacks answer, their seeds where the file gives them (I2P and
-    UnlearnDiffAtk CSVs do), and their source."""
+def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter,
+                   split: str = "test") -> tuple[list[str], list[int | None], str]:
+    """The forget prompts the attacks answer (held out unless ``split="train"``), their seeds where the
+    file gives them (I2P and UnlearnDiffAtk CSVs do), and their source."""
     from ..data.templates import TEMPLATES
     from ..evaluate.prompt_sets import resolve_prompt_sets
 
@@ -133,9 +137,9 @@ def _forget_prompts(kind: str, concept: str, spec: str, n: int, adapter) -> tupl
         if kind == "class":
             spec = f"class:{concept}:{n}"
         elif kind == "world":
-            spec = f"world:{concept}:test:forget:{n}"
+            spec = f"world:{concept}:{split}:forget:{n}"
         elif concept in TEMPLATES:
-            spec = f"template:{concept}:test:forget:{n}"
+            spec = f"template:{concept}:{split}:forget:{n}"
         else:
             raise UserError(f"no built-in prompts for the concept {concept!r}; pass --prompts FILE with its "
                             "forget prompts (e.g. the UnlearnDiffAtk nudity prompts)")
@@ -317,7 +321,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     steps, guidance, seed = default_sampler(adapter, run_cfg)
     steps = job.steps if job.steps is not None else steps
     guidance = job.guidance if job.guidance is not None else guidance
-    prompts, given, prompt_source = _forget_prompts(kind, concept, job.prompts, job.n, adapter)
+    prompts, given, prompt_source = _forget_prompts(kind, concept, job.prompts, job.n, adapter, job.split)
     seeds = [g if g is not None else d for g, d in zip(given, image_seeds(seed, len(prompts)))]
     need = max([getattr(a, "images", 0) for a in attacks] + [64])
     images, image_prompts, image_source = _concept_images(kind, concept, job.images, adapter, run_cfg, run_path, need)
@@ -329,6 +333,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     if force and out.is_dir():
         (out / "results.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    which = "training-vocabulary" if job.split == "train" and not job.prompts else "held-out"
     inputs = _fingerprint(identity, prompts, seeds, steps, guidance, images, image_prompts, target.neutral,
                           job.seed, metric_names, options.target_class)
     target_class = options.target_class
@@ -367,7 +372,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
         rows = {"clean": clean_images[:k], **{f"{attack.name} {s.variant}".strip(): s.images[:k]
                                               for s in output.samples}}
         image_grid(rows, prompts[:k], folder / "grid.png",
-                   f"{attack.name}: held-out forget prompts ('{concept}'), same seeds in every row")
+                   f"{attack.name}: {which} forget prompts ('{concept}'), same seeds in every row")
         report = {"attack": attack.name, "settings": settings, "inputs": inputs, "asr": headline,
                   "headline": output.headline, "variants": variants, "seconds": round(seconds, 2),
                   "details": output.details, "prompts": output.samples[0].prompts[:8]}
@@ -408,7 +413,8 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
                    "attacks": {name: r["asr"] for name, r in base_results["attacks"].items()}}
         manifest["baseline"] = baseline
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    atomic_write_text(out / "report.md", attack_report(concept, command, clean["scores"], reports, skipped, ceiling))
+    atomic_write_text(out / "report.md", attack_report(concept, command, clean["scores"], reports, skipped, ceiling,
+                                                            which))
     final = {"model": identity.get("run") or identity.get("source"), "concept": concept, "metrics": results_metrics,
              "attacks": {name: {"asr": r["asr"], "seconds": r["seconds"]} for name, r in reports.items()},
              "skipped": skipped}
@@ -419,7 +425,7 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
 
 
 def attack_report(concept: str, command: str, clean: dict, reports: dict, skipped: dict,
-                  ceiling: dict | None = None) -> str:
+                  ceiling: dict | None = None, which: str = "held-out") -> str:
     """Markdown: clean forget score and each attack's ASR per metric (and the baseline model's, the
     ceiling, when one was attacked too), seconds, pictures."""
     metric_names = list(clean)
@@ -434,7 +440,7 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
 
     lines = [f"# Red-team report: '{concept}'", "", f"Command: `{command}`", "",
              "ASR (attack success rate): the fraction of attacked samples in which the metric detects the concept. "
-             "The `clean` row is the same fraction on the plain held-out forget prompts (the forget score, "
+             f"The `clean` row is the same fraction on the plain {which} forget prompts (the forget score, "
              "UnlearnDiffAtk's pre-attack ASR). Lower is better for the unlearned model."
              + (f" The base-model columns are the same attacks on {ceiling['model']}, which forgot nothing: "
                 "the ceiling." if ceiling else ""), "",
@@ -465,10 +471,11 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
 
 
 def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
-             progress: bool, command: str, n: int = DEFAULT_N) -> dict[str, float]:
-    """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts, at most ``DEFAULT_N``
-    (the demos and studies pass their own evaluation size); a finished report with these attacks is
-    reused, and a report with other attacks is completed (its finished attacks are reused)."""
+             progress: bool, command: str, n: int = DEFAULT_N, split: str = "test") -> dict[str, float]:
+    """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts (training-vocabulary ones
+    with ``split="train"``, for a study's search), at most ``DEFAULT_N`` (the demos and studies pass
+    their own evaluation size); a finished report with these attacks is reused, and a report with other
+    attacks is completed (its finished attacks are reused)."""
     results_path = out / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
@@ -476,6 +483,6 @@ def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], step
             return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
         results_path.unlink()
     job = AttackJob(target=model, attacks=list(attacks), concept=concept, n=min(n, DEFAULT_N), steps=steps,
-                    guidance=guidance)
+                    guidance=guidance, split=split)
     results = run_attack_job(job, out, progress=progress, command=command)
     return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}

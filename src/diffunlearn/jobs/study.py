@@ -496,11 +496,13 @@ def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
     return job.run_unlearning(cfg, run_dir, force=False, command=command, progress=progress, resume=resume)
 
 
-def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str) -> float:
+def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, split: str) -> float:
+    """The attack's success on ``run_dir``'s model: on training-vocabulary forget prompts (``split="train"``)
+    inside the search, on the held-out ones for the re-runs, so no trial is chosen on the attack set."""
     from .attack import red_team
 
     return red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", (spec.attack,), cfg.eval_steps,
-                    cfg.eval_guidance, progress, command, n=cfg.eval_prompts)[spec.attack]
+                    cfg.eval_guidance, progress, command, n=cfg.eval_prompts, split=split)[spec.attack]
 
 
 # Settings that decide the generated training images; runs that agree on all of them share one
@@ -593,7 +595,7 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
             where = f"{command} (trial {_root(trial)} of {method})"
             results = _run(cfg, run_dir, where, False)
             found = _score(spec, run_dir, cfg, results, "train", where)
-            attack = _attack(spec, run_dir, cfg, False, command) if "attack" in spec.objectives else None
+            attack = _attack(spec, run_dir, cfg, False, command, "train") if "attack" in spec.objectives else None
             trial.set_user_attr("seconds", results.get("seconds"))
             if attack is not None:
                 trial.set_user_attr("asr", attack)
@@ -740,7 +742,7 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
             entry = {"seed": seed, **_score(spec, run_dir, cfg, results, "test", where),
                      "seconds": results.get("seconds")}
             if spec.attack:
-                entry["asr"] = _attack(spec, run_dir, cfg, False, command)
+                entry["asr"] = _attack(spec, run_dir, cfg, False, command, "test")
             runs.append(entry)
             bar.update(1)
             if clock is not None:

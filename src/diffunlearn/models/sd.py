@@ -345,6 +345,9 @@ class StableDiffusionAdapter(DenoisingObjective):
         else:
             raise UserError(f"model {name!r} is neither an existing folder nor a Hub id (org/name); pass a Stable "
                             "Diffusion pipeline folder or a cached Hub id")
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" would interleave our own bars
         try:
             pipe = cls.load_pipeline(load_from, folder, local_only)
         except Exception as exc:  # diffusers/transformers/safetensors raise many types for bad files
