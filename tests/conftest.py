@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every process a test starts inherits one thread too (scripts, workers, `accelerate launch`): two
+# threads beside the other test worker on a 2-core machine spin-wait and run several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -71,8 +74,7 @@ def tiny_flux_folder(tmp_path_factory):
 # The longest tests (tens of seconds each, most of them subprocesses) run first: pytest-xdist hands out
 # tests in collection order, so a long test collected last would run alone at the end and leave the
 # other workers idle. Order only; every test still runs.
-SLOW_FIRST = ("test_gpu_check_script_runs_small_on_cpu", "test_families_parallel.py",
-              "test_two_processes_reach_the_same_weights_as_one")
+SLOW_FIRST = ("test_gpu_check_script_runs_small_on_cpu", "test_families_parallel.py", "test_leaderboard.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,8 @@ from diffunlearn.cli import main
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "diffunlearn.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1"})  # one thread: two would spin beside the other test worker
 
 
 USER_ERRORS = [

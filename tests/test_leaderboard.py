@@ -17,7 +17,7 @@ def test_table_arithmetic_on_hand_made_runs():
 
 def test_two_seed_leaderboard_end_to_end_red_teamed_and_resumed(tmp_path, monkeypatch):
     out = tmp_path / "board"
-    small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8"]
+    small = ["steps=2", "num_pairs=16", "eval_prompts=8", "batch_size=8", "eval_steps=6", "data_steps=6"]
     table = run_leaderboard(out, ("ga", "rg"), ("three",), (0, 1), small, progress=False)
     summaries = [json.loads((out / f"three-seed{s}" / "summary.json").read_text()) for s in (0, 1)]
     fs = [s["methods"]["rg"]["forget_score"] for s in summaries]

@@ -78,15 +78,17 @@ def test_the_hinge_is_decided_on_the_whole_batch_under_micro_batches(text_encode
 
 
 def test_gpu_check_script_runs_small_on_cpu(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # One torch thread: the script's processes would otherwise spin two threads beside the other test
+    # worker on a 2-core machine (the test took 118 s in the suite, 100 s alone, before this).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA GPU" in proc.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert sorted(data) == ["rg", "rg-flat"]             # (the GPU form adds ga and graddiff)
+    assert sorted(data) == ["rg"]             # (the GPU form adds ga, graddiff and rg-flat)
     assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in data.values())
-    assert "| rg-flat |" in (tmp_path / "bench.md").read_text()
+    assert "| rg |" in (tmp_path / "bench.md").read_text()
     # The class-track step: on this machine it must report the CPU (on a GPU machine, cuda).
     assert "class track ran on: cpu" in proc.stdout
     assert json.loads((tmp_path / "class-run" / "environment.json").read_text())["device"] == "cpu"

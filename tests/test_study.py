@@ -58,6 +58,26 @@ def test_the_chosen_point_is_chosen_on_training_scores_never_held_out():
     assert entry["chosen"]["trial"] == 2 and not entry["reaches_forget_limit"]
 
 
+def test_with_the_attack_as_an_objective_the_rule_takes_the_most_robust_point_that_keeps_alignment():
+    from diffunlearn.jobs.study import ALIGN_TOLERANCE, rule_choice
+
+    # (training forget, alignment, ASR): the relearning study of "three" in small. Trial 3 has the best
+    # clean numbers; trial 0 forgets as well, keeps alignment within the tolerance and resists far better.
+    points = {0: (0.01, 1.0, 0.094), 1: (0.01, 0.95, 0.078), 3: (0.0, 1.0, 0.297), 6: (0.01, 0.96, 0.922),
+              4: (1.0, 1.0, 1.0)}
+    assert ALIGN_TOLERANCE == 0.03
+    assert rule_choice(list(points), lambda k: points[k]) == 0
+    # Trial 1 resists best but gave up 0.05 of alignment: out. Without the attack, the clean rule: 3.
+    assert rule_choice(list(points), lambda k: points[k][:2]) == 3
+    # Through summarise, on the training objectives of the held-out rows (their held-out ASR is ignored).
+    spec = StudySpec(methods=("rg",), objectives=("forget", "alignment", "attack"), attack="relearn")
+    rows = {"rg": [{**_point(k, v, (0.0, 1.0), 900.0), "asr": 0.0 if k == 3 else 0.5} for k, v in points.items()]}
+    assert summarise(spec, rows)["rg"]["chosen"]["trial"] == 0
+    # Nothing forgets: the lowest training forget, whatever its attack success.
+    far = {0: (0.3, 1.0, 0.9), 1: (0.2, 0.9, 1.0)}
+    assert rule_choice(list(far), lambda k: far[k]) == 1
+
+
 class _T:
     """A stand-in for Optuna's FrozenTrial, unhashable like it."""
 
@@ -198,13 +218,13 @@ def test_a_class_world_study_scores_one_minus_ua_and_ra(tmp_path):
 
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_path):
     out = tmp_path / "study"
-    assert main(["study", *FAST, "--methods", "rg", "--trials", "5", "--seeds", "0", "--front", "1", "--workers", "2",
+    assert main(["study", *FAST, "--methods", "rg", "--trials", "3", "--seeds", "0", "--front", "1", "--workers", "2",
                  "--out", str(out), "--quiet"]) == 0
     trials = json.loads((out / "study.json").read_text())["trials"]["rg"]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     # (a trial asked for at the very moment the budget filled up is recorded as PRUNED and never run)
-    assert len(complete) == 5 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
-    assert len({t["root"] for t in complete}) == 5 and all(t["worker"] for t in complete)
-    assert len(list((out / "trials" / "rg").iterdir())) == 5
+    assert len(complete) == 3 and all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t["root"] for t in complete}) == 3 and all(t["worker"] for t in complete)
+    assert len(list((out / "trials" / "rg").iterdir())) == 3
     # Each worker samples its own sequence: no two trials propose the same settings.
-    assert len({json.dumps(t["params"], sort_keys=True) for t in complete}) == 5
+    assert len({json.dumps(t["params"], sort_keys=True) for t in complete}) == 3

@@ -54,6 +54,7 @@ from ..utils import atomic_write_text
 LIST_KEYS = tuple(name for name, f in FIELDS.items() if isinstance(f.default, str) and "," in f.default)
 TUNE_SEED = 7          # evaluation seeds of the search (the demo and held-out reports use eval_seed 1)
 FORGET_LIMIT = 0.05    # "forgets": held-out forget score at most this (the tuning rule of the README)
+ALIGN_TOLERANCE = 0.03  # with the attack as an objective: alignment this close to the best counts as kept
 OBJECTIVES = ("forget", "alignment", "attack")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 HEARTBEAT_SECONDS = 30
@@ -678,13 +679,23 @@ def forgets(value: float) -> bool:
 
 
 def rule_choice(points: list, scores, tiebreak=lambda p: 0.0) -> Any:
-    """The README's tuning rule on ``scores(point) -> (forget, alignment)``: the best alignment among
-    points that forget, ties to the lower forget score, then the lower ``tiebreak(point)``; if none
-    forgets, the lowest forget score."""
+    """The README's tuning rule on ``scores(point) -> (forget, alignment[, attack])``: the best alignment
+    among points that forget, ties to the lower forget score, then the lower ``tiebreak(point)``; if none
+    forgets, the lowest forget score.
+
+    With the attack as a third objective, the lowest attack success among the points that forget and
+    keep alignment within ``ALIGN_TOLERANCE`` of the best of them (ties to the better alignment, then
+    as above): a rule on forget and alignment alone would ignore the third objective it searched for
+    (the relearning study of "three" found lr 1.25e-4 at training ASR 0.09 beside lr 5.85e-5 at 0.30,
+    the same 0.00-0.01 / 1.00 on clean prompts, and picked the second)."""
     ok = [p for p in points if forgets(scores(p)[0])]
-    if ok:
-        return max(ok, key=lambda p: (round(scores(p)[1], 3), -scores(p)[0], -tiebreak(p)))
-    return min(points, key=lambda p: (scores(p)[0], -scores(p)[1], tiebreak(p)))
+    if not ok:
+        return min(points, key=lambda p: (scores(p)[0], -scores(p)[1], tiebreak(p)))
+    if all(len(scores(p)) > 2 for p in ok):
+        best = max(round(scores(p)[1], 3) for p in ok)
+        ok = [p for p in ok if round(scores(p)[1], 3) >= best - ALIGN_TOLERANCE - 1e-9]
+        return min(ok, key=lambda p: (round(scores(p)[2], 3), -round(scores(p)[1], 3), scores(p)[0], tiebreak(p)))
+    return max(ok, key=lambda p: (round(scores(p)[1], 3), -scores(p)[0], -tiebreak(p)))
 
 
 def _select(front: list, k: int) -> list:
@@ -777,7 +788,7 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     for method, points in rows.items():
         # Ties (common: several points at training forget 0, alignment 1) go to the lower training
         # quality FD (the README "Tuning" rule).
-        best = rule_choice(points, lambda p: p["train_objectives"][:2],
+        best = rule_choice(points, lambda p: p["train_objectives"],
                            lambda p: math.inf if p.get("train_quality_fd") is None else p["train_quality_fd"])
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
         entry = {"chosen": best, "reaches_forget_limit": forgets(best["forget_score"]),
@@ -808,9 +819,13 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
              + (f"{spec.trials} search trials per method ({spec.sampler})" if spec.sampler != "grid" else
                 "every grid point (grid)") + " on TRAINING-"
              f"vocabulary prompts; each method's Pareto front ({spec.front} points at most) re-run on HELD-OUT "
-             f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = the front point with the "
-             f"best TRAINING-prompt alignment at training forget ≤ {FORGET_LIMIT}, else the lowest training "
-             "forget; ties go to the lower training FD (so its held-out numbers are not selected on). "
+             f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = "
+             + (f"among the front points at TRAINING-prompt forget ≤ {FORGET_LIMIT} whose training alignment is "
+                f"within {ALIGN_TOLERANCE} of the best of them, the one with the lowest training ASR {spec.attack}"
+                if "attack" in spec.objectives else
+                f"the front point with the best TRAINING-prompt alignment at training forget ≤ {FORGET_LIMIT}")
+             + ", else the lowest training forget; ties go to the lower training FD (so its held-out numbers are "
+             "not selected on). "
              "HV = hypervolume of the held-out front "
              "(forget × (1 − alignment)" + (f" × ASR {spec.attack}" if spec.attack else "") + ", reference 1; "
              f"higher is better). {seconds / 60:.0f} minutes."
@@ -849,14 +864,17 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
                          + (f" | {_pm(p, 'asr')}" if spec.attack else "") + " |")
     lines += ["", "![held-out fronts](front.png)", ""]
     if trials:
+        searched = "attack" in spec.objectives  # the trials' own (training-prompt) attack success
         lines += ["## Every search trial (training prompts, one seed)", "",
-                  "| method | trial | settings | forget ↓ | alignment ↑ | front |", "|---|---|---|---|---|---|"]
+                  "| method | trial | settings | forget ↓ | alignment ↑ |" + (attack if searched else "") + " front |",
+                  "|---|---|---|---|---|" + ("---|" if searched else "") + "---|"]
         for method, entries in trials.items():
             done = [t for t in entries if t["state"] == "COMPLETE"]
-            flags = pareto([t["values"][:2] for t in done], ["minimize", "maximize"])
+            flags = pareto([t["values"] for t in done], ["minimize", "maximize", "minimize"][:len(spec.objectives)])
             for t, flag in zip(done, flags):
                 lines.append(f"| {method} | {t['root']} | {_settings(t['params'])} | {t['values'][0]:.3f} | "
-                             f"{t['values'][1]:.3f} | {'✓' if flag else ''} |")
+                             f"{t['values'][1]:.3f} |" + (f" {t['values'][2]:.3f} |" if searched else "")
+                             + f" {'✓' if flag else ''} |")
         lines.append("")
     text = "\n".join(lines)
     atomic_write_text(out / "study.md", text)
