@@ -228,3 +228,16 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_pat
     assert len(list((out / "trials" / "rg").iterdir())) == 3
     # Each worker samples its own sequence: no two trials propose the same settings.
     assert len({json.dumps(t["params"], sort_keys=True) for t in complete}) == 3
+
+
+def test_an_attacked_study_plots_the_attack_success_beside_the_clean_front(tmp_path):
+    from PIL import Image
+
+    from diffunlearn.jobs.study import front_plot
+
+    rows = {"rg": [{**_point(0, (0.0, 1.0), (0.01, 0.97), 900.0), "asr": 0.3, "asr_std": 0.1},
+                   {**_point(3, (0.0, 1.0), (0.0, 1.0), 900.0), "asr": 0.4, "asr_std": 0.05}]}
+    front_plot(rows, tmp_path / "clean.png", "three")
+    front_plot(rows, tmp_path / "attacked.png", "three", "relearn")
+    clean, attacked = (Image.open(tmp_path / f"{n}.png").size for n in ("clean", "attacked"))
+    assert clean == (780, 540) and attacked == (1440, 540)   # a second panel: ASR against forget

@@ -881,25 +881,33 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
     return text
 
 
-def front_plot(rows: dict[str, list[dict]], path: Path, concept: str) -> None:
+def front_plot(rows: dict[str, list[dict]], path: Path, concept: str, attack: str = "") -> None:
+    """Each method's held-out front, forget against alignment; with an attack, a second panel puts
+    the same points' attack success against their forget score (so a point that wins on clean prompts
+    and loses under attack shows as such)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method, points in rows.items():
-        pts = sorted(points, key=lambda p: p["forget_score"])
-        ax.errorbar([p["forget_score"] for p in pts], [p["alignment"] for p in pts],
-                    xerr=[p.get("forget_score_std", 0) for p in pts], yerr=[p.get("alignment_std", 0) for p in pts],
-                    marker="o", capsize=3, label=method)
-    ax.axvline(FORGET_LIMIT, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("held-out forget score (lower = more forgotten)")
-    ax.set_ylabel("held-out alignment (higher = better)")
-    ax.set_title(f"each method's front, re-run on held-out prompts: '{concept}'")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=8)
+    attacked = bool(attack) and any("asr" in p for points in rows.values() for p in points)
+    fig, axes = plt.subplots(1, 2 if attacked else 1, figsize=(12, 4.5) if attacked else (6.5, 4.5), squeeze=False)
+    panels = [("alignment", "held-out alignment (higher = better)")]
+    if attacked:
+        panels.append(("asr", f"held-out ASR {attack} (lower = more robust)"))
+    for ax, (key, label) in zip(axes[0], panels):
+        for method, points in rows.items():
+            pts = sorted((p for p in points if key in p), key=lambda p: p["forget_score"])
+            ax.errorbar([p["forget_score"] for p in pts], [p[key] for p in pts],
+                        xerr=[p.get("forget_score_std", 0) for p in pts], yerr=[p.get(f"{key}_std", 0) for p in pts],
+                        marker="o", capsize=3, label=method)
+        ax.axvline(FORGET_LIMIT, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("held-out forget score (lower = more forgotten)")
+        ax.set_ylabel(label)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"each method's front, re-run on held-out prompts: '{concept}'")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -963,7 +971,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
                            "values": t.values, "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")}
                           for t in study.get_trials()]
     seconds = clock.tick()
-    front_plot(rows, out / "front.png", spec.concept)
+    front_plot(rows, out / "front.png", spec.concept, spec.attack)
     text = report(spec, rows, summary, command, out, seconds, trials)
     result = {"command": command, "spec": dataclasses.asdict(spec),
               "spaces": {m: {k: d.describe() for k, d in s.items()} for m, s in space_by_method.items()},
