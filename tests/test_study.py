@@ -241,3 +241,14 @@ def test_an_attacked_study_plots_the_attack_success_beside_the_clean_front(tmp_p
     front_plot(rows, tmp_path / "attacked.png", "three", "relearn")
     clean, attacked = (Image.open(tmp_path / f"{n}.png").size for n in ("clean", "attacked"))
     assert clean == (780, 540) and attacked == (1440, 540)   # a second panel: ASR against forget
+    # and the search-trial table shows each trial's own (training) attack success and its 3-objective front
+    from diffunlearn.jobs.study import report
+
+    spec = StudySpec(methods=("rg",), objectives=("forget", "alignment", "attack"), attack="relearn")
+    trials = {"rg": [{"state": "COMPLETE", "root": 0, "params": {"lr": 1e-4}, "values": [0.01, 1.0, 0.09]},
+                     {"state": "COMPLETE", "root": 3, "params": {"lr": 6e-5}, "values": [0.0, 1.0, 0.30]},
+                     {"state": "COMPLETE", "root": 4, "params": {"lr": 1e-5}, "values": [1.0, 1.0, 1.0]}]}
+    text = report(spec, rows, summarise(spec, rows), "study ...", tmp_path, 60.0, trials)
+    assert "| method | trial | settings | forget ↓ | alignment ↑ | ASR relearn ↓ | front |" in text
+    assert "| rg | 0 | lr 0.0001 | 0.010 | 1.000 | 0.090 | ✓ |" in text   # on the front only by its ASR
+    assert "| rg | 4 | lr 1e-05 | 1.000 | 1.000 | 1.000 |  |" in text
