@@ -23,8 +23,9 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diffunlearn demo $(ARGS)
 
 # One test process per core (at most 4; each uses one torch thread, see tests/conftest.py):
-# 2 processes took the suite from 9 min to 5 min on the 2-core development machine.
-PYTEST_ARGS ?= -n auto --maxprocesses 4
+# 2 processes took the suite from 9 min to 5 min on the 2-core development machine. The 25 slowest
+# tests are listed at the end, so a CI log shows where the budget goes.
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --durations=25
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -894,6 +894,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                         ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(name, value)
+    # Already imported (main called from Python, e.g. a notebook or the tests): they read the variables
+    # at import, so quiet them directly; this costs nothing, they are loaded.
+    for library in ("transformers", "diffusers"):
+        if f"{library}.utils.logging" in sys.modules:
+            logging_module = sys.modules[f"{library}.utils.logging"]
+            logging_module.set_verbosity_error()
+            logging_module.disable_progress_bar()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:

@@ -866,8 +866,8 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
     if trials:
         searched = "attack" in spec.objectives  # the trials' own (training-prompt) attack success
         lines += ["## Every search trial (training prompts, one seed)", "",
-                  "| method | trial | settings | forget ↓ | alignment ↑ |" + (f" ASR {spec.attack} ↓ |" if searched else "")
-                  + " front |",
+                  "| method | trial | settings | forget ↓ | alignment ↑ |"
+                  + (f" ASR {spec.attack} ↓ |" if searched else "") + " front |",
                   "|---|---|---|---|---|" + ("---|" if searched else "") + "---|"]
         for method, entries in trials.items():
             done = [t for t in entries if t["state"] == "COMPLETE"]
