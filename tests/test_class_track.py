@@ -181,7 +181,7 @@ def test_reduced_table1_on_the_embedded_class_model(tmp_path, monkeypatch):
     import diffunlearn.jobs.class_demo as class_demo
 
     out = tmp_path / "demo"
-    small = ["steps=2", "eval_prompts=18", "remain_per_class=5", "eval_steps=10", "batch_size=8"]
+    small = ["steps=2", "eval_prompts=18", "remain_per_class=5", "eval_steps=6", "batch_size=8"]
     summary = class_demo.run_class_demo(out, ("three",), ("rg", "graddiff"), True, small, progress=False)
     per = summary["per_class"]["three"]
     assert set(per) == {"base", "rg", "graddiff", "rg-two-class"}

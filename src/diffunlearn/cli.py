@@ -194,6 +194,9 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         cfg = _config_args(args)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.concept}-{stamp}"
+    from .families import check_model_folder
+
+    check_model_folder(cfg.model)  # a mistyped folder fails at once, before the imports below
     from .jobs.run import run_unlearning  # after the config is checked: it imports torch and diffusers
 
     args.resume_hint = _command_line(["unlearn", "--resume", str(out)])

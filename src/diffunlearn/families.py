@@ -37,6 +37,21 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+def check_model_folder(model: str) -> None:
+    """Refuse a model that is no embedded name, no Hub id and no existing folder (the loader's own
+    message). Cheap, so a command can check it before importing torch and diffusers.
+
+    Raises:
+        UserError: the folder does not exist.
+    """
+    if model in (EMBEDDED, EMBEDDED_CLASS) or model.startswith(RETRAINED_PREFIX) or looks_like_hub_id(model):
+        return
+    if not Path(model).expanduser().is_dir():
+        raise UserError(f"model folder {Path(model).expanduser()} does not exist; pass a folder written by "
+                        f"diffunlearn, a Stable Diffusion pipeline folder (or {EMBEDDED} for the committed digit-world "
+                        "base model)")
+
+
 def hub_offline() -> bool:
     """Hub access is off unless the environment says ``HF_HUB_OFFLINE=0``: runs never download by surprise."""
     return os.environ.get("HF_HUB_OFFLINE") != "0"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, looks_like_hub_id, model_kind
+from ..families import EMBEDDED, EMBEDDED_CLASS, RETRAINED_PREFIX, check_model_folder, looks_like_hub_id, model_kind
 from .classcond import ClassConditionalAdapter
 from .flux import FluxAdapter
 from .pixel import PixelTextToImage
@@ -83,11 +83,8 @@ def resolve_model_folder(model: str) -> Path:
                             f"installation; build it with `diffunlearn world train-base --exclude {concept} "
                             f"--steps 4500 --out FOLDER` and pass FOLDER")
         return folder
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist; pass a folder written by diffunlearn, a Stable "
-                        f"Diffusion pipeline folder (or {EMBEDDED} for the committed digit-world base model)")
-    return folder
+    check_model_folder(model)
+    return Path(model).expanduser()
 
 
 def load_adapter(model: str, text_encoder=None, device: torch.device | str | None = None,
