@@ -387,13 +387,17 @@ def study_name(spec: StudySpec, method: str) -> str:
     return f"{spec.concept}:{method}"
 
 
+def _directions(spec: StudySpec) -> list[str]:
+    """The Optuna directions of a trial's values: forget, alignment, then the attack when searched."""
+    return ["minimize", "maximize"] + (["minimize"] if "attack" in spec.objectives else [])
+
+
 def _load_study(spec: StudySpec, out: Path, method: str, space: dict[str, Dimension]):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["minimize", "maximize"] + (["minimize"] if "attack" in spec.objectives else [])
     return optuna.create_study(study_name=study_name(spec, method), storage=_storage(spec, out),
-                               directions=directions, sampler=_sampler(spec, space), load_if_exists=True)
+                               directions=_directions(spec), sampler=_sampler(spec, space), load_if_exists=True)
 
 
 def _root(trial) -> int:
@@ -871,7 +875,7 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
                   "|---|---|---|---|---|" + ("---|" if searched else "") + "---|"]
         for method, entries in trials.items():
             done = [t for t in entries if t["state"] == "COMPLETE"]
-            flags = pareto([t["values"] for t in done], ["minimize", "maximize", "minimize"][:len(spec.objectives)])
+            flags = pareto([t["values"] for t in done], _directions(spec))
             for t, flag in zip(done, flags):
                 lines.append(f"| {method} | {t['root']} | {_settings(t['params'])} | {t['values'][0]:.3f} | "
                              f"{t['values'][1]:.3f} |" + (f" {t['values'][2]:.3f} |" if searched else "")
