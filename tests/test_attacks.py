@@ -387,3 +387,33 @@ def test_a_study_search_attacks_training_prompts_and_the_report_the_held_out_one
     inputs = [json.loads((tmp_path / s / "attacks" / "paraphrase" / "result.json").read_text())["inputs"]
               for s in ("train", "test")]
     assert inputs[0] != inputs[1]
+
+
+def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path, tiny_adapter):
+    """``--attack paraphrase,ring-a-bell``: each attack's success kept, the highest one the objective
+    (a model is as robust as its weakest side); the report names each and the worst."""
+    from types import SimpleNamespace
+
+    from diffunlearn.jobs.study import StudySpec, _aggregate, _attack, attack_label, report, summarise
+
+    run = tmp_path / "run"
+    tiny_adapter.save(run / "model")
+    spec = StudySpec(methods=("rg",), objectives=("forget", "alignment", "attack"), attack="paraphrase,ring-a-bell")
+    cfg = SimpleNamespace(eval_steps=2, eval_guidance=2.0, eval_prompts=6)
+    found = _attack(spec, run, cfg, False, "test", "train")
+    each = [json.loads((run / "attack" / "attacks" / n / "result.json").read_text()) for n in ("paraphrase",
+                                                                                               "ring-a-bell")]
+    assert set(found) == {"asr", "asr_paraphrase", "asr_ring-a-bell"}
+    assert found["asr"] == max(found["asr_paraphrase"], found["asr_ring-a-bell"])
+    assert all(0.0 <= found[f"asr_{n}"] <= 1.0 for n in ("paraphrase", "ring-a-bell")) and len(each) == 2
+    assert attack_label(spec) == "worst of paraphrase/ring-a-bell"
+    assert attack_label(StudySpec(methods=("rg",), attack="relearn")) == "relearn"
+    # two seeds of one held-out point: the worst and each attack averaged over seeds
+    runs = [{"forget_score": 0.0, "alignment": 1.0, "asr": 0.5, "asr_paraphrase": 0.5, "asr_ring-a-bell": 0.25},
+            {"forget_score": 0.0, "alignment": 1.0, "asr": 0.75, "asr_paraphrase": 0.25, "asr_ring-a-bell": 0.75}]
+    point = {"trial": 0, "params": {"lr": 1e-4}, "train_objectives": [0.0, 1.0, 0.6], "train_quality_fd": 900.0,
+             "runs": runs, **_aggregate(runs)}
+    assert point["asr"] == 0.625 and point["asr_paraphrase"] == 0.375 and point["asr_ring-a-bell"] == 0.5
+    text = report(spec, {"rg": [point]}, summarise(spec, {"rg": [point]}), "study ...", tmp_path, 60.0)
+    assert "| ASR worst of paraphrase/ring-a-bell ↓ | ASR paraphrase ↓ | ASR ring-a-bell ↓ |" in text
+    assert "| 0.625 ± 0.177 | 0.375 ± 0.177 | 0.500 ± 0.354 |" in text

@@ -759,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--front", type=int, default=3, help="front points per method re-run on held-out prompts")
     p.add_argument("--objectives", default="forget,alignment", help="forget,alignment or forget,alignment,attack")
     p.add_argument("--attack", default=None, help="attack every held-out run with this attack (e.g. embedding) "
-                   "and report its success rate; with --objectives ...,attack also a search objective")
+                   "and report its success rate; with --objectives ...,attack also a search objective; several "
+                   "(embedding,relearn): each reported, the worst one the objective")
     p.add_argument("--storage", default=None, help="Optuna RDB URL shared by workers on several machines "
                    "(default: sqlite in --out)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the search (one thread each)")

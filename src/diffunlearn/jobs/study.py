@@ -283,7 +283,10 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     if spec.attack:
         from ..attacks import build_attacks
 
-        build_attacks([spec.attack])
+        if len(set(attack_names(spec))) != len(attack_names(spec)):
+            problems.append(f"--attack names an attack twice ({spec.attack}); name each once, e.g. "
+                            "--attack embedding,relearn")
+        build_attacks(list(attack_names(spec)))
     if problems:
         raise UserError("; ".join(problems))
     for o in spec.overrides:
@@ -501,13 +504,31 @@ def _run(cfg, run_dir: Path, command: str, progress: bool) -> dict:
     return job.run_unlearning(cfg, run_dir, force=False, command=command, progress=progress, resume=resume)
 
 
-def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, split: str) -> float:
-    """The attack's success on ``run_dir``'s model: on training-vocabulary forget prompts (``split="train"``)
-    inside the search, on the held-out ones for the re-runs, so no trial is chosen on the attack set."""
+def attack_names(spec: StudySpec) -> tuple[str, ...]:
+    """``--attack embedding,relearn``: the attacks each run is red-teamed with."""
+    return tuple(a.strip() for a in spec.attack.split(",") if a.strip())
+
+
+def attack_label(spec: StudySpec) -> str:
+    """How the reports name the attack objective: the one attack, or the worst of several."""
+    names = attack_names(spec)
+    return names[0] if len(names) == 1 else "worst of " + "/".join(names)
+
+
+def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, split: str) -> dict[str, float]:
+    """The attacks' success on ``run_dir``'s model: on training-vocabulary forget prompts (``split="train"``)
+    inside the search, on the held-out ones for the re-runs, so no trial is chosen on the attack set.
+
+    Returns ``{"asr": worst, "asr_<name>": each}``. With several attacks the objective is the WORST
+    (highest) success: a model is only as robust as its weakest side (the relearning study of "three"
+    found settings that resist one attack by giving in to the other)."""
     from .attack import red_team
 
-    return red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", (spec.attack,), cfg.eval_steps,
-                    cfg.eval_guidance, progress, command, n=cfg.eval_prompts, split=split)[spec.attack]
+    names = attack_names(spec)
+    found = red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", names, cfg.eval_steps,
+                     cfg.eval_guidance, progress, command, n=cfg.eval_prompts, split=split)
+    each = {f"asr_{name}": float(found[name]) for name in names}
+    return {"asr": max(each.values()), **(each if len(names) > 1 else {})}
 
 
 # Settings that decide the generated training images; runs that agree on all of them share one
@@ -600,11 +621,11 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
             where = f"{command} (trial {_root(trial)} of {method})"
             results = _run(cfg, run_dir, where, False)
             found = _score(spec, run_dir, cfg, results, "train", where)
-            attack = _attack(spec, run_dir, cfg, False, command, "train") if "attack" in spec.objectives else None
+            attacked = _attack(spec, run_dir, cfg, False, command, "train") if "attack" in spec.objectives else {}
             trial.set_user_attr("seconds", results.get("seconds"))
-            if attack is not None:
-                trial.set_user_attr("asr", attack)
-            return _objectives_of(found, attack, spec)
+            for key, value in attacked.items():
+                trial.set_user_attr(key, value)
+            return _objectives_of(found, attacked.get("asr"), spec)
 
         def tick(study, trial, bar=bar):
             bar.n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -757,7 +778,7 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
             entry = {"seed": seed, **_score(spec, run_dir, cfg, results, "test", where),
                      "seconds": results.get("seconds")}
             if spec.attack:
-                entry["asr"] = _attack(spec, run_dir, cfg, False, command, "test")
+                entry.update(_attack(spec, run_dir, cfg, False, command, "test"))
             runs.append(entry)
             bar.update(1)
             if clock is not None:
@@ -775,7 +796,9 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
 
 def _aggregate(runs: list[dict]) -> dict[str, Any]:
     out = {}
-    for key in ("forget_score", "alignment", "quality_fd", "asr"):
+    keys = ["forget_score", "alignment", "quality_fd", "asr"]
+    keys += sorted({k for r in runs for k in r if k.startswith("asr_")})
+    for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             out[key] = statistics.fmean(values)
@@ -817,7 +840,9 @@ def _settings(params: dict) -> str:
 
 def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict], command: str, out: Path,
            seconds: float, trials: dict[str, list[dict]] | None = None) -> str:
-    attack = f" | ASR {spec.attack} ↓" if spec.attack else ""
+    label = attack_label(spec) if spec.attack else ""
+    attack = f" | ASR {label} ↓" if spec.attack else ""
+    each = [n for n in attack_names(spec)] if len(attack_names(spec)) > 1 else []  # one column per attack too
     lines = ["# Method study", "", f"`{command}`", "",
              f"Concept `{spec.concept}`; "
              + (f"{spec.trials} search trials per method ({spec.sampler})" if spec.sampler != "grid" else
@@ -825,13 +850,13 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
              f"vocabulary prompts; each method's Pareto front ({spec.front} points at most) re-run on HELD-OUT "
              f"prompts over seeds {','.join(map(str, spec.seeds))} (mean ± std). Chosen = "
              + (f"among the front points at TRAINING-prompt forget ≤ {FORGET_LIMIT} whose training alignment is "
-                f"within {ALIGN_TOLERANCE} of the best of them, the one with the lowest training ASR {spec.attack}"
+                f"within {ALIGN_TOLERANCE} of the best of them, the one with the lowest training ASR {label}"
                 if "attack" in spec.objectives else
                 f"the front point with the best TRAINING-prompt alignment at training forget ≤ {FORGET_LIMIT}")
              + ", else the lowest training forget; ties go to the lower training FD (so its held-out numbers are "
              "not selected on). "
              "HV = hypervolume of the held-out front "
-             "(forget × (1 − alignment)" + (f" × ASR {spec.attack}" if spec.attack else "") + ", reference 1; "
+             "(forget × (1 − alignment)" + (f" × ASR {label}" if spec.attack else "") + ", reference 1; "
              f"higher is better). {seconds / 60:.0f} minutes."
              + (" Class-conditional model: forget = 1 − UA, alignment = RA, FD on every class; held-out = "
                 "evaluation seeds the search never used." if _is_class(spec) else "")
@@ -859,19 +884,21 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
                   + ("" if best == clean_best else f" (on clean prompts alone: {clean_best}, which the attack "
                                                    "overturns)") + "."]
     lines += ["", "## Every held-out front point", "",
-              "| method | trial | settings | forget ↓ | alignment ↑ | quality FD ↓" + attack + " |",
-              "|---|---|---|---|---|---|" + ("---|" if spec.attack else "")]
+              "| method | trial | settings | forget ↓ | alignment ↑ | quality FD ↓" + attack
+              + "".join(f" | ASR {n} ↓" for n in each) + " |",
+              "|---|---|---|---|---|---|" + ("---|" if spec.attack else "") + "---|" * len(each)]
     for method, points in rows.items():
         for p in points:
             lines.append(f"| {method} | {p['trial']} | {_settings(p['params'])} | {_pm(p, 'forget_score')} | "
                          f"{_pm(p, 'alignment')} | {_pm(p, 'quality_fd')}"
-                         + (f" | {_pm(p, 'asr')}" if spec.attack else "") + " |")
+                         + (f" | {_pm(p, 'asr')}" if spec.attack else "")
+                         + "".join(f" | {_pm(p, 'asr_' + n)}" for n in each) + " |")
     lines += ["", "![held-out fronts](front.png)", ""]
     if trials:
         searched = "attack" in spec.objectives  # the trials' own (training-prompt) attack success
         lines += ["## Every search trial (training prompts, one seed)", "",
                   "| method | trial | settings | forget ↓ | alignment ↑ |"
-                  + (f" ASR {spec.attack} ↓ |" if searched else "") + " front |",
+                  + (f" ASR {label} ↓ |" if searched else "") + " front |",
                   "|---|---|---|---|---|" + ("---|" if searched else "") + "---|"]
         for method, entries in trials.items():
             done = [t for t in entries if t["state"] == "COMPLETE"]
@@ -976,7 +1003,7 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
                            "values": t.values, "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")}
                           for t in study.get_trials()]
     seconds = clock.tick()
-    front_plot(rows, out / "front.png", spec.concept, spec.attack)
+    front_plot(rows, out / "front.png", spec.concept, attack_label(spec) if spec.attack else "")
     text = report(spec, rows, summary, command, out, seconds, trials)
     result = {"command": command, "spec": dataclasses.asdict(spec),
               "spaces": {m: {k: d.describe() for k, d in s.items()} for m, s in space_by_method.items()},
