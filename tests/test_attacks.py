@@ -60,9 +60,31 @@ def test_embedding_inversion_finds_the_concept_in_the_base_model_and_changes_no_
     assert asr(neutral, target.prompts) < 0.3
     assert asr(samples.images, target.prompts) >= 0.9
     assert output.details["moved_l2"] > 1.0
+    assert output.details["converged"] in (True, False) and output.details["loss_last"] > 0
     assert all(torch.equal(before[k], v) for k, v in base.unet.state_dict().items())
     assert all(p.requires_grad for p in base.unet.parameters()) or not any(p.requires_grad
                                                                           for p in base.unet.parameters())
+
+
+def test_an_inversion_whose_loss_still_falls_is_flagged_as_a_lower_bound():
+    """A held-out 'red' model's 150-step inversion scored ASR 0.27 with its loss still falling
+    (0.43 -> 0.11); run to 450 steps it scored 0.98. Such a number must come with a warning."""
+    from diffunlearn.attacks.embedding import convergence
+    from diffunlearn.jobs.attack import attack_report
+
+    flat = [0.03 + 0.02 * ((i * 7) % 5 - 2) / 2 for i in range(150)]  # noisy around 0.03, no trend
+    assert convergence(flat, "embedding.iterations", 150)["converged"] is True
+    falling = [0.6 - 0.5 * i / 149 for i in range(150)]
+    info = convergence(falling, "embedding.iterations", 150)
+    assert info["converged"] is False
+    assert info["loss_last"] == pytest.approx(sum(falling[-30:]) / 30, abs=1e-6)
+    assert info["loss_before"] == pytest.approx(sum(falling[-60:-30]) / 30, abs=1e-6)
+    assert "embedding.iterations=300" in info["convergence_note"]
+    assert convergence(falling[:9], "embedding.iterations", 9) == {"converged": None}
+    report = {"asr": {"oracle": 0.27}, "variants": {"": {"oracle": {"asr": 0.27}}}, "seconds": 27.0,
+              "details": info}
+    text = attack_report("red", "cmd", {"oracle": {"asr": 0.2}}, {"embedding": report}, {})
+    assert "**embedding did not converge**" in text and "lower bound" in text
 
 
 def test_relearn_gives_one_score_per_step_count_and_keeps_the_base_model(base):
@@ -344,21 +366,25 @@ def test_baseline_is_attacked_the_same_way_and_reported_as_the_ceiling(tmp_path,
     assert f"| {results['baseline']['clean']['oracle']:.3f} |" in report.split("| clean |")[1].splitlines()[0] + "|"
 
 
-def test_the_gold_standard_never_learned_three_but_draws_every_other_digit(text_encoder):
-    """The model retrained without threes (exact unlearning) is the floor every method is read against."""
+@pytest.mark.parametrize("concept, attribute, index", [("three", "digit", 3), ("red", "colour", 0)])
+def test_the_gold_standard_never_learned_the_concept_but_draws_every_other_value(text_encoder, concept,
+                                                                                  attribute, index):
+    """The models retrained without a concept (exact unlearning) are the floor every method is read
+    against: they never draw the concept when asked, and draw the attribute's other values."""
     from diffunlearn.models import load_adapter
 
-    gold, folder = load_adapter("embedded:digits-without-three", text_encoder=text_encoder)
-    assert folder.name == "digits-without-three"
-    assert json.loads((folder / "training.json").read_text())["args"]["exclude"] == "three"
-    forget, _ = eval_sets("three", 32, "test")
+    gold, folder = load_adapter(f"embedded:digits-without-{concept}", text_encoder=text_encoder)
+    assert folder.name == f"digits-without-{concept}"
+    assert json.loads((folder / "training.json").read_text())["args"]["exclude"] == concept
+    forget, _ = eval_sets(concept, 32, "test")
     prompts = [c.text for c in forget]
-    assert asr(gold.sample(prompts, image_seeds(1, 32), steps=12, guidance=4.0), prompts) <= 0.05
-    others = [world.compose_caption(random.Random(i), i % 10, None, None, "test").text
-              for i in range(40) if i % 10 != 3]
+    assert asr(gold.sample(prompts, image_seeds(1, 32), steps=12, guidance=4.0), prompts, concept) <= 0.05
+    count = len(world.DIGITS if attribute == "digit" else world.COLOURS)
+    others = [world.compose_caption(random.Random(i), i % 10, i % 5, None, "test").text
+              for i in range(40) if (i % count) != index]
     images = gold.sample(others, image_seeds(2, len(others)), steps=12, guidance=4.0)
     result = OracleMetric(MetricOptions()).score(images, others, "remain")
-    assert result.aggregate["alignment_digit"] >= 0.9
+    assert result.aggregate[f"alignment_{attribute}"] >= 0.9
 
 
 def test_a_missing_gold_standard_says_how_to_build_it():
@@ -403,7 +429,8 @@ def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path,
     found = _attack(spec, run, cfg, False, "test", "train")
     each = [json.loads((run / "attack" / "attacks" / n / "result.json").read_text()) for n in ("paraphrase",
                                                                                                "ring-a-bell")]
-    assert set(found) == {"asr", "asr_paraphrase", "asr_ring-a-bell"}
+    assert set(found) == {"asr", "asr_paraphrase", "asr_ring-a-bell", "unconverged"}
+    assert found["unconverged"] == []  # neither attack optimises anything
     assert found["asr"] == max(found["asr_paraphrase"], found["asr_ring-a-bell"])
     assert all(0.0 <= found[f"asr_{n}"] <= 1.0 for n in ("paraphrase", "ring-a-bell")) and len(each) == 2
     assert attack_label(spec) == "worst of paraphrase/ring-a-bell"
@@ -417,3 +444,17 @@ def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path,
     text = report(spec, {"rg": [point]}, summarise(spec, {"rg": [point]}), "study ...", tmp_path, 60.0)
     assert "| ASR worst of paraphrase/ring-a-bell ↓ | ASR paraphrase ↓ | ASR ring-a-bell ↓ |" in text
     assert "| 0.625 ± 0.177 | 0.375 ± 0.177 | 0.500 ± 0.354 |" in text
+    assert "⚠" not in text
+    # an inversion that had not converged (a finished report, reused as a resumed study would): the
+    # point's ASR is marked as a lower bound in both tables
+    (tmp_path / "run2" / "attack").mkdir(parents=True)
+    (tmp_path / "run2" / "attack" / "results.json").write_text(json.dumps({"attacks": {"embedding": {
+        "asr": {"oracle": 0.27}, "seconds": 27.0, "converged": False}}}))
+    one = StudySpec(methods=("rg",), objectives=("forget", "alignment", "attack"), attack="embedding")
+    flagged = _attack(one, tmp_path / "run2", cfg, False, "test", "test")
+    assert flagged == {"asr": 0.27, "unconverged": ["embedding"]}
+    runs = [{"forget_score": 0.0, "alignment": 1.0, **flagged}, {"forget_score": 0.0, "alignment": 1.0, "asr": 0.9,
+                                                                "unconverged": []}]
+    point = {**point, "runs": runs, "unconverged_runs": 1, **_aggregate(runs)}
+    text = report(one, {"rg": [point]}, summarise(one, {"rg": [point]}), "study ...", tmp_path, 60.0)
+    assert text.count("0.585 ± 0.445 ⚠ 1/2") == 2 and "is a lower bound" in text

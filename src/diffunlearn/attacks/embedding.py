@@ -48,9 +48,9 @@ class EmbeddingAttack:
                 "batch_size": self.batch_size,
                 "objective": "attacked model's denoising loss on concept images, w.r.t. the condition"}
 
-    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float], float]:
-        """The optimised condition tensors (batch of one), the loss every 10 iterations, and how far
-        (L2) the optimised part moved from the neutral start."""
+    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float], float, list[float]]:
+        """The optimised condition tensors (batch of one), the loss every 10 iterations, how far (L2)
+        the optimised part moved from the neutral start, and the loss of every iteration."""
         adapter = target.adapter
         start = adapter.condition_tensors(adapter.encode_prompts([target.neutral]))
         learned = start[0].detach().clone().float().requires_grad_(True)
@@ -59,6 +59,7 @@ class EmbeddingAttack:
         optimizer = torch.optim.Adam([learned], lr=self.lr * scale)
         generator = torch.Generator().manual_seed(target.seed)
         losses: list[float] = []
+        every: list[float] = []
         from tqdm.auto import tqdm
 
         with frozen_model(adapter):
@@ -70,18 +71,42 @@ class EmbeddingAttack:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                every.append(loss.item())
                 if i % 10 == 0 or i == self.iterations - 1:
-                    losses.append(round(loss.item(), 6))
+                    losses.append(round(every[-1], 6))
         moved = float((learned.detach() - start[0].float()).norm())
-        return (learned.detach(), *rest), losses, moved
+        return (learned.detach(), *rest), losses, moved, every
 
     def run(self, target: AttackTarget) -> AttackOutput:
-        tensors, losses, moved = self.invert(target)
+        tensors, losses, moved, every = self.invert(target)
         n = len(target.prompts)
         images = target.sample_condition(_repeated(target.adapter, tensors, n))
         label = f"<inverted embedding from {target.neutral!r}>"
         return AttackOutput([AttackSamples("", images, [label] * n)], headline="",
-                            details={"loss_every_10": losses, "neutral": target.neutral, "moved_l2": moved})
+                            details={"loss_every_10": losses, "neutral": target.neutral, "moved_l2": moved,
+                                     **convergence(every, "embedding.iterations", self.iterations)})
+
+
+def convergence(losses: list[float], option: str, iterations: int, fraction: float = 0.2,
+                drop: float = 0.2) -> dict[str, Any]:
+    """Whether an optimisation attack's loss had levelled off: ``converged`` is False when the mean
+    loss over its last ``fraction`` of iterations is more than ``drop`` below the mean over the same
+    number of iterations just before (still falling, so its ASR is a lower bound: a model whose
+    inversion merely needed longer looks robust). Means over a fifth of the run each, because one
+    minibatch's loss varies by a factor of two from step to step. ``None`` below 10 iterations.
+    The note says which option to raise."""
+    n = int(len(losses) * fraction)
+    if len(losses) < 10 or n < 1:
+        return {"converged": None}
+    last = sum(losses[-n:]) / n
+    before = sum(losses[-2 * n:-n]) / n
+    converged = last >= (1 - drop) * before
+    info: dict[str, Any] = {"converged": converged, "loss_last": round(last, 6), "loss_before": round(before, 6)}
+    if not converged:
+        info["convergence_note"] = (f"the loss was still falling at the last iteration (mean {last:.4f} over the last "
+                                    f"{n} iterations against {before:.4f} over the {n} before), so this ASR is a "
+                                    f"lower bound: rerun with --option {option}={2 * iterations}")
+    return info
 
 
 def _repeated(adapter: Any, tensors: tuple[torch.Tensor, ...], n: int) -> Any:

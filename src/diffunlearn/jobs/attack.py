@@ -381,6 +381,9 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
         if progress:
             print(f"{attack.name}: ASR {', '.join(f'{m} {v:.3f}' for m, v in headline.items())} "
                   f"({seconds:.0f} s)", file=sys.stderr, flush=True)
+        note = output.details.get("convergence_note")
+        if note:  # printed even with progress off: a number that under-reports must not pass unseen
+            print(f"warning: {attack.name}: {note}", file=sys.stderr, flush=True)
 
     results_metrics: dict[str, dict[str, dict]] = {}
     for m in metric_names:
@@ -416,7 +419,9 @@ def run_attack_job(job: AttackJob, out: Path, metric_options=None, force: bool =
     atomic_write_text(out / "report.md", attack_report(concept, command, clean["scores"], reports, skipped, ceiling,
                                                             which))
     final = {"model": identity.get("run") or identity.get("source"), "concept": concept, "metrics": results_metrics,
-             "attacks": {name: {"asr": r["asr"], "seconds": r["seconds"]} for name, r in reports.items()},
+             "attacks": {name: {"asr": r["asr"], "seconds": r["seconds"],
+                                **({"converged": r["details"]["converged"]} if "converged" in r["details"] else {})}
+                         for name, r in reports.items()},
              "skipped": skipped}
     if ceiling is not None:
         final["baseline"] = ceiling
@@ -462,6 +467,9 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
         lines.append(f"| {name} | " + " | ".join("n/a" for _ in metric_names) + " |" + base_cells(None)
                      + f" | not applicable: {why} |")
     lines.append("")
+    for name, r in reports.items():
+        if r["details"].get("convergence_note"):
+            lines += [f"**{name} did not converge**: {r['details']['convergence_note']}.", ""]
     for name in reports:
         lines += [f"## {name}", "", f"![{name}](attacks/{name}/grid.png)", ""]
         suffix = reports[name]["details"].get("suffix")

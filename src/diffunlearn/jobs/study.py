@@ -519,16 +519,20 @@ def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, s
     """The attacks' success on ``run_dir``'s model: on training-vocabulary forget prompts (``split="train"``)
     inside the search, on the held-out ones for the re-runs, so no trial is chosen on the attack set.
 
-    Returns ``{"asr": worst, "asr_<name>": each}``. With several attacks the objective is the WORST
-    (highest) success: a model is only as robust as its weakest side (the relearning study of "three"
-    found settings that resist one attack by giving in to the other)."""
+    Returns ``{"asr": worst, "asr_<name>": each, "unconverged": [names]}``. With several attacks the
+    objective is the WORST (highest) success: a model is only as robust as its weakest side (the
+    relearning study of "three" found settings that resist one attack by giving in to the other).
+    ``unconverged`` names the optimisation attacks whose loss was still falling at their last step
+    (their ASR is a lower bound); the report marks those points."""
     from .attack import red_team
 
     names = attack_names(spec)
     found = red_team(str(run_dir / "model"), spec.concept, run_dir / "attack", names, cfg.eval_steps,
                      cfg.eval_guidance, progress, command, n=cfg.eval_prompts, split=split)
     each = {f"asr_{name}": float(found[name]) for name in names}
-    return {"asr": max(each.values()), **(each if len(names) > 1 else {})}
+    report = json.loads((run_dir / "attack" / "results.json").read_text())["attacks"]
+    unconverged = [name for name in names if report.get(name, {}).get("converged") is False]
+    return {"asr": max(each.values()), **(each if len(names) > 1 else {}), "unconverged": unconverged}
 
 
 # Settings that decide the generated training images; runs that agree on all of them share one
@@ -789,9 +793,16 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         rows.setdefault(method, []).append({"trial": _root(trial), "params": dict(trial.params),
                                             "train_objectives": list(trial.values), "train_quality_fd": train_fd,
                                             "runs": runs,
+                                            "unconverged_runs": sum(1 for r in runs if r.get("unconverged")),
                                             **_aggregate(runs)})
     bar.close()
     return rows
+
+
+def _unconverged_mark(point: dict) -> str:
+    """`` ⚠ k/n`` after a held-out point's ASR when k of its n seeds' attacks had not converged."""
+    k = point.get("unconverged_runs", 0)
+    return f" ⚠ {k}/{len(point.get('runs', []))}" if k else ""
 
 
 def _aggregate(runs: list[dict]) -> dict[str, Any]:
@@ -871,7 +882,7 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
         p = entry["chosen"]
         cells = [method, _settings(p["params"]), _pm(p, "forget_score"), _pm(p, "alignment")]
         if spec.attack:
-            cells.append(_pm(p, "asr"))
+            cells.append(_pm(p, "asr") + _unconverged_mark(p))
         cells.append(f"{entry['hypervolume']:.3f}")
         if spec.attack:
             cells.append(f"{entry.get('hypervolume_attack', float('nan')):.3f}")
@@ -891,8 +902,13 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
         for p in points:
             lines.append(f"| {method} | {p['trial']} | {_settings(p['params'])} | {_pm(p, 'forget_score')} | "
                          f"{_pm(p, 'alignment')} | {_pm(p, 'quality_fd')}"
-                         + (f" | {_pm(p, 'asr')}" if spec.attack else "")
+                         + (f" | {_pm(p, 'asr')}" + _unconverged_mark(p) if spec.attack else "")
                          + "".join(f" | {_pm(p, 'asr_' + n)}" for n in each) + " |")
+    if any(p.get("unconverged_runs") for points in rows.values() for p in points):
+        lines += ["", "⚠ k/n: in k of the point's n seeds an optimisation attack's loss was still falling at "
+                  "its last step, so its ASR there is a lower bound: attack that seed's model "
+                  "(`heldout/METHOD/trial-N/seed-S/model`) again with more steps, e.g. `diffunlearn attack MODEL "
+                  "--attacks embedding --option embedding.iterations=300`."]
     lines += ["", "![held-out fronts](front.png)", ""]
     if trials:
         searched = "attack" in spec.objectives  # the trials' own (training-prompt) attack success
