@@ -5,8 +5,9 @@
 * ``embedded:digits``: the committed digit-world base model (``PixelTextToImage``);
 * ``embedded:digits-class``: the committed class-conditional digit model (``ClassConditionalAdapter``;
   built by ``diffunlearn world train-base --track class``);
-* ``embedded:digits-without-three`` and ``embedded:digits-without-red``: the exact-unlearning gold standards, the digit-world base recipe
-  retrained from scratch on a world without that concept (``world train-base --exclude three``);
+* ``embedded:digits-without-three`` and ``embedded:digits-without-red``: the exact-unlearning gold
+  standards, the digit-world base recipe retrained from scratch on a world without that concept
+  (``world train-base --exclude three``);
 * a folder written by diffunlearn for the digit world (``model_index.json`` marked ``pixel``);
 * a class-conditional folder (``model_index.json`` marked ``class``, or a diffusers ``DDPMPipeline`` /
   ``DDIMPipeline`` folder whose UNet has ``num_class_embeds``) -> ``ClassConditionalAdapter``;
