@@ -455,6 +455,6 @@ def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path,
     assert flagged == {"asr": 0.27, "unconverged": ["embedding"]}
     runs = [{"forget_score": 0.0, "alignment": 1.0, **flagged}, {"forget_score": 0.0, "alignment": 1.0, "asr": 0.9,
                                                                 "unconverged": []}]
-    point = {**point, "runs": runs, "unconverged_runs": 1, **_aggregate(runs)}
+    point = {**point, "runs": runs, **_aggregate(runs)}
     text = report(one, {"rg": [point]}, summarise(one, {"rg": [point]}), "study ...", tmp_path, 60.0)
     assert text.count("0.585 ± 0.445 ⚠ 1/2") == 2 and "is a lower bound" in text

@@ -48,9 +48,9 @@ class EmbeddingAttack:
                 "batch_size": self.batch_size,
                 "objective": "attacked model's denoising loss on concept images, w.r.t. the condition"}
 
-    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float], float, list[float]]:
-        """The optimised condition tensors (batch of one), the loss every 10 iterations, how far (L2)
-        the optimised part moved from the neutral start, and the loss of every iteration."""
+    def invert(self, target: AttackTarget) -> tuple[tuple[torch.Tensor, ...], list[float], float]:
+        """The optimised condition tensors (batch of one), the loss of every iteration, and how far
+        (L2) the optimised part moved from the neutral start."""
         adapter = target.adapter
         start = adapter.condition_tensors(adapter.encode_prompts([target.neutral]))
         learned = start[0].detach().clone().float().requires_grad_(True)
@@ -59,26 +59,24 @@ class EmbeddingAttack:
         optimizer = torch.optim.Adam([learned], lr=self.lr * scale)
         generator = torch.Generator().manual_seed(target.seed)
         losses: list[float] = []
-        every: list[float] = []
         from tqdm.auto import tqdm
 
         with frozen_model(adapter):
             batches = denoising_batches(target, self.iterations, self.batch_size, generator)
-            for i, (_, x0, noise, t) in enumerate(tqdm(batches, total=self.iterations, desc="embedding inversion",
-                                                       disable=not target.progress, leave=False)):
+            for _, x0, noise, t in tqdm(batches, total=self.iterations, desc="embedding inversion",
+                                        disable=not target.progress, leave=False):
                 condition = _repeated(adapter, (learned, *rest), len(x0))
                 loss = denoising_loss(adapter, x0, condition, noise, t).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                every.append(loss.item())
-                if i % 10 == 0 or i == self.iterations - 1:
-                    losses.append(round(every[-1], 6))
+                losses.append(loss.item())
         moved = float((learned.detach() - start[0].float()).norm())
-        return (learned.detach(), *rest), losses, moved, every
+        return (learned.detach(), *rest), losses, moved
 
     def run(self, target: AttackTarget) -> AttackOutput:
-        tensors, losses, moved, every = self.invert(target)
+        tensors, every, moved = self.invert(target)
+        losses = [round(v, 6) for i, v in enumerate(every) if i % 10 == 0 or i == len(every) - 1]
         n = len(target.prompts)
         images = target.sample_condition(_repeated(target.adapter, tensors, n))
         label = f"<inverted embedding from {target.neutral!r}>"

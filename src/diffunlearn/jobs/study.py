@@ -793,7 +793,6 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         rows.setdefault(method, []).append({"trial": _root(trial), "params": dict(trial.params),
                                             "train_objectives": list(trial.values), "train_quality_fd": train_fd,
                                             "runs": runs,
-                                            "unconverged_runs": sum(1 for r in runs if r.get("unconverged")),
                                             **_aggregate(runs)})
     bar.close()
     return rows
@@ -801,8 +800,9 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
 
 def _unconverged_mark(point: dict) -> str:
     """`` ⚠ k/n`` after a held-out point's ASR when k of its n seeds' attacks had not converged."""
-    k = point.get("unconverged_runs", 0)
-    return f" ⚠ {k}/{len(point.get('runs', []))}" if k else ""
+    runs = point.get("runs", [])
+    k = sum(1 for r in runs if r.get("unconverged"))
+    return f" ⚠ {k}/{len(runs)}" if k else ""
 
 
 def _aggregate(runs: list[dict]) -> dict[str, Any]:
@@ -904,7 +904,7 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
                          f"{_pm(p, 'alignment')} | {_pm(p, 'quality_fd')}"
                          + (f" | {_pm(p, 'asr')}" + _unconverged_mark(p) if spec.attack else "")
                          + "".join(f" | {_pm(p, 'asr_' + n)}" for n in each) + " |")
-    if any(p.get("unconverged_runs") for points in rows.values() for p in points):
+    if any(_unconverged_mark(p) for points in rows.values() for p in points):
         lines += ["", "⚠ k/n: in k of the point's n seeds an optimisation attack's loss was still falling at "
                   "its last step, so its ASR there is a lower bound: attack that seed's model "
                   "(`heldout/METHOD/trial-N/seed-S/model`) again with more steps, e.g. `diffunlearn attack MODEL "
