@@ -205,6 +205,13 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if importlib.util.find_spec("bitsandbytes") is None:
             errors.append("optimizer adam8bit needs bitsandbytes; install it with `pip install 'diffunlearn[8bit]'` "
                           "or use optimizer=adam")
+    if cfg.early_stop_every and not (kind == "pixel" or cfg.model == EMBEDDED_CLASS):
+        errors.append("`early_stop_every` scores the forget prompts with the embedded worlds' oracle during training, "
+                      "so it is for the digit-world and embedded class models; set early_stop_every=0 and choose "
+                      "`steps` for this model (e.g. with `diffunlearn study`)")
+    if cfg.early_stop_every and cfg.method in METHODS and METHODS[cfg.method].procedure is not None:
+        errors.append(f"method {cfg.method} takes no gradient steps, so there is nothing to stop early; set "
+                      "early_stop_every=0")
     if cfg.method not in METHODS:
         errors.append(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
     else:

@@ -63,6 +63,9 @@ class UnlearnConfig:
     remain_excludes: str = ""      # digit world: concepts no training prompt may show (earlier requests of a lineage)
     forget_batches: str = "joint"  # several concepts: "joint" (all every step) or "interleaved" (one a step)
     seed: int = 0                  # batch order, noise and timesteps
+    early_stop_every: int = 0      # every N steps score the TRAINING forget prompts, stop once forgotten; 0 = never
+    early_stop_score: float = 0.05 # early_stop_every stops at this forget score or below (class world: 1 − UA)
+    early_stop_prompts: int = 32   # forget prompts (class world: forget-class images) sampled per early-stop check
     # --- memory, speed and faults ---
     mixed_precision: str = "no"    # "no", "bf16" or "fp16" autocast; trainable weights stay fp32 (master copy)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
@@ -110,10 +113,10 @@ CHOICES = {
     "forget_batches": ("joint", "interleaved"),
 }
 POSITIVE_INT = ("num_pairs", "data_steps", "steps", "batch_size", "eval_prompts", "eval_steps", "lora_rank",
-                "micro_batches", "remain_per_class")
+                "micro_batches", "remain_per_class", "early_stop_prompts")
 NON_NEGATIVE = ("threads", "remain_weight", "margin", "alpha", "max_grad_norm", "data_guidance", "eval_guidance",
                 "checkpoint_every", "resolution", "lora_alpha", "sample_batch_size", "esd_eta",
-                "uce_erase_scale", "uce_preserve_scale", "uce_lambda")
+                "uce_erase_scale", "uce_preserve_scale", "uce_lambda", "early_stop_every")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -169,6 +172,8 @@ def check_values(cfg: UnlearnConfig) -> list[str]:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             errors.append(f"`{name}` must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.early_stop_score < 1:
+        errors.append(f"`early_stop_score` is a forget score, so it must be in [0, 1), got {cfg.early_stop_score}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
     concepts = cfg.concepts

@@ -331,8 +331,8 @@ def resume_message(step: int, steps: int, found: Path) -> str:
 
 def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor, forget_cond,
             remain_x0: torch.Tensor, remain_cond, metrics_path: Path | None = None, progress: bool = True,
-            checkpoint_dir: Path | None = None, resume: bool = False, parallel: Parallel | None = None
-            ) -> list[dict]:
+            checkpoint_dir: Path | None = None, resume: bool = False, parallel: Parallel | None = None,
+            probe: Callable[[], float] | None = None) -> list[dict]:
     """Run unlearning steps up to ``cfg.steps`` in place on ``adapter``'s trainable parameters.
 
     Batches are paired by index: step k uses the same rows of the forget and remain sets (the rows
@@ -344,6 +344,12 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
     With ``checkpoint_dir`` and ``cfg.checkpoint_every`` a checkpoint is written every N steps;
     ``resume`` restores the newest one and continues to the same final weights an uninterrupted
     run reaches (the generator, batch order, optimizer and loss scale are all restored).
+
+    With ``cfg.early_stop_every`` = N and a ``probe`` (the task's training-side forget score), every
+    N-th step records ``probe_forget`` and the run stops after the first step whose score is at most
+    ``cfg.early_stop_score`` (that record carries ``early_stop: true``). The probe samples with the
+    model, not the training generator, and no checkpoint is written at the stopping step, so a resumed
+    run stops at the same step with the same weights.
 
     Under ``accelerate launch`` every process draws the same global batch and keeps its own rows
     (:mod:`diffunlearn.core.parallel`); gradients are summed across processes before ``method.combine``.
@@ -518,13 +524,20 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 record["forget_loss_change"] = sum(after) / len(after) - record["forget_loss"]
                 record["remain_loss_change"] = engine.mean_loss(r_chunks) - record["remain_loss"]
             record["seconds"] = time.perf_counter() - started
+            if probe is not None and cfg.early_stop_every and step % cfg.early_stop_every == 0:
+                # The main process scores; the others receive its score, so every process stops at one step.
+                record["probe_forget"] = parallel.sum_scalar(probe() if parallel.is_main else 0.0)
+                record["early_stop"] = record["probe_forget"] <= cfg.early_stop_score
             # Training time so far, summed over the sessions of a resumed run (results.json reports the last).
             record["elapsed_seconds"] = elapsed_before + time.perf_counter() - session_start
             history.append(record)
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if record.get("early_stop"):
+                bar.set_postfix(stopped=f"forget {record['probe_forget']:.2f}")
+                break
+
                 if parallel.is_main:
                     save_checkpoint(checkpoint_dir, step, named, optimizer, gen, order, cursor,
                                     {"loss_scale": scaler.scale, "good_steps": scaler.good_steps,

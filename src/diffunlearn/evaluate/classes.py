@@ -78,3 +78,18 @@ def evaluate_classes(adapter, target: int, n: int = 100, seed: int = 1, steps: i
         ua=scored["classifier"]["forget"].aggregate["ua"], ra=scored["classifier"]["remain"].aggregate["ra"],
         fd=scored["fid"]["remain"].aggregate["fid"], accuracy_per_class=per_class,
         forget_images=images[:n], remain_images=images[n:], remain_labels=rest)
+
+
+PROBE_SEED = 17  # the early-stop check's image seeds: neither the evaluation's (1, 7) nor the data's
+
+
+def forget_probe(adapter, target: int, n: int, steps: int = 20, guidance: float = 2.0) -> float:
+    """1 − UA on ``n`` samples of the forgotten class at seeds no evaluation uses: the training-side
+    check of ``early_stop_every`` (the class world's forget score)."""
+    names = adapter.class_names
+    prompts = [names[target]] * n
+    images = adapter.sample(prompts, image_seeds(PROBE_SEED, n), steps=steps, guidance=guidance, progress=False)
+    options = MetricOptions(classifier=ORACLE, classes=tuple(names), target_class=names[target], feature="oracle",
+                            batch_size=ORACLE_BATCH)
+    scored = score_sets({"classifier": ("forget",)}, {"forget": (images, prompts)}, options)
+    return 1.0 - scored["classifier"]["forget"].aggregate["ua"]

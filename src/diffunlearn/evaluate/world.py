@@ -106,6 +106,27 @@ def evaluate_world(adapter, concept: str, n: int = 100, split: str = "test", see
         forget_scores=scores)
 
 
+PROBE_SEED = 17  # the early-stop check's prompts and image seeds: neither the evaluation's (1, 7) nor the data's
+
+
+def forget_probe(adapter, concept: str, n: int, steps: int = 12, guidance: float = 3.0) -> float:
+    """The forget score on ``n`` TRAINING-vocabulary forget prompts per concept (mean over the
+    concepts of ``concept``): the training-side check of ``early_stop_every``. Held-out prompts are
+    never sampled here, so stopping on it selects nothing on the reported numbers."""
+    concepts = [c.strip() for c in concept.split(",") if c.strip()]
+    forget_caps, _ = eval_sets(",".join(concepts), n, split="train", seed=PROBE_SEED)
+    prompts = [c.text for c in forget_caps]
+    images = adapter.sample(prompts, image_seeds(PROBE_SEED, len(prompts)), steps=steps, guidance=guidance,
+                            progress=False)
+    scores = []
+    for j, c in enumerate(concepts):
+        rows = slice(j * n, (j + 1) * n)
+        options = MetricOptions(concept=c, feature="oracle", batch_size=ORACLE_BATCH)
+        scored = score_sets({"oracle": ("forget",)}, {"forget": (images[rows], prompts[rows])}, options)
+        scores.append(scored["oracle"]["forget"].aggregate["forget_score"])
+    return sum(scores) / len(scores)
+
+
 def write_reference_renders(concept: str, out, n: int = 100, split: str = "test", seed: int = 1,
                             copies: int = 4) -> int:
     """Real images for ``fid``/``kid`` in the digit world: ``copies`` ground-truth renders of each of

@@ -60,9 +60,12 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
     before = task.before(adapter, cfg, out, base_model or cfg.model, progress, parallel) if pictures else None
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
+    # early_stop_every: the task's training-side forget score, checked inside the loop (config.validate
+    # allows it only where the task has a judge and the method takes steps).
+    stop = {"probe": task.forget_probe(adapter, cfg, data)} if cfg.early_stop_every else {}
     history = method.apply(adapter, cfg, data.forget_x0, data.forget_cond, data.remain_x0, data.remain_cond,
                            metrics_path=out / "metrics.jsonl", progress=progress, checkpoint_dir=out / "checkpoints",
-                           resume=resume, parallel=parallel)
+                           resume=resume, parallel=parallel, **stop)
     training = training_summary(history, time.perf_counter() - started)
     evaluation = task.evaluate(adapter, cfg, data, progress) if parallel.is_main else None
     metrics = evaluation.metrics() if evaluation is not None else None

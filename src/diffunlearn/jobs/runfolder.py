@@ -136,7 +136,11 @@ def training_summary(history: list[dict], seconds: float) -> dict:
     done = [h for h in history if not h.get("skipped")]
     with_remain = [h for h in done if "conflict" in h]
     diagnosed = [h for h in done if "forget_loss_change" in h]
+    probed = [h for h in done if "probe_forget" in h]
+    stopped = {"early_stop_step": next((h["step"] for h in probed if h.get("early_stop")), None),
+               "probe_forget": probed[-1]["probe_forget"]} if probed else {}
     return {
+        **stopped,
         "steps": len(done), "skipped_steps": len(history) - len(done), "seconds": seconds,
         "final_forget_loss": done[-1]["forget_loss"] if done else None,
         "final_remain_loss": done[-1]["remain_loss"] if done else None,

@@ -17,6 +17,7 @@ adapter).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,6 +73,10 @@ class Task(Protocol):
     def evaluate(self, adapter, cfg, data: TrainingSet, progress: bool) -> Evaluation | None:
         """The in-run evaluation of the unlearned model (main process), or None where the task has
         no built-in judge (a user's Stable Diffusion model is scored by ``diffunlearn eval``)."""
+
+    def forget_probe(self, adapter, cfg, data: TrainingSet) -> Callable[[], float] | None:
+        """A callable giving ``adapter``'s forget score now on TRAINING-side prompts (``early_stop_every``
+        calls it during training), or None where the task has no built-in judge."""
 
     def pictures(self, before: Any, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:
         """Before/after pictures in the run folder (every process; the main one writes)."""

@@ -142,6 +142,14 @@ class ClassTask:
         return evaluate_classes(adapter, data.results["target_class"], cfg.eval_prompts, cfg.eval_seed,
                                 cfg.eval_steps, cfg.eval_guidance, progress)
 
+    def forget_probe(self, adapter, cfg, data: TrainingSet):
+        if cfg.model != EMBEDDED_CLASS:
+            return None
+        from ..evaluate.classes import forget_probe
+
+        target = data.results["target_class"]
+        return lambda: forget_probe(adapter, target, cfg.early_stop_prompts, cfg.eval_steps, cfg.eval_guidance)
+
     def pictures(self, before, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:
         if parallel.is_main and before is not None:
             samples_picture(before, class_samples(adapter, cfg), adapter.class_names, data.results["target_class"],

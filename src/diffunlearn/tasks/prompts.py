@@ -71,6 +71,13 @@ class PromptTask:
         return evaluate_world(adapter, cfg.concept, cfg.eval_prompts, cfg.eval_split, cfg.eval_seed,
                               cfg.eval_steps, cfg.eval_guidance, progress)
 
+    def forget_probe(self, adapter, cfg, data: TrainingSet):
+        if not self.scored_in_run(cfg):
+            return None
+        from ..evaluate.world import forget_probe
+
+        return lambda: forget_probe(adapter, cfg.concept, cfg.early_stop_prompts, cfg.eval_steps, cfg.eval_guidance)
+
     def pictures(self, before, adapter, cfg, data: TrainingSet, out: Path, progress: bool, parallel) -> None:
         if before is None:
             return
