@@ -537,7 +537,7 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
             if record.get("early_stop"):
                 bar.set_postfix(stopped=f"forget {record['probe_forget']:.2f}")
                 break
-
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 if parallel.is_main:
                     save_checkpoint(checkpoint_dir, step, named, optimizer, gen, order, cursor,
                                     {"loss_scale": scaler.scale, "good_steps": scaler.good_steps,
