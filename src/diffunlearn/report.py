@@ -24,24 +24,53 @@ def _to_image(x: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Path, title: str) -> None:
-    """One row per model, one column per prompt (same prompts and seeds in every row)."""
+    """One row per model, one column per prompt (same prompts and seeds in every row).
+
+    The tiles are laid into ONE image drawn on one matplotlib axes, with the captions, row names and
+    frames as text and one patch collection: an axes per tile (``plt.subplots`` + ``tight_layout``) cost
+    1.4 s for a 4 × 8 grid here, a fifth of an embedded demo's time; this takes about 0.1 s and looks the same.
+    """
     import textwrap
+
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
 
     plt = matplotlib_pyplot()
     n_rows, n_cols = len(rows), len(captions)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols + 0.9, 1.45 * n_rows + 1.3), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.imshow(_to_image(images[c]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=10)
-            if r == 0:
-                ax.set_title("\n".join(textwrap.wrap(captions[c], 18)[:4]), fontsize=6)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    tiles = [[images[c] for c in range(n_cols)] for images in rows.values()]
+    h, w = tiles[0][0].shape[-2:]
+    # Tiles of another size (a grid of two resolutions) are resized to the first one's, nearest-neighbour.
+    tiles = [[t if t.shape[-2:] == (h, w) else
+              torch.nn.functional.interpolate(t[None].float(), size=(h, w), mode="nearest")[0] for t in row]
+             for row in tiles]
+    size, gap = 1.2, 0.25                                   # inches: a tile, the space between two tiles
+    gap_px = max(1, round(w * gap / size))
+    mosaic = np.ones((n_rows * h + (n_rows - 1) * gap_px, n_cols * w + (n_cols - 1) * gap_px, 3))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            y, x = r * (h + gap_px), c * (w + gap_px)
+            mosaic[y:y + h, x:x + w] = _to_image(tile)
+    left, right, bottom, top = 0.45, 0.1, 0.1, 0.95        # inches around the tiles (top: title + captions)
+    scale = size / w                                        # inches per pixel
+    width_in, height_in = mosaic.shape[1] * scale, mosaic.shape[0] * scale
+    fig = plt.figure(figsize=(width_in + left + right, height_in + top + bottom))
+    fig_w, fig_h = fig.get_size_inches()
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, width_in / fig_w, height_in / fig_h))
+    ax.imshow(mosaic, interpolation="nearest", extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
+    ax.set_axis_off()
+    frames = PatchCollection([Rectangle((c * (w + gap_px), r * (h + gap_px)), w, h)
+                              for r in range(n_rows) for c in range(n_cols)],
+                             facecolor="none", edgecolor="black", linewidth=0.8)
+    frames.set_clip_on(False)  # the last row's and column's outer edges lie on the axes' border
+    ax.add_collection(frames)
+    for c, caption in enumerate(captions):
+        ax.text(c * (w + gap_px) + w / 2, -0.6 * gap_px, "\n".join(textwrap.wrap(caption, 18)[:4]), fontsize=6,
+                ha="center", va="bottom")
+    for r, name in enumerate(rows):
+        ax.text(-0.25 * gap_px, r * (h + gap_px) + h / 2, name, fontsize=10, rotation=90, ha="right", va="center")
+    ax.set_xlim(0, mosaic.shape[1])
+    ax.set_ylim(mosaic.shape[0], 0)
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig_h, va="top")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
