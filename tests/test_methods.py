@@ -32,7 +32,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("selection", ["full", "cross-attention"])
 def test_one_step_changes_trained_and_keeps_frozen(tiny_adapter, tmp_path, name, selection):
     cfg = build_config(None, [f"method={name}", f"selection={selection}", "steps=1", "batch_size=4", "lr=1e-3",
-                              "forget_cap=none"])
+                              "forget_cap=none", "diagnose=true"])
     data = tiny_data(tiny_adapter)
     before = snapshot(tiny_adapter.unet)
     history = unlearn(tiny_adapter, get_method(name), cfg, *data, metrics_path=tmp_path / "m.jsonl", progress=False)
@@ -153,3 +153,16 @@ def test_each_method_says_which_settings_it_reads_and_checks_its_own_all_at_once
         build_config(None, ["method=rg-opt", "cone_margin=1.5"])
     assert build_config(None, ["method=rg-opt", "cone_margin=0.1"]).cone_margin == 0.1
     assert build_config(None, ["method=rg", "saliency_fraction=0.5"]).method == "rg"  # a default is never refused
+
+
+def test_the_finiteness_check_finds_one_bad_entry_and_passes_huge_finite_ones():
+    from diffunlearn.core.training import _finite
+
+    good = [torch.randn(8, 8), torch.full((1000,), 3e38), torch.full((4,), 6e4, dtype=torch.float16)]
+    assert _finite(good) and _finite([])          # 1000 × 3e38 overflows fp32 but not the float64 sum
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensors = [t.clone() for t in good]
+        tensors[0][3, 5] = bad
+        assert not _finite(tensors)
+    assert not _finite([torch.tensor([1.0, float("inf")], dtype=torch.bfloat16)])
+    assert build_config(None, []).diagnose is False  # the loss-change diagnostic is opt-in (two extra forwards)

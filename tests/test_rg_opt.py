@@ -94,7 +94,7 @@ def _train(text_encoder, method, lr, steps=12):
     from test_methods import snapshot
 
     cfg = build_config(None, ["method=rg", f"steps={steps}", "batch_size=4", f"lr={lr}", "forget_cap=none",
-                              "remain_weight=1.6"])
+                              "remain_weight=1.6", "diagnose=true"])
     adapter = fresh_adapter(text_encoder)
     history = unlearn(adapter, method, cfg, *tiny_data(adapter, n=16), progress=False)
     return snapshot(adapter.unet), history
