@@ -28,7 +28,7 @@ def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Pat
 
     The tiles are laid into ONE image drawn on one matplotlib axes, with the captions, row names and
     frames as text and one patch collection: an axes per tile (``plt.subplots`` + ``tight_layout``) cost
-    1.4 s for a 4 × 8 grid here, a fifth of an embedded demo's time; this takes about 0.1 s and looks the same.
+    1.4 s for a 4 × 8 grid here; this takes 0.24 s and looks the same.
     """
     import textwrap
 
@@ -45,10 +45,11 @@ def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Pat
              for row in tiles]
     size, gap = 1.2, 0.25                                   # inches: a tile, the space between two tiles
     gap_px = max(1, round(w * gap / size))
+    step_y, step_x = h + gap_px, w + gap_px                 # pixels from one tile's corner to the next one's
     mosaic = np.ones((n_rows * h + (n_rows - 1) * gap_px, n_cols * w + (n_cols - 1) * gap_px, 3))
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
-            y, x = r * (h + gap_px), c * (w + gap_px)
+            y, x = r * step_y, c * step_x
             mosaic[y:y + h, x:x + w] = _to_image(tile)
     left, right, bottom, top = 0.45, 0.1, 0.1, 0.95        # inches around the tiles (top: title + captions)
     scale = size / w                                        # inches per pixel
@@ -58,16 +59,16 @@ def image_grid(rows: dict[str, torch.Tensor], captions: Sequence[str], path: Pat
     ax = fig.add_axes((left / fig_w, bottom / fig_h, width_in / fig_w, height_in / fig_h))
     ax.imshow(mosaic, interpolation="nearest", extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
     ax.set_axis_off()
-    frames = PatchCollection([Rectangle((c * (w + gap_px), r * (h + gap_px)), w, h)
+    frames = PatchCollection([Rectangle((c * step_x, r * step_y), w, h)
                               for r in range(n_rows) for c in range(n_cols)],
                              facecolor="none", edgecolor="black", linewidth=0.8)
     frames.set_clip_on(False)  # the last row's and column's outer edges lie on the axes' border
     ax.add_collection(frames)
     for c, caption in enumerate(captions):
-        ax.text(c * (w + gap_px) + w / 2, -0.6 * gap_px, "\n".join(textwrap.wrap(caption, 18)[:4]), fontsize=6,
+        ax.text(c * step_x + w / 2, -0.6 * gap_px, "\n".join(textwrap.wrap(caption, 18)[:4]), fontsize=6,
                 ha="center", va="bottom")
     for r, name in enumerate(rows):
-        ax.text(-0.25 * gap_px, r * (h + gap_px) + h / 2, name, fontsize=10, rotation=90, ha="right", va="center")
+        ax.text(-0.25 * gap_px, r * step_y + h / 2, name, fontsize=10, rotation=90, ha="right", va="center")
     ax.set_xlim(0, mosaic.shape[1])
     ax.set_ylim(mosaic.shape[0], 0)
     fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig_h, va="top")
