@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from diffunlearn.cli import main
@@ -16,6 +18,17 @@ from diffunlearn.errors import UserError
 def test_non_finite_floats_are_refused_by_name(override, key):
     with pytest.raises(UserError, match=f"`{key}` must be a finite number"):
         build_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["remain_neighbours=1.5"], "must be in [0, 1]"),
+    (["concept=three", "remain_neighbours=0.5"], "is for a colour concept"),
+    (["concept=red", "diversity=uniform", "remain_neighbours=0.5"], "needs diversity=diverse"),
+])
+def test_remain_neighbours_outside_a_diverse_colour_run_is_refused(overrides, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        build_config(None, overrides)
+    assert build_config(None, ["concept=red", "remain_neighbours=0.5"]).remain_neighbours == 0.5
 
 
 def test_unlearn_with_nan_writes_nothing(tmp_path, capsys):

@@ -79,3 +79,34 @@ def test_eval_sets_request_or_avoid_the_concept():
 def test_unknown_concept_is_rejected():
     with pytest.raises(ValueError, match="unknown concept 'dragon'"):
         build_pairs("dragon", 4)
+
+
+@pytest.mark.parametrize("fraction, named", [(0.0, 0), (0.25, 64), (0.5, 128), (1.0, 256)])
+def test_remain_neighbours_name_other_colours_in_that_fraction(fraction, named):
+    base_forget, base_remain = build_pairs("red", 256, "diverse", seed=2)
+    forget, remain = build_pairs("red", 256, "diverse", seed=2, neighbours=fraction)
+    # The forget prompts do not move, so a comparison across fractions changes only the remain side.
+    assert [f.text for f in forget] == [f.text for f in base_forget]
+    neighbour = [r for r in remain if r.colour is not None]
+    assert len(neighbour) == named
+    red = world.COLOURS.index("red")
+    assert all(r.colour != red for r in remain)
+    if named:
+        counts = [sum(r.colour == c for r in neighbour) for c in range(len(world.COLOURS)) if c != red]
+        assert max(counts) - min(counts) <= 1  # every other colour, cycled evenly
+    for f, r, b in zip(forget, remain, base_remain):
+        for other in world.ATTRIBUTES:
+            if other != "colour":
+                assert getattr(f, other) == getattr(r, other) == getattr(b, other)
+        if r.colour is None:
+            assert r.text == b.text  # the pairs left alone are exactly the deleted form
+
+
+def test_remain_neighbours_respect_excluded_colours_and_refuse_digits():
+    _, remain = build_pairs("red", 40, "diverse", neighbours=1.0, exclude=["blue"])
+    assert {r.colour for r in remain} == {world.COLOURS.index(c) for c in world.COLOURS} - {
+        world.COLOURS.index("red"), world.COLOURS.index("blue")}
+    with pytest.raises(ValueError, match="already name another digit"):
+        build_pairs("three", 4, neighbours=0.5)
+    with pytest.raises(ValueError, match="needs diversity=diverse"):
+        build_pairs("red", 4, "uniform", neighbours=0.5)

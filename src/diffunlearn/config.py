@@ -205,6 +205,18 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         if importlib.util.find_spec("bitsandbytes") is None:
             errors.append("optimizer adam8bit needs bitsandbytes; install it with `pip install 'diffunlearn[8bit]'` "
                           "or use optimizer=adam")
+    if cfg.remain_neighbours:
+        from .worlds.digits import COLOURS
+
+        if kind != "pixel":
+            errors.append("`remain_neighbours` changes the digit world's remain prompts for a colour concept; "
+                          "for this model set remain_neighbours=0")
+        elif not set(cfg.concepts) & set(COLOURS):
+            errors.append(f"`remain_neighbours` is for a colour concept, and {cfg.concept!r} names none (a digit's "
+                          "remain prompts already name another digit); set remain_neighbours=0")
+        elif cfg.diversity != "diverse":
+            errors.append("`remain_neighbours` needs diversity=diverse (the uniform set has one remain prompt); "
+                          "set remain_neighbours=0 or diversity=diverse")
     if cfg.early_stop_every and not (kind == "pixel" or cfg.model == EMBEDDED_CLASS):
         errors.append("`early_stop_every` scores the forget prompts with the embedded worlds' oracle during training, "
                       "so it is for the digit-world and embedded class models; set early_stop_every=0 and choose "

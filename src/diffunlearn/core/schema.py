@@ -30,6 +30,7 @@ class UnlearnConfig:
     lora_base_dtype: str = "fp32"  # LoRA: dtype of the frozen base weights; bf16/fp16 halve them (adapters stay fp32)
     # --- data (PAPER.md §3) ---
     diversity: str = "diverse"     # "diverse" (paired templates) or "uniform" (one prompt each, repeated)
+    remain_neighbours: float = 0.0 # colour concept (digit world): share of remain prompts naming another colour
     num_pairs: int = 256           # forget/remain prompt pairs; one generated image per prompt
     data_seed: int = 0             # prompt drawing and image seeds (image i uses data_seed * 100000 + i)
     data_steps: int = 12           # sampler steps when the base model generates the training images
@@ -178,6 +179,9 @@ def check_values(cfg: UnlearnConfig) -> list[str]:
         errors.append(f"`early_stop_score` is a forget score, so it must be in [0, 1), got {cfg.early_stop_score}")
     if cfg.lr <= 0:
         errors.append(f"`lr` must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.remain_neighbours <= 1:
+        errors.append(f"`remain_neighbours` is a fraction of the remain prompts, so it must be in [0, 1], "
+                      f"got {cfg.remain_neighbours}")
     concepts = cfg.concepts
     if set(cfg.excluded) & set(concepts):
         errors.append(f"`remain_excludes` repeats a concept of `concept` ({cfg.remain_excludes!r}); list each once")

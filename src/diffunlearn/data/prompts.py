@@ -4,6 +4,8 @@
   forget prompt with the concept changed and nothing else (a modifier concept such as a colour is
   deleted, as the paper deletes "nude"; an object concept such as a digit is replaced by another
   digit, the class-wise analogue where the remain set is the other classes). Paired by index.
+  ``neighbours`` (a colour concept only) names another colour instead in that fraction of the remain
+  prompts: the concept's neighbours, which the deleted form never shows the remain loss.
 * ``uniform``: the non-diverse baseline, one forget prompt and one remain prompt, repeated.
 """
 
@@ -36,7 +38,7 @@ def _draw(rng: random.Random, attribute: str, avoid: set[int]) -> int | None:
 
 
 def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "train", seed: int = 0,
-                exclude: Sequence[str] = ()) -> tuple[list[Caption], list[Caption]]:
+                exclude: Sequence[str] = (), neighbours: float = 0.0) -> tuple[list[Caption], list[Caption]]:
     """Make ``n`` index-paired (forget, remain) captions for ``concept``.
 
     Args:
@@ -44,9 +46,14 @@ def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "
         split: ``"train"`` for unlearning data, ``"test"`` for the disjoint held-out filler vocabulary.
         exclude: the other concepts of a several-concept run: neither caption of a pair shows any of
             them (random attributes are redrawn, a digit is replaced by a digit not listed).
+        neighbours: for a colour concept, the fraction of pairs whose remain prompt replaces the colour
+            by another (cycling through the colours not excluded) instead of deleting it. The pairs
+            chosen are spread evenly (pair i when ``floor((i + 1) f) > floor(i f)``) and draw no random
+            numbers, so 0 gives exactly the prompts of the deleted form.
 
     Raises:
-        ValueError: unknown concept or diversity, or ``exclude`` leaves no value to pair with.
+        ValueError: unknown concept or diversity, or ``exclude`` leaves no value to pair with, or
+            ``neighbours`` is set for a digit concept or the uniform set.
     """
     attribute = world.concept_attribute(concept)
     value = world.VALUES[attribute].index(concept)
@@ -54,6 +61,15 @@ def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "
     others = [i for i in range(len(world.VALUES[attribute])) if i != value and i not in avoid[attribute]]
     if not others and attribute == "digit":
         raise ValueError(f"the concepts {[concept, *exclude]} leave no other digit for the remain prompts")
+    if not 0 <= neighbours <= 1:
+        raise ValueError(f"neighbours is a fraction, got {neighbours}")
+    if neighbours and attribute == "digit":
+        raise ValueError(f"{concept!r} is a digit, whose remain prompts already name another digit; "
+                         "remain_neighbours is for a colour concept")
+    if neighbours and diversity != "diverse":
+        raise ValueError("remain_neighbours needs diversity=diverse (the uniform set has one remain prompt)")
+    if neighbours and not others:
+        raise ValueError(f"the concepts {[concept, *exclude]} leave no other colour for remain_neighbours")
     if diversity == "uniform":
         if attribute == "digit":
             forget = Caption(f"an image of a {concept}", digit=value)
@@ -66,6 +82,7 @@ def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "
         raise ValueError(f"unknown diversity {diversity!r}; use diverse or uniform")
     rng = random.Random(f"pairs:{concept}:{split}:{seed}")
     forget_caps, remain_caps = [], []
+    replaced = 0
     for i in range(n):
         attrs = {a: _draw(rng, a, avoid[a]) for a in world.ATTRIBUTES}
         with_filler = rng.random() > 0.1
@@ -73,7 +90,13 @@ def build_pairs(concept: str, n: int, diversity: str = "diverse", split: str = "
         attrs[attribute] = value
         forget_caps.append(world.compose_caption(rng, **attrs, split=split, with_filler=with_filler))
         rng.setstate(state)
-        attrs[attribute] = others[i % len(others)] if attribute == "digit" else None
+        if attribute == "digit":
+            attrs[attribute] = others[i % len(others)]
+        elif int((i + 1) * neighbours) > int(i * neighbours):  # this pair names a neighbour colour
+            attrs[attribute] = others[replaced % len(others)]
+            replaced += 1
+        else:
+            attrs[attribute] = None
         remain_caps.append(world.compose_caption(rng, **attrs, split=split, with_filler=with_filler))
     return forget_caps, remain_caps
 

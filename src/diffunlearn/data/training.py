@@ -28,7 +28,8 @@ def _concept_pairs(cfg: UnlearnConfig, concept: str, n: int, split: str, exclude
     if concept in TEMPLATES:  # a template's remain prompt deletes its own words and holds no other template's
         return template_pairs(concept, n, cfg.diversity, split, cfg.data_seed)
     world.concept_attribute(concept)
-    return build_pairs(concept, n, cfg.diversity, split, cfg.data_seed, exclude=exclude)
+    return build_pairs(concept, n, cfg.diversity, split, cfg.data_seed, exclude=exclude,
+                       neighbours=cfg.remain_neighbours if world.concept_attribute(concept) == "colour" else 0.0)
 
 
 def training_prompt_sets(cfg: UnlearnConfig, split: str = "train", n: int | None = None) -> tuple[list[list], list]:

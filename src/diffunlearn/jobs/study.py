@@ -537,8 +537,8 @@ def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, s
 
 # Settings that decide the generated training images; runs that agree on all of them share one
 # image folder (for Stable Diffusion: hours of generation done once, not per trial).
-DATA_KEYS = ("model", "concept", "diversity", "num_pairs", "data_steps", "data_guidance", "resolution",
-             "mixed_precision", "device")
+DATA_KEYS = ("model", "concept", "diversity", "remain_neighbours", "num_pairs", "data_steps", "data_guidance",
+             "resolution", "mixed_precision", "device")
 
 
 def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str,

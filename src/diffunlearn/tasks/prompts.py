@@ -54,7 +54,8 @@ class PromptTask:
                                                         "folder": None})
         fx, fc, rx, rc, _, _ = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=replace)
         info = {"prompts": "templates:" + cfg.concept if cfg.concepts[0] in TEMPLATES else "digit-world",
-                "pairs": cfg.num_pairs, "diversity": cfg.diversity, "data_seed": cfg.data_seed,
+                "pairs": cfg.num_pairs, "diversity": cfg.diversity,
+                "remain_neighbours": cfg.remain_neighbours, "data_seed": cfg.data_seed,
                 "sampler_steps": cfg.data_steps, "guidance": cfg.data_guidance, "folder": str(data_dir)}
         return TrainingSet(fx, fc, rx, rc, info)
 
