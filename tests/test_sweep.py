@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffunlearn import cli
+from diffunlearn.data.prompts import build_pairs
 from diffunlearn.errors import UserError
 from diffunlearn.jobs import run as runner
 from diffunlearn.jobs.study import budget, grid_study, search_prompt_specs, validate
@@ -81,14 +83,24 @@ def test_sweep_end_to_end_then_rerun(tmp_path, monkeypatch, capsys):
     assert again["trials"] == result["trials"] and again["heldout"] == result["heldout"]
 
 
-def test_a_grid_over_a_data_setting_builds_one_image_folder_per_value(tmp_path):
+@pytest.mark.parametrize("grid, key", [(["diversity=diverse,uniform"], "diversity"),
+                                       (["remain_neighbours=0,1", "concept=red"], "remain_neighbours")])
+def test_a_grid_over_a_data_setting_builds_one_image_folder_per_value(tmp_path, grid, key):
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", "diversity=diverse,uniform", *TINY, "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["sweep", *grid, *TINY, "--out", str(out), "--quiet"]) == 0
     folders = sorted(p.name for p in (out / "data").iterdir())
-    assert len(folders) == 3 and "seed-0" in folders  # the base images, then one folder per searched value
+    # One folder per searched value, and no shared seed-0 folder: no trial would read it.
+    assert len(folders) == 2 and all(f.startswith("seed-0-") for f in folders)
+    named = {}
     for t in json.loads((out / "study.json").read_text())["trials"]["rg"]:
-        cfg = (out / "trials" / "rg" / f"trial-{t['root']:04d}" / "config.yaml").read_text()
-        assert f"diversity: {t['params']['diversity']}" in cfg and "data/seed-0-" in cfg
+        cfg = yaml.safe_load((out / "trials" / "rg" / f"trial-{t['root']:04d}" / "config.yaml").read_text())
+        assert cfg[key] == t["params"][key] and "/data/seed-0-" in cfg["data_dir"]
+        remain = json.loads((Path(cfg["data_dir"]) / "remain" / "manifest.json").read_text())["prompts"]
+        if key == "remain_neighbours":  # the images were made from the prompts that value asks for
+            _, want = build_pairs("red", 16, seed=0, neighbours=t["params"][key])
+            assert remain == [c.text for c in want]
+            named[t["params"][key]] = sum(c.colour is not None for c in want)
+    assert named == ({0.0: 0, 1.0: 16} if key == "remain_neighbours" else {})
 
 
 def test_sweep_refusals_exit_2_and_write_nothing(tmp_path, capsys):

@@ -541,6 +541,12 @@ DATA_KEYS = ("model", "concept", "diversity", "remain_neighbours", "num_pairs", 
              "resolution", "mixed_precision", "device")
 
 
+def shares_data(space_by_method: dict[str, dict]) -> bool:
+    """Whether some trial will use the seed's shared image folder: False when every method searches
+    a key of DATA_KEYS, so each trial has a folder of its own and the shared one would go unused."""
+    return any(not set(space) & set(DATA_KEYS) for space in space_by_method.values())
+
+
 def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str,
                 params: dict | None = None) -> Path | None:
     """The training images of ``seed`` (shared by every method and trial), built once; None for a
@@ -593,7 +599,8 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    ensure_data(spec, out, spec.seeds[0], progress, command)
+    if shares_data(space_by_method):
+        ensure_data(spec, out, spec.seeds[0], progress, command)
     for method, space in space_by_method.items():
         study = _load_study(spec, out, method, space)
         optuna.storages.fail_stale_trials(study)  # trials of a killed worker (heartbeat too old) become FAIL,
@@ -767,7 +774,7 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         chosen = _select(front, spec.front)
         ran = {_root(t) for t in front if (out / "heldout" / method / f"trial-{_root(t):04d}").is_dir()}
         plan += [(method, t) for t in prefer_ran(chosen, front, ran)]
-    for seed in spec.seeds:
+    for seed in spec.seeds if any(not set(t.params) & set(DATA_KEYS) for _, t in plan) else ():
         ensure_data(spec, out, seed, progress, command)  # with its own bar, before the runs' bar
     bar = tqdm(total=len(plan) * len(spec.seeds), desc=f"study {spec.concept}: held-out runs", disable=not progress)
     for method, trial in plan:
@@ -994,7 +1001,8 @@ def run_study(spec: StudySpec, out: Path, command: str = "diffunlearn study", pr
         search(spec, out, space_by_method, command, progress=False)
         return {}
     clock = Clock(out)
-    ensure_data(spec, out, spec.seeds[0], progress, command)  # before workers start, so they share it
+    if shares_data(space_by_method):
+        ensure_data(spec, out, spec.seeds[0], progress, command)  # before workers start, so they share it
     children = []
     if spec.workers > 1:
         if argv is None:
