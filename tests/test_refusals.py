@@ -31,6 +31,20 @@ def test_remain_neighbours_outside_a_diverse_colour_run_is_refused(overrides, fr
     assert build_config(None, ["concept=red", "remain_neighbours=0.5"]).remain_neighbours == 0.5
 
 
+def test_the_colour_default_of_remain_neighbours_steps_aside_where_it_cannot_apply():
+    assert build_config(None, ["concept=red"]).remain_neighbours == 0.275           # rg's tuned colour value
+    assert build_config(None, ["concept=red", "method=graddiff"]).remain_neighbours == 0.545
+    assert build_config(None, ["concept=three"]).remain_neighbours == 0.0
+    # Where the default cannot apply it is left out rather than refused (the user did not ask for it) ...
+    assert build_config(None, ["concept=red", "diversity=uniform"]).remain_neighbours == 0.0
+    every = "concept=red,green,blue,yellow,purple"
+    assert build_config(None, [every]).remain_neighbours == 0.0
+    assert build_config(None, ["concept=red", "remain_excludes=green,blue,yellow,purple"]).remain_neighbours == 0.0
+    # ... and asking for it there is refused with the reason.
+    with pytest.raises(UserError, match="list every colour"):
+        build_config(None, [every, "remain_neighbours=0.5"])
+
+
 def test_unlearn_with_nan_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["unlearn", "lr=nan", "eval_guidance=nan", "--out", str(out), "--quiet"]) == 2

@@ -109,7 +109,10 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     elif method in METHODS:
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))
-        values = {**METHODS[method].defaults_for(concept), **variant, **values}
+        defaults = METHODS[method].defaults_for(concept)
+        if "remain_neighbours" in defaults and not _neighbours_possible(values):
+            del defaults["remain_neighbours"]  # a default for diverse pairs with another colour left to name
+        values = {**defaults, **variant, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
         close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
@@ -127,6 +130,16 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     if errors:
         raise UserError("invalid configuration: " + "; ".join(errors))
     return cfg
+
+
+def _neighbours_possible(values: dict) -> bool:
+    """Whether a colour's remain prompts can name another colour: diverse pairs, and a colour that
+    neither ``concept`` nor ``remain_excludes`` lists."""
+    from .worlds.digits import COLOURS
+
+    listed = {c.strip() for key in ("concept", "remain_excludes")
+              for c in str(values.get(key, getattr(UnlearnConfig, key))).split(",")}
+    return str(values.get("diversity", UnlearnConfig.diversity)) == "diverse" and bool(set(COLOURS) - listed)
 
 
 def _missing_path(model: str) -> bool:
@@ -217,6 +230,9 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         elif cfg.diversity != "diverse":
             errors.append("`remain_neighbours` needs diversity=diverse (the uniform set has one remain prompt); "
                           "set remain_neighbours=0 or diversity=diverse")
+        elif not set(COLOURS) - set(cfg.concepts + cfg.excluded):
+            errors.append("`remain_neighbours` names a colour no concept lists, and these concepts list every colour; "
+                          "set remain_neighbours=0")
     if cfg.early_stop_every and not (kind == "pixel" or cfg.model == EMBEDDED_CLASS):
         errors.append("`early_stop_every` scores the forget prompts with the embedded worlds' oracle during training, "
                       "so it is for the digit-world and embedded class models; set early_stop_every=0 and choose "
