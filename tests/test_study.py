@@ -20,6 +20,7 @@ from diffunlearn.jobs.study import (
     hypervolume,
     pareto,
     parse_space,
+    rule_choice,
     run_study,
     summarise,
     validate,
@@ -160,6 +161,42 @@ def test_a_three_trial_study_end_to_end(tmp_path, capsys):
     # The reported time is the study's, summed over both sessions, not the second (quick) one's.
     assert again["seconds"] > result["seconds"] > 10
     assert json.loads((out / "clock.json").read_text())["seconds"] == pytest.approx(again["seconds"], abs=1e-3)
+    # --pick every-seed re-picks the same study from its own runs: nothing trains again, each held-out
+    # model is scored on the training prompts, and the rule reads the mean over the seeds.
+    from diffunlearn.jobs import run as runner
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    original, runner.run_unlearning = runner.run_unlearning, must_not_train
+    try:
+        assert main(["study", *FAST, "--methods", "rg,graddiff", "--trials", "3", "--seeds", "0,1", "--front", "1",
+                     "--pick", "every-seed", "--out", str(out), "--quiet"]) == 0
+    finally:
+        runner.run_unlearning = original
+    every = json.loads((out / "study.json").read_text())
+    assert "--pick every-seed" in (out / "study.md").read_text()
+    for method in ("rg", "graddiff"):
+        searched = {t["root"]: t["values"] for t in every["trials"][method] if t["state"] == "COMPLETE"}
+        for r in every["heldout"][method]:
+            found = [json.loads((out / "heldout" / method / f"trial-{r['trial']:04d}" / f"seed-{s}" /
+                                 "train_scores.json").read_text()) for s in (0, 1)]
+            # Seed 0's held-out model has the search trial's weights, so it reads the trial's scores.
+            assert [found[0]["forget_score"], found[0]["alignment"]] == searched[r["trial"]]
+            assert r["train_seeds_objectives"] == pytest.approx(
+                [(found[0][k] + found[1][k]) / 2 for k in ("forget_score", "alignment")])
+        want = rule_choice(every["heldout"][method], lambda p: p["train_seeds_objectives"],
+                           lambda p: p["train_seeds_quality_fd"])
+        assert every["summary"][method]["chosen"]["trial"] == want["trial"]
+
+
+def test_pick_every_seed_is_refused_where_there_are_no_training_prompts_to_score(tmp_path, capsys):
+    for extra in (["model=embedded:digits-class"], ["--objectives", "forget,alignment,attack", "--attack",
+                                                      "embedding"]):
+        assert main(["study", *FAST, *extra, "--methods", "rg", "--trials", "1", "--pick", "every-seed",
+                     "--out", str(tmp_path / "s"), "--quiet"]) == 2
+        assert "--pick every-seed" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_killed_worker_loses_and_duplicates_no_trial(tmp_path, monkeypatch):

@@ -362,7 +362,7 @@ def cmd_study(args: argparse.Namespace) -> None:
                      config=config, space=tuple(args.space or ()), sampler=args.sampler, trials=args.trials,
                      seeds=seeds, front=args.front, objectives=_items(args.objectives), attack=args.attack or "",
                      storage=args.storage or "", workers=args.workers, sampler_seed=args.sampler_seed,
-                     metrics=metrics, prompts=tuple(args.prompts or ()),
+                     pick=args.pick, metrics=metrics, prompts=tuple(args.prompts or ()),
                      search_prompts=tuple(args.search_prompts or ()),
                      metric_options=_metric_options(args) if metrics else None)
     out = Path(args.out) if args.out else Path("runs") / f"study-{resolve(spec).concept}"
@@ -765,6 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: sqlite in --out)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the search (one thread each)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--pick", choices=("first-seed", "every-seed"), default="first-seed",
+                   help="the training scores the tuning rule reads: the search trial's (first seed), or the mean "
+                        "over every held-out seed's model scored on the training prompts (digit world)")
     _study_scoring_flags(p)
     p.add_argument("--out", default=None, help="study folder (default: runs/study-CONCEPT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -52,6 +52,7 @@ from ..utils import atomic_write_text
 
 # Keys whose single value is itself a comma-separated list: their alternatives are separated by ";".
 LIST_KEYS = tuple(name for name, f in FIELDS.items() if isinstance(f.default, str) and "," in f.default)
+PICKS = ("first-seed", "every-seed")
 TUNE_SEED = 7          # evaluation seeds of the search (the demo and held-out reports use eval_seed 1)
 FORGET_LIMIT = 0.05    # "forgets": held-out forget score at most this (the tuning rule of the README)
 ALIGN_TOLERANCE = 0.03  # with the attack as an objective: alignment this close to the best counts as kept
@@ -168,6 +169,9 @@ class StudySpec:
     storage: str = ""
     workers: int = 1
     sampler_seed: int = 0
+    # Which training scores the tuning rule reads: the search trial's (seed 0's models, "first-seed") or
+    # the mean over the held-out re-runs' models, each also scored on the training prompts ("every-seed").
+    pick: str = "first-seed"
     # Stable Diffusion (text-to-image) models are scored by `diffunlearn eval` metrics: the search on
     # `search_prompts` (default: the training split of each template/world set in `prompts`), the
     # held-out report on `prompts`.
@@ -278,6 +282,14 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     if bad or "forget" not in spec.objectives or "alignment" not in spec.objectives:
         problems.append(f"--objectives must include forget and alignment (and may add attack), got "
                         f"{','.join(spec.objectives)}")
+    if spec.pick not in PICKS:
+        problems.append(f"--pick must be one of {', '.join(PICKS)}, got {spec.pick!r}")
+    elif spec.pick == "every-seed" and (spec.metrics or model_kind(_cfg(spec).model) != "pixel"):
+        problems.append("--pick every-seed scores each held-out model on the digit world's training prompts, so it "
+                        "is for the embedded digit world; use --pick first-seed for this model")
+    elif spec.pick == "every-seed" and "attack" in spec.objectives:
+        problems.append("--pick every-seed reads forget and alignment only; with --objectives ...,attack use "
+                        "--pick first-seed")
     if "attack" in spec.objectives and not spec.attack:
         problems.append("--objectives ...,attack needs --attack NAME (e.g. --attack embedding)")
     if spec.attack:
@@ -790,6 +802,8 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
                      "seconds": results.get("seconds")}
             if spec.attack:
                 entry.update(_attack(spec, run_dir, cfg, False, command, "test"))
+            if spec.pick == "every-seed":
+                entry["train"] = training_scores(run_dir, cfg)
             runs.append(entry)
             bar.update(1)
             if clock is not None:
@@ -797,12 +811,36 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         searched = out / "trials" / method / f"trial-{_root(trial):04d}" / "results.json"
         train_fd = scores(json.loads(searched.read_text())).get("quality_fd") if (
             searched.is_file() and not spec.metrics) else None
+        every = {"train_seeds_objectives": [statistics.fmean(r["train"][k] for r in runs)
+                                            for k in ("forget_score", "alignment")],
+                 "train_seeds_quality_fd": statistics.fmean(r["train"]["quality_fd"] for r in runs)
+                 } if spec.pick == "every-seed" else {}
         rows.setdefault(method, []).append({"trial": _root(trial), "params": dict(trial.params),
                                             "train_objectives": list(trial.values), "train_quality_fd": train_fd,
-                                            "runs": runs,
+                                            **every, "runs": runs,
                                             **_aggregate(runs)})
     bar.close()
     return rows
+
+
+def training_scores(run_dir: Path, cfg) -> dict[str, float]:
+    """A held-out run's model scored on the TRAINING-vocabulary prompts at the search's evaluation seed
+    (``--pick every-seed``), kept in ``train_scores.json`` beside it so a resumed study reuses it. For
+    the seed the search trained on, this is the search trial's own score (the weights are the same)."""
+    from ..evaluate.world import evaluate_world
+    from ..models import load_adapter
+    from ..utils import atomic_write_text
+
+    path = run_dir / "train_scores.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    adapter, _ = load_adapter(str(run_dir / "model"), device="cpu" if cfg.device == "cpu" else None)
+    found = evaluate_world(adapter, cfg.concept, cfg.eval_prompts, "train", TUNE_SEED, cfg.eval_steps,
+                           cfg.eval_guidance, progress=False)
+    out = {"forget_score": float(found.forget_score), "alignment": float(found.alignment),
+           "quality_fd": float(found.quality_fd), "eval_split": "train", "eval_seed": TUNE_SEED}
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    return out
 
 
 def _unconverged_mark(point: dict) -> str:
@@ -833,8 +871,11 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     for method, points in rows.items():
         # Ties (common: several points at training forget 0, alignment 1) go to the lower training
         # quality FD (the README "Tuning" rule).
-        best = rule_choice(points, lambda p: p["train_objectives"],
-                           lambda p: math.inf if p.get("train_quality_fd") is None else p["train_quality_fd"])
+        if spec.pick == "every-seed":  # the mean training scores of the held-out runs' models
+            best = rule_choice(points, lambda p: p["train_seeds_objectives"], lambda p: p["train_seeds_quality_fd"])
+        else:
+            best = rule_choice(points, lambda p: p["train_objectives"],
+                               lambda p: math.inf if p.get("train_quality_fd") is None else p["train_quality_fd"])
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
         entry = {"chosen": best, "reaches_forget_limit": forgets(best["forget_score"]),
                  "hypervolume": hypervolume(clean)}
@@ -871,6 +912,8 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
                 f"within {ALIGN_TOLERANCE} of the best of them, the one with the lowest training ASR {label}"
                 if "attack" in spec.objectives else
                 f"the front point with the best TRAINING-prompt alignment at training forget ≤ {FORGET_LIMIT}")
+             + (" (training scores: the mean over the held-out seeds' models, each scored on the training "
+                f"prompts at evaluation seed {TUNE_SEED}; --pick every-seed)" if spec.pick == "every-seed" else "")
              + ", else the lowest training forget; ties go to the lower training FD (so its held-out numbers are "
              "not selected on). "
              "HV = hypervolume of the held-out front "
@@ -901,13 +944,17 @@ def report(spec: StudySpec, rows: dict[str, list[dict]], summary: dict[str, dict
         lines += ["", f"Highest hypervolume with the attack counted: **{best}**"
                   + ("" if best == clean_best else f" (on clean prompts alone: {clean_best}, which the attack "
                                                    "overturns)") + "."]
+    every = spec.pick == "every-seed"
     lines += ["", "## Every held-out front point", "",
-              "| method | trial | settings | forget ↓ | alignment ↑ | quality FD ↓" + attack
-              + "".join(f" | ASR {n} ↓" for n in each) + " |",
-              "|---|---|---|---|---|---|" + ("---|" if spec.attack else "") + "---|" * len(each)]
+              "| method | trial | settings |" + (" training forget / align (every seed) |" if every else "")
+              + " forget ↓ | alignment ↑ | quality FD ↓" + attack + "".join(f" | ASR {n} ↓" for n in each) + " |",
+              "|---|---|---|---|---|---|" + ("---|" if every else "") + ("---|" if spec.attack else "")
+              + "---|" * len(each)]
     for method, points in rows.items():
         for p in points:
-            lines.append(f"| {method} | {p['trial']} | {_settings(p['params'])} | {_pm(p, 'forget_score')} | "
+            trained = (f" {p['train_seeds_objectives'][0]:.3f} / {p['train_seeds_objectives'][1]:.3f} |"
+                       if every else "")
+            lines.append(f"| {method} | {p['trial']} | {_settings(p['params'])} |{trained} {_pm(p, 'forget_score')} | "
                          f"{_pm(p, 'alignment')} | {_pm(p, 'quality_fd')}"
                          + (f" | {_pm(p, 'asr')}" + _unconverged_mark(p) if spec.attack else "")
                          + "".join(f" | {_pm(p, 'asr_' + n)}" for n in each) + " |")
