@@ -110,8 +110,11 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
         # Method defaults were tuned in the digit world (README "Tuning"), so they apply only there.
         concept = str(values.get("concept", UnlearnConfig.concept))
         defaults = METHODS[method].defaults_for(concept)
-        if "remain_neighbours" in defaults and not _neighbours_possible(values):
-            del defaults["remain_neighbours"]  # a default for diverse pairs with another colour left to name
+        if "remain_neighbours" in defaults and _neighbours_problem(
+                str(values.get("diversity", UnlearnConfig.diversity)),
+                [c.strip() for key in ("concept", "remain_excludes")
+                 for c in str(values.get(key, getattr(UnlearnConfig, key))).split(",")]):
+            del defaults["remain_neighbours"]  # a colour default that cannot apply is left out, not refused
         values = {**defaults, **variant, **values}
     unknown = sorted(k for k in values if k not in FIELDS)
     for key in unknown:
@@ -132,14 +135,18 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     return cfg
 
 
-def _neighbours_possible(values: dict) -> bool:
-    """Whether a colour's remain prompts can name another colour: diverse pairs, and a colour that
-    neither ``concept`` nor ``remain_excludes`` lists."""
+def _neighbours_problem(diversity: str, listed: list[str]) -> str | None:
+    """Why a colour's remain prompts cannot name another colour (``remain_neighbours``), or None:
+    they need diverse pairs, and a colour that no concept (``listed``: concepts and excludes) lists."""
     from .worlds.digits import COLOURS
 
-    listed = {c.strip() for key in ("concept", "remain_excludes")
-              for c in str(values.get(key, getattr(UnlearnConfig, key))).split(",")}
-    return str(values.get("diversity", UnlearnConfig.diversity)) == "diverse" and bool(set(COLOURS) - listed)
+    if diversity != "diverse":
+        return ("`remain_neighbours` needs diversity=diverse (the uniform set has one remain prompt); "
+                "set remain_neighbours=0 or diversity=diverse")
+    if not set(COLOURS) - set(listed):
+        return ("`remain_neighbours` names a colour no concept lists, and these concepts list every colour; "
+                "set remain_neighbours=0")
+    return None
 
 
 def _missing_path(model: str) -> bool:
@@ -227,12 +234,8 @@ def validate(cfg: UnlearnConfig) -> list[str]:
         elif not set(cfg.concepts) & set(COLOURS):
             errors.append(f"`remain_neighbours` is for a colour concept, and {cfg.concept!r} names none (a digit's "
                           "remain prompts already name another digit); set remain_neighbours=0")
-        elif cfg.diversity != "diverse":
-            errors.append("`remain_neighbours` needs diversity=diverse (the uniform set has one remain prompt); "
-                          "set remain_neighbours=0 or diversity=diverse")
-        elif not set(COLOURS) - set(cfg.concepts + cfg.excluded):
-            errors.append("`remain_neighbours` names a colour no concept lists, and these concepts list every colour; "
-                          "set remain_neighbours=0")
+        elif problem := _neighbours_problem(cfg.diversity, cfg.concepts + cfg.excluded):
+            errors.append(problem)
     if cfg.early_stop_every and not (kind == "pixel" or cfg.model == EMBEDDED_CLASS):
         errors.append("`early_stop_every` scores the forget prompts with the embedded worlds' oracle during training, "
                       "so it is for the digit-world and embedded class models; set early_stop_every=0 and choose "

@@ -27,9 +27,9 @@ def model_identity(adapter, folder: Path | None) -> str:
 def _concept_pairs(cfg: UnlearnConfig, concept: str, n: int, split: str, exclude: list[str]) -> tuple[list, list]:
     if concept in TEMPLATES:  # a template's remain prompt deletes its own words and holds no other template's
         return template_pairs(concept, n, cfg.diversity, split, cfg.data_seed)
-    world.concept_attribute(concept)
+    colour = world.concept_attribute(concept) == "colour"  # (also: an unknown concept fails here)
     return build_pairs(concept, n, cfg.diversity, split, cfg.data_seed, exclude=exclude,
-                       neighbours=cfg.remain_neighbours if world.concept_attribute(concept) == "colour" else 0.0)
+                       neighbours=cfg.remain_neighbours if colour else 0.0)
 
 
 def training_prompt_sets(cfg: UnlearnConfig, split: str = "train", n: int | None = None) -> tuple[list[list], list]:

@@ -786,8 +786,9 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
         chosen = _select(front, spec.front)
         ran = {_root(t) for t in front if (out / "heldout" / method / f"trial-{_root(t):04d}").is_dir()}
         plan += [(method, t) for t in prefer_ran(chosen, front, ran)]
-    for seed in spec.seeds if any(not set(t.params) & set(DATA_KEYS) for _, t in plan) else ():
-        ensure_data(spec, out, seed, progress, command)  # with its own bar, before the runs' bar
+    if any(not set(t.params) & set(DATA_KEYS) for _, t in plan):  # some point uses the shared images
+        for seed in spec.seeds:
+            ensure_data(spec, out, seed, progress, command)  # with its own bar, before the runs' bar
     bar = tqdm(total=len(plan) * len(spec.seeds), desc=f"study {spec.concept}: held-out runs", disable=not progress)
     for method, trial in plan:
         runs = []
@@ -827,14 +828,16 @@ def training_scores(run_dir: Path, cfg) -> dict[str, float]:
     """A held-out run's model scored on the TRAINING-vocabulary prompts at the search's evaluation seed
     (``--pick every-seed``), kept in ``train_scores.json`` beside it so a resumed study reuses it. For
     the seed the search trained on, this is the search trial's own score (the weights are the same)."""
+    from ..core.parallel import Parallel
     from ..evaluate.world import evaluate_world
     from ..models import load_adapter
     from ..utils import atomic_write_text
+    from .runfolder import resolve_device
 
     path = run_dir / "train_scores.json"
     if path.is_file():
         return json.loads(path.read_text())
-    adapter, _ = load_adapter(str(run_dir / "model"), device="cpu" if cfg.device == "cpu" else None)
+    adapter, _ = load_adapter(str(run_dir / "model"), device=resolve_device(cfg, Parallel()))
     found = evaluate_world(adapter, cfg.concept, cfg.eval_prompts, "train", TUNE_SEED, cfg.eval_steps,
                            cfg.eval_guidance, progress=False)
     out = {"forget_score": float(found.forget_score), "alignment": float(found.alignment),
@@ -868,14 +871,13 @@ def summarise(spec: StudySpec, rows: dict[str, list[dict]]) -> dict[str, dict]:
     alignment with forget ≤ 0.05, else the lowest forget), so the held-out numbers reported for it
     (and the defaults taken from it) are never selected on held-out prompts."""
     summary = {}
+    # --pick every-seed: the mean training scores of the held-out runs' models instead of the trial's.
+    seen = "train_seeds" if spec.pick == "every-seed" else "train"
     for method, points in rows.items():
         # Ties (common: several points at training forget 0, alignment 1) go to the lower training
         # quality FD (the README "Tuning" rule).
-        if spec.pick == "every-seed":  # the mean training scores of the held-out runs' models
-            best = rule_choice(points, lambda p: p["train_seeds_objectives"], lambda p: p["train_seeds_quality_fd"])
-        else:
-            best = rule_choice(points, lambda p: p["train_objectives"],
-                               lambda p: math.inf if p.get("train_quality_fd") is None else p["train_quality_fd"])
+        best = rule_choice(points, lambda p: p[seen + "_objectives"],
+                           lambda p: math.inf if p.get(seen + "_quality_fd") is None else p[seen + "_quality_fd"])
         clean = [[p["forget_score"], 1 - p["alignment"]] for p in points]
         entry = {"chosen": best, "reaches_forget_limit": forgets(best["forget_score"]),
                  "hypervolume": hypervolume(clean)}
