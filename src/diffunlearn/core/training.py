@@ -85,7 +85,24 @@ def make_optimizer(cfg: UnlearnConfig, params: list[torch.nn.Parameter]) -> torc
             raise UserError("optimizer adam8bit needs bitsandbytes; install it with "
                             "`pip install 'diffunlearn[8bit]'` or use optimizer=adam") from exc
         return bnb.optim.Adam8bit(params, lr=cfg.lr)
-    return torch.optim.Adam(params, lr=cfg.lr)
+    return adam(params, cfg.lr)
+
+
+def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """torch's Adam, fused (one kernel over all parameters) where torch has it for these parameters.
+
+    The fused step is elementwise the same update as the default one (they differ at float rounding,
+    about 3e-8 on the digit UNet's weights). On CPUs torch's default is a Python loop over the
+    tensors: for the digit UNet's 337 tensors on 2 cores it took 35 ms per step against 14 ms fused,
+    a tenth of an rg step (``diffunlearn bench`` measures the whole step). torch raises where fused is
+    unsupported (a device or dtype without its kernel, torch < 2.4 on CPUs), and then the default
+    implementation is used."""
+    if params and all(p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr)
 
 
 class Chunk(NamedTuple):
