@@ -52,6 +52,39 @@ def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adap
                            replace=False)
 
 
+def test_an_image_set_copies_what_a_donor_set_holds_and_samples_only_the_rest(tiny_adapter, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_adapter.save(model_dir)
+    model_id = folder_fingerprint(model_dir)
+    prompts = ["a red three", "a blue seven on a white background", "a digit"]
+    calls = []
+    original = tiny_adapter.sample
+
+    def counting_sample(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    tiny_adapter.sample = counting_sample
+    generate_image_set(tiny_adapter, model_id, prompts, [10, 11, 12], tmp_path / "donor", steps=3, guidance=2.0,
+                       progress=False)
+    # Prompt 1 changes; prompt 2 keeps its text but not its seed: both are sampled, prompt 0 is copied.
+    second = ["a red three", "a green seven on a white background", "a digit"]
+    images = generate_image_set(tiny_adapter, model_id, second, [10, 11, 13], tmp_path / "second", steps=3,
+                                guidance=2.0, progress=False, donors=[tmp_path / "donor", tmp_path / "missing"])
+    assert calls[1:] == [second[1:]]
+    donor_png = (tmp_path / "donor" / "images" / "00000.png").read_bytes()
+    assert (tmp_path / "second" / "images" / "00000.png").read_bytes() == donor_png
+    manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
+    assert manifest["prompts"] == second and len(manifest["image_sha256"]) == 3
+    fresh = generate_image_set(tiny_adapter, model_id, second, [10, 11, 13], tmp_path / "fresh", steps=3,
+                               guidance=2.0, progress=False)
+    assert (images - fresh).abs().max() < 2e-2  # a copied image equals a sampled one up to batch rounding
+    # Another sampler setting (steps) makes the donor's images unusable: everything is sampled.
+    generate_image_set(tiny_adapter, model_id, second, [10, 11, 13], tmp_path / "third", steps=4, guidance=2.0,
+                       progress=False, donors=[tmp_path / "donor"])
+    assert calls[-1] == second
+
+
 def test_each_image_depends_only_on_its_prompt_and_seed(tiny_adapter):
     both = tiny_adapter.sample(["a red three", "a blue seven"], [5, 6], steps=3, guidance=2.0)
     alone = tiny_adapter.sample(["a blue seven"], [6], steps=3, guidance=2.0)

@@ -38,6 +38,28 @@ def test_reduced_demo_writes_summary_report_and_pictures(tmp_path, concept, caps
     manifest = json.loads((out / "data" / "forget" / "manifest.json").read_text())
     assert len(manifest["prompts"]) == len(manifest["seeds"]) == len(manifest["image_sha256"]) == 8
     assert manifest["steps"] == 4
+    if concept == "red":
+        # graddiff and rg name the colour's neighbours in their remain sets (their own remain_neighbours),
+        # ga does not: one data folder per setting, each method trained on its own (results.json).
+        from diffunlearn.config import build_config
+        from diffunlearn.data.training import prompt_texts, training_prompt_sets
+
+        remain = {d: json.loads((out / d / "remain" / "manifest.json").read_text())["prompts"]
+                  for d in ("data", "data-graddiff", "data-rg")}
+        for method, folder, fraction in (("ga", "data", 0.0), ("graddiff", "data-graddiff", 0.545),
+                                         ("rg", "data-rg", 0.275)):
+            cfg = build_config(None, SMALL, base={"concept": "red", "method": method})
+            assert cfg.remain_neighbours == fraction
+            assert remain[folder] == prompt_texts(training_prompt_sets(cfg)[1])
+        assert len({tuple(p) for p in remain.values()}) == 3
+        for method, folder, fraction in (("ga", "data", 0.0), ("graddiff", "data-graddiff", 0.545),
+                                         ("rg", "data-rg", 0.275)):
+            card = (out / method / "model" / "README.md").read_text()  # the model card records its data
+            assert f'"folder": "{out / folder}"' in card and f'"remain_neighbours": {fraction}' in card
+        # The forget prompts do not change with remain_neighbours: copied from data/, not sampled again.
+        for d in ("data-graddiff", "data-rg"):
+            assert (json.loads((out / d / "forget" / "manifest.json").read_text())["image_sha256"]
+                    == json.loads((out / "data" / "forget" / "manifest.json").read_text())["image_sha256"])
     # A finished run is never overwritten without --force.
     assert main(["demo", "--concept", concept, "--out", str(out), "--quiet", *SMALL]) == 2
     assert "already holds a finished run" in capsys.readouterr().err

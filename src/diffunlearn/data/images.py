@@ -55,10 +55,39 @@ def _generate(adapter, folder: Path, prompts, seeds, chunk: list[int], steps: in
         os.replace(tmp, _png(folder, i))
 
 
+def _copy_from_donors(folder: Path, want: dict, scale: Sequence[float], missing: list[int],
+                      donors: Sequence[str | os.PathLike]) -> list[int]:
+    """Copy the images of ``missing`` that a donor set made under the same request settings holds
+    (same prompt, seed and guidance); returns the indices still to sample."""
+    same = ("model", "sampler", "steps", "resolution")
+    found: dict[tuple, Path] = {}
+    for donor in map(Path, donors):
+        try:
+            have = json.loads((donor / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a finished set: nothing to take from it
+        if any(have.get(k) != want[k] for k in same):
+            continue
+        their_scale = have.get("guidances") or [float(have["guidance"])] * len(have["prompts"])
+        for j, key in enumerate(zip(have["prompts"], have["seeds"], their_scale)):
+            found.setdefault(key, donor / have["files"][j])
+    left = []
+    for i in missing:
+        source = found.get((want["prompts"][i], want["seeds"][i], scale[i]))
+        if source is None or _read(source) is None:
+            left.append(i)
+            continue
+        tmp = _png(folder, i).with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, _png(folder, i))
+    return left
+
+
 def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Sequence[int],
                        folder: str | os.PathLike, steps: int, guidance: float, progress: bool = True,
                        resolution: int = 0, batch_size: int = 8, replace: bool = True,
-                       parallel: Parallel | None = None, guidances: Sequence[float] | None = None) -> torch.Tensor:
+                       parallel: Parallel | None = None, guidances: Sequence[float] | None = None,
+                       donors: Sequence[str | os.PathLike] = ()) -> torch.Tensor:
     """Generate the missing images of a set and return all of them, ``(N, 3, H, W)`` in [-1, 1].
 
     Args:
@@ -69,6 +98,9 @@ def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Se
         replace: when ``folder`` holds a set made with another request (model, sampler, prompts,
             seeds...), delete it and start over (True: a run's private cache) or refuse (False: a
             folder the user named, which may hold days of GPU work).
+        donors: other finished image sets (folders with a manifest). An image whose prompt, seed and
+            guidance one of them holds, made by the same model, sampler, steps and resolution, is
+            copied from it instead of sampled: an image depends on its own prompt and seed only.
 
     Raises:
         UserError: ``replace`` is False and the folder holds another request.
@@ -103,9 +135,10 @@ def generate_image_set(adapter, model_id: str, prompts: Sequence[str], seeds: Se
     from tqdm.auto import tqdm
 
     label = "images " + "/".join(folder.parts[-3:])  # e.g. "images rg/data/forget": which run and set
+    scale = want.get("guidances") or [float(guidance)] * len(prompts)
+    missing = _copy_from_donors(folder, want, scale, missing, donors)
     bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc=label, leave=False, disable=not progress)
     extra = {"height": resolution, "width": resolution} if resolution else {}
-    scale = want.get("guidances") or [float(guidance)] * len(prompts)
     batches = [(g, [i for i in missing if scale[i] == g]) for g in dict.fromkeys(scale[i] for i in missing)]
     for g, todo in batches:  # one guidance scale per sampler call
         for start in range(0, len(todo), batch_size):

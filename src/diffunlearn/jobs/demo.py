@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import UnlearnConfig, build_config
+from ..data.training import data_identity
 from ..models import load_adapter
 from ..report import image_grid, markdown_table, tradeoff_plot
 from ..tasks.prompts import PromptTask
@@ -35,6 +36,32 @@ def red_team_demo(summary: dict, out: Path, cfg: UnlearnConfig, attacks: tuple[s
                                  n=cfg.eval_prompts)
 
 
+def build_method_data(task: PromptTask, adapter, folder, base_cfg: UnlearnConfig, configs: dict[str, UnlearnConfig],
+                      out: Path, progress: bool) -> dict:
+    """Each method's training data. Methods whose configs agree on what decides the images
+    (``data_identity``: e.g. rg's and GradDiff's own ``remain_neighbours`` for a colour) share one
+    folder: ``out/data`` for ``base_cfg``'s settings, ``out/data-<method>`` for the first method of
+    each other setting. A later folder copies the images an earlier one already holds (the same
+    prompt and seed), so only the prompts that differ are sampled."""
+    from ..methods import get_method
+
+    def identity(cfg: UnlearnConfig) -> tuple:
+        return (*data_identity(cfg), get_method(cfg.method).needs_images)
+
+    built: dict[tuple, object] = {}
+    folders: list[Path] = []
+    data_of = {}
+    for name, cfg in [("", base_cfg), *configs.items()]:
+        key = identity(cfg)
+        if key not in built:
+            target = out / ("data" if not name else f"data-{name}")
+            built[key] = task.build(adapter, folder, cfg, target, progress, donors=folders)
+            folders.append(target)
+        if name:
+            data_of[name] = built[key]
+    return data_of
+
+
 def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, overrides: list[str] | None = None,
              force: bool = False, progress: bool = True, command: str = "diffunlearn demo",
              attacks: tuple[str, ...] = ()) -> dict:
@@ -50,22 +77,22 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
     adapter, folder = load_adapter(base_cfg.model)  # a bad model folder fails before anything is written
     check_out_dir(out, force)
     task = PromptTask()
-    data = task.build(adapter, folder, base_cfg, out / "data", progress)
+    data_of = build_method_data(task, adapter, folder, base_cfg, configs, out, progress)
 
     summary: dict = {"concept": concept, "methods": {}}
     evaluations = {}
     started = time.perf_counter()
-    evaluation = task.evaluate(adapter, base_cfg, data, progress)
+    evaluation = task.evaluate(adapter, base_cfg, None, progress)
     summary["methods"]["base"] = {**evaluation.metrics(), "seconds": 0.0,
                                   "evaluation_seconds": time.perf_counter() - started}
     evaluations["base"] = evaluation
     for name in methods:
         results, evaluation, trained = reuse_or_run(task, adapter, configs[name], out / name,
-                                                    f"{command} (method {name})", data, force, progress,
+                                                    f"{command} (method {name})", data_of[name], force, progress,
                                                     load_kwargs={"text_encoder": adapter.text_encoder})
         if evaluation is None:
             # Finished before an interruption: reused, re-scored only to get its pictures back.
-            evaluation = task.evaluate(trained, base_cfg, data, progress)
+            evaluation = task.evaluate(trained, base_cfg, data_of[name], progress)
         summary["methods"][name] = {k: results[k] for k in ("forget_score", "alignment", "alignment_per_attribute",
                                                             "quality_fd", "seconds")}
         summary["methods"][name]["training"] = results["training"]

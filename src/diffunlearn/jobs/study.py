@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FIELDS, build_config, model_kind
+from ..data.training import DATA_KEYS
 from ..errors import UserError
 from ..utils import atomic_write_text
 
@@ -545,12 +546,6 @@ def _attack(spec: StudySpec, run_dir: Path, cfg, progress: bool, command: str, s
     report = json.loads((run_dir / "attack" / "results.json").read_text())["attacks"]
     unconverged = [name for name in names if report.get(name, {}).get("converged") is False]
     return {"asr": max(each.values()), **(each if len(names) > 1 else {}), "unconverged": unconverged}
-
-
-# Settings that decide the generated training images; runs that agree on all of them share one
-# image folder (for Stable Diffusion: hours of generation done once, not per trial).
-DATA_KEYS = ("model", "concept", "diversity", "remain_neighbours", "num_pairs", "data_steps", "data_guidance",
-             "resolution", "mixed_precision", "device")
 
 
 def shares_data(space_by_method: dict[str, dict]) -> bool:

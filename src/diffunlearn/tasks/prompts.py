@@ -46,13 +46,14 @@ class PromptTask:
         """Nothing to check here: the config already validated the concept and its prompts."""
 
     def build(self, adapter, folder, cfg, data_dir: Path, progress: bool = True, parallel=None,
-              replace: bool = True) -> TrainingSet:
+              replace: bool = True, donors=()) -> TrainingSet:
         from ..methods import get_method
 
         if not get_method(cfg.method).needs_images:  # a closed-form edit (UCE) reads text only
             return TrainingSet(None, None, None, None, {"prompts": "none: a closed-form edit from the concept's words",
                                                         "folder": None})
-        fx, fc, rx, rc, _, _ = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=replace)
+        fx, fc, rx, rc, _, _ = build_training_data(adapter, folder, cfg, data_dir, progress, parallel, replace=replace,
+                                                    donors=donors)
         info = {"prompts": "templates:" + cfg.concept if cfg.concepts[0] in TEMPLATES else "digit-world",
                 "pairs": cfg.num_pairs, "diversity": cfg.diversity,
                 "remain_neighbours": cfg.remain_neighbours, "data_seed": cfg.data_seed,
