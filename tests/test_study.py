@@ -289,3 +289,23 @@ def test_an_attacked_study_plots_the_attack_success_beside_the_clean_front(tmp_p
     assert "| method | trial | settings | forget ↓ | alignment ↑ | ASR relearn ↓ | front |" in text
     assert "| rg | 0 | lr 0.0001 | 0.010 | 1.000 | 0.090 | ✓ |" in text   # on the front only by its ASR
     assert "| rg | 4 | lr 1e-05 | 1.000 | 1.000 | 1.000 |  |" in text
+
+
+def test_a_method_whose_defaults_change_the_data_gets_its_own_image_folder(tmp_path, monkeypatch):
+    """A red study of ga and GradDiff: GradDiff's colour default names the colour's neighbours in its
+    remain set (remain_neighbours 0.545), ga's does not, so GradDiff's runs may not train on the shared
+    folder the first method's settings built."""
+    import diffunlearn.jobs.data_build as data_build
+    from diffunlearn.jobs.study import ensure_data
+
+    built = {}
+    monkeypatch.setattr(data_build, "build_data", lambda cfg, folder, *a: built.setdefault(folder.name, cfg))
+    spec = StudySpec(methods=("ga", "graddiff"), concept="red")
+    shared = ensure_data(spec, tmp_path, 0, False, "test", method="ga")
+    own = ensure_data(spec, tmp_path, 0, False, "test", method="graddiff")
+    assert shared.name == "seed-0" and own.name.startswith("seed-0-") and own != shared
+    assert built["seed-0"].remain_neighbours == 0.0 and built[own.name].remain_neighbours == 0.545
+    assert ensure_data(spec, tmp_path, 0, False, "test") == shared  # no method: the shared folder
+    # A method whose data settings equal the first method's shares its folder ("three": no neighbours).
+    three = StudySpec(methods=("ga", "graddiff"), concept="three")
+    assert ensure_data(three, tmp_path / "t", 0, False, "test", method="graddiff").name == "seed-0"

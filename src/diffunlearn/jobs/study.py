@@ -555,11 +555,13 @@ def shares_data(space_by_method: dict[str, dict]) -> bool:
 
 
 def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: str,
-                params: dict | None = None) -> Path | None:
+                params: dict | None = None, method: str | None = None) -> Path | None:
     """The training images of ``seed`` (shared by every method and trial), built once; None for a
     class-conditional model (its runs draw their images from the class data, no generation). A
     trial whose searched settings change the data (``--space diversity=diverse,uniform``) gets
-    its own folder, ``data/seed-S-<hash of those settings>``."""
+    its own folder, ``data/seed-S-<hash of those settings>``; so does a ``method`` whose own
+    defaults set a data key otherwise than the study's first method (GradDiff's and rg's
+    ``remain_neighbours`` for a colour), so every run trains on the data its config names."""
     import hashlib
 
     from .data_build import build_data
@@ -567,6 +569,10 @@ def ensure_data(spec: StudySpec, out: Path, seed: int, progress: bool, command: 
     if model_kind(_cfg(spec).model) == "class":
         return None
     own = {k: v for k, v in (params or {}).items() if k in DATA_KEYS}
+    if method is not None and method != spec.methods[0]:
+        first, mine = _cfg(spec, f"method={spec.methods[0]}"), _cfg(spec, f"method={method}")
+        own.update({k: getattr(mine, k) for k in DATA_KEYS
+                    if k not in own and getattr(mine, k) != getattr(first, k)})
     name = f"seed-{seed}" + (f"-{hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:10]}"
                              if own else "")
     folder = (out / "data" / name).resolve()  # absolute: config.yaml stays valid from any directory
@@ -629,7 +635,7 @@ def search(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dime
                 study.stop()
                 raise optuna.TrialPruned("the study has its trials")
             params = {key: dim.suggest(trial, key) for key, dim in space.items()}
-            data_dir = ensure_data(spec, out, spec.seeds[0], False, command, params)
+            data_dir = ensure_data(spec, out, spec.seeds[0], False, command, params, method)
             cfg = _cfg(spec, f"method={method}", f"seed={spec.seeds[0]}", f"data_seed={spec.seeds[0]}",
                        "eval_split=train", f"eval_seed={TUNE_SEED}", *([f"data_dir={data_dir}"] if data_dir else []),
                        *(f"{k}={v}" for k, v in params.items()))
@@ -788,7 +794,7 @@ def heldout(spec: StudySpec, out: Path, space_by_method: dict[str, dict[str, Dim
     for method, trial in plan:
         runs = []
         for seed in spec.seeds:
-            data_dir = ensure_data(spec, out, seed, progress, command, trial.params)
+            data_dir = ensure_data(spec, out, seed, progress, command, trial.params, method)
             cfg = _cfg(spec, f"method={method}", f"seed={seed}", f"data_seed={seed}",
                        *([f"data_dir={data_dir}"] if data_dir else []), *(f"{k}={v}" for k, v in trial.params.items()))
             run_dir = out / "heldout" / method / f"trial-{_root(trial):04d}" / f"seed-{seed}"
