@@ -12,21 +12,27 @@ from diffunlearn.errors import UserError
 from diffunlearn.utils import folder_fingerprint
 
 
-def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adapter, tmp_path):
+def _counted(adapter, tmp_path) -> tuple[str, list]:
+    """The adapter's model identity (saved under tmp_path) and a list that records the prompts of
+    every sampler call from now on."""
     model_dir = tmp_path / "model"
-    tiny_adapter.save(model_dir)
-    model_id = folder_fingerprint(model_dir)
-    prompts = ["a red three", "a blue seven on a white background", "a digit"]
-    seeds = [10, 11, 12]
-    cache = tmp_path / "cache"
+    adapter.save(model_dir)
     calls = []
-    original = tiny_adapter.sample
+    original = adapter.sample
 
     def counting_sample(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    tiny_adapter.sample = counting_sample
+    adapter.sample = counting_sample
+    return folder_fingerprint(model_dir), calls
+
+
+def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adapter, tmp_path):
+    model_id, calls = _counted(tiny_adapter, tmp_path)
+    prompts = ["a red three", "a blue seven on a white background", "a digit"]
+    seeds = [10, 11, 12]
+    cache = tmp_path / "cache"
     first = generate_image_set(tiny_adapter, model_id, prompts, seeds, cache, steps=3, guidance=2.0, progress=False)
     assert first.shape == (3, 3, 16, 16) and len(calls) == 1
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -53,18 +59,8 @@ def test_image_set_is_cached_and_reused_only_when_the_manifest_matches(tiny_adap
 
 
 def test_an_image_set_copies_what_a_donor_set_holds_and_samples_only_the_rest(tiny_adapter, tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_adapter.save(model_dir)
-    model_id = folder_fingerprint(model_dir)
+    model_id, calls = _counted(tiny_adapter, tmp_path)
     prompts = ["a red three", "a blue seven on a white background", "a digit"]
-    calls = []
-    original = tiny_adapter.sample
-
-    def counting_sample(*args, **kwargs):
-        calls.append(args[0])
-        return original(*args, **kwargs)
-
-    tiny_adapter.sample = counting_sample
     generate_image_set(tiny_adapter, model_id, prompts, [10, 11, 12], tmp_path / "donor", steps=3, guidance=2.0,
                        progress=False)
     # Prompt 1 changes; prompt 2 keeps its text but not its seed: both are sampled, prompt 0 is copied.
