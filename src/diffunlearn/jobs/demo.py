@@ -36,29 +36,25 @@ def red_team_demo(summary: dict, out: Path, cfg: UnlearnConfig, attacks: tuple[s
                                  n=cfg.eval_prompts)
 
 
-def build_method_data(task: PromptTask, adapter, folder, base_cfg: UnlearnConfig, configs: dict[str, UnlearnConfig],
-                      out: Path, progress: bool) -> dict:
+def build_method_data(task: PromptTask, adapter, folder, configs: dict[str, UnlearnConfig], out: Path,
+                      progress: bool) -> dict:
     """Each method's training data. Methods whose configs agree on what decides the images
     (``data_identity``: e.g. rg's and GradDiff's own ``remain_neighbours`` for a colour) share one
-    folder: ``out/data`` for ``base_cfg``'s settings, ``out/data-<method>`` for the first method of
-    each other setting. A later folder copies the images an earlier one already holds (the same
+    folder: ``out/data`` for the first method's settings, ``out/data-<method>`` for the first method
+    of each other setting. A later folder copies the images an earlier one already holds (the same
     prompt and seed), so only the prompts that differ are sampled."""
     from ..methods import get_method
-
-    def identity(cfg: UnlearnConfig) -> tuple:
-        return (*data_identity(cfg), get_method(cfg.method).needs_images)
 
     built: dict[tuple, object] = {}
     folders: list[Path] = []
     data_of = {}
-    for name, cfg in [("", base_cfg), *configs.items()]:
-        key = identity(cfg)
+    for name, cfg in configs.items():
+        key = (*data_identity(cfg), get_method(cfg.method).needs_images)
         if key not in built:
-            target = out / ("data" if not name else f"data-{name}")
+            target = out / (f"data-{name}" if folders else "data")
             built[key] = task.build(adapter, folder, cfg, target, progress, donors=folders)
             folders.append(target)
-        if name:
-            data_of[name] = built[key]
+        data_of[name] = built[key]
     return data_of
 
 
@@ -77,7 +73,7 @@ def run_demo(concept: str, out: Path, methods: tuple[str, ...] = DEMO_METHODS, o
     adapter, folder = load_adapter(base_cfg.model)  # a bad model folder fails before anything is written
     check_out_dir(out, force)
     task = PromptTask()
-    data_of = build_method_data(task, adapter, folder, base_cfg, configs, out, progress)
+    data_of = build_method_data(task, adapter, folder, configs, out, progress)
 
     summary: dict = {"concept": concept, "methods": {}}
     evaluations = {}
