@@ -103,6 +103,23 @@ def test_a_demo_interrupted_after_some_methods_reuses_them(tmp_path, monkeypatch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["ga"]["forget_score"] == first["forget_score"]
     assert summary["methods"]["ga"]["quality_fd"] == first["quality_fd"]
+    # A run is reused only for the images it trained on: ga's record says other images (as a demo from
+    # before each method had its own data folder would), and a run without the record is not trusted.
+    rg = json.loads((out / "rg" / "results.json").read_text())
+    assert len(first["training_data"]) == 16 and rg["training_data"] == first["training_data"]  # one folder
+    for record in ("0123456789abcdef", None):
+        stale = {k: v for k, v in first.items() if k != "training_data"}
+        if record:
+            stale["training_data"] = record
+        (out / "ga" / "results.json").write_text(json.dumps(stale))
+        for marker in ("summary.json", "report.md"):  # as if this demo had been interrupted
+            (out / marker).unlink()
+        calls.clear()
+        assert main(["demo", "--out", str(out), "--methods", "ga,rg", "--quiet", *SMALL]) == 0
+        assert calls == ["ga"]  # re-run; rg reused
+        again = json.loads((out / "ga" / "results.json").read_text())
+        assert again["training_data"] == first["training_data"]
+        assert again["forget_score"] == first["forget_score"]  # the same images, the same training
 
 
 def test_demo_with_attacks_reports_each_models_asr(tmp_path):

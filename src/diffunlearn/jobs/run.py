@@ -74,7 +74,7 @@ def run_job(task: Task, base_adapter, data: TrainingSet, cfg, out: Path, command
     results: dict = {}
     if parallel.is_main:
         results = {"concept": cfg.concept, "method": cfg.method, **data.results, "seconds": training["seconds"],
-                   **(metrics or {}), "training": training}
+                   **(metrics or {}), "training": training, "training_data": data.fingerprint()}
         if evaluation is not None:
             results["metrics"] = evaluation.as_eval_metrics()  # the `diffunlearn eval` schema, which compare reads
         lineage = [*previous_lineage(cfg.model), lineage_entry(cfg, method, out, metrics)]
@@ -119,7 +119,8 @@ def reuse_or_run(task: Task, base_adapter, cfg, folder: Path, command: str, data
                  force: bool = False, progress: bool = True, keep_model: bool = True, pictures: bool = True,
                  need_model: bool = True, load_kwargs: dict | None = None, model_folder: Path | None = None):
     """One run of a demo, leaderboard or any driver of many runs: the finished run in ``folder`` made
-    with exactly ``cfg`` (``finished_run``; with ``need_model`` only if it kept its model), else a
+    with exactly ``cfg`` (``finished_run``; with ``need_model`` only if it kept its model; when ``data``
+    is given, only if it trained on the same images: ``TrainingSet.fingerprint``), else a
     fresh :func:`run_job` on a copy of ``base_adapter``. ``data`` is built by ``task`` into
     ``folder/data`` when not given (from ``model_folder``, the base model's files, when it has them).
 
@@ -131,6 +132,10 @@ def reuse_or_run(task: Task, base_adapter, cfg, folder: Path, command: str, data
     from .runfolder import finished_run
 
     results = None if force else finished_run(folder, cfg, need_model=need_model)
+    if results is not None and data is not None and results.get("training_data") != data.fingerprint():
+        # Trained on other images than ``data`` (or before runs recorded theirs, e.g. a demo from before
+        # each method got its own data folder): the config alone cannot tell, so it is run again.
+        results = None
     if results is not None:
         model = load_adapter(str(folder / "model"), **(load_kwargs or {}))[0] if (folder / "model").is_dir() else None
         return results, None, model
