@@ -309,3 +309,19 @@ def test_a_method_whose_defaults_change_the_data_gets_its_own_image_folder(tmp_p
     # A method whose data settings equal the first method's shares its folder ("three": no neighbours).
     three = StudySpec(methods=("ga", "graddiff"), concept="three")
     assert ensure_data(three, tmp_path / "t", 0, False, "test", method="graddiff").name == "seed-0"
+
+
+def test_pick_auto_is_every_seed_where_that_rule_can_choose_and_first_seed_elsewhere():
+    from diffunlearn.jobs.study import StudySpec, resolve
+
+    def picked(**fields):
+        return resolve(StudySpec(methods=("rg",), concept="three", **fields)).pick
+
+    assert StudySpec(methods=("rg",)).pick == "auto"
+    assert picked(front=2, seeds=(0, 1, 2)) == "every-seed"
+    assert picked(front=1, seeds=(0, 1, 2)) == "first-seed"   # one front point: both rules pick it
+    assert picked(front=2, seeds=(0,)) == "first-seed"        # one seed: the trial's model is the only one
+    assert picked(front=2, objectives=("forget", "alignment", "attack"), attack="embedding") == "first-seed"
+    assert picked(front=2, overrides=("model=embedded:digits-class",)) == "first-seed"  # no training prompts
+    assert picked(front=2, pick="first-seed") == "first-seed"  # asked for: kept
+    assert picked(front=1, pick="every-seed") == "every-seed"

@@ -765,9 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: sqlite in --out)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the search (one thread each)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler")
-    p.add_argument("--pick", choices=("first-seed", "every-seed"), default="first-seed",
+    p.add_argument("--pick", choices=("auto", "first-seed", "every-seed"), default="auto",
                    help="the training scores the tuning rule reads: the search trial's (first seed), or the mean "
-                        "over every held-out seed's model scored on the training prompts (digit world)")
+                        "over every held-out seed's model scored on the training prompts (digit world); auto: "
+                        "every-seed on the digit world with --front > 1 and no attack objective, else first-seed")
     _study_scoring_flags(p)
     p.add_argument("--out", default=None, help="study folder (default: runs/study-CONCEPT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

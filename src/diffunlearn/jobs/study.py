@@ -53,7 +53,7 @@ from ..utils import atomic_write_text
 
 # Keys whose single value is itself a comma-separated list: their alternatives are separated by ";".
 LIST_KEYS = tuple(name for name, f in FIELDS.items() if isinstance(f.default, str) and "," in f.default)
-PICKS = ("first-seed", "every-seed")
+PICKS = ("first-seed", "every-seed")  # what --pick may name besides "auto" (resolved by `resolve`)
 TUNE_SEED = 7          # evaluation seeds of the search (the demo and held-out reports use eval_seed 1)
 FORGET_LIMIT = 0.05    # "forgets": held-out forget score at most this (the tuning rule of the README)
 ALIGN_TOLERANCE = 0.03  # with the attack as an objective: alignment this close to the best counts as kept
@@ -172,7 +172,8 @@ class StudySpec:
     sampler_seed: int = 0
     # Which training scores the tuning rule reads: the search trial's (seed 0's models, "first-seed") or
     # the mean over the held-out re-runs' models, each also scored on the training prompts ("every-seed").
-    pick: str = "first-seed"
+    # "auto" (the default) is every-seed where it applies and changes anything, see `resolve`.
+    pick: str = "auto"
     # Stable Diffusion (text-to-image) models are scored by `diffunlearn eval` metrics: the search on
     # `search_prompts` (default: the training split of each template/world set in `prompts`), the
     # held-out report on `prompts`.
@@ -220,10 +221,23 @@ def _cfg(spec: StudySpec, *extra: str):
 
 
 def resolve(spec: StudySpec) -> StudySpec:
-    """The spec with its concept filled in from the config when ``--concept`` was not given."""
-    if spec.concept:
-        return spec
-    return dataclasses.replace(spec, concept=build_config(spec.config or None, list(spec.overrides)).concept)
+    """The spec with its concept filled in from the config when ``--concept`` was not given, and
+    ``--pick auto`` made concrete: "every-seed" on the digit world when the rule has several front
+    points and seeds to choose with and reads forget and alignment only, else "first-seed" (a
+    one-point front or one seed, where both rules pick the same; the class world and Stable
+    Diffusion, which have no training-prompt scorer for the held-out models; an attack objective).
+    Why every-seed: on "red" seed 0's training alignment saturated, and the first-seed rule picked
+    a point 0.05 lower held out than the one every-seed picks (README "Method study")."""
+    if not spec.concept:
+        spec = dataclasses.replace(spec, concept=build_config(spec.config or None, list(spec.overrides)).concept)
+    if spec.pick == "auto":
+        scorable = not spec.metrics and "attack" not in spec.objectives and spec.front > 1 and len(spec.seeds) > 1
+        try:
+            scorable = scorable and model_kind(_cfg(spec).model) == "pixel"
+        except UserError:
+            scorable = False  # the bad config is reported by `validate`, with everything else wrong
+        spec = dataclasses.replace(spec, pick="every-seed" if scorable else "first-seed")
+    return spec
 
 
 def search_prompt_specs(prompts: tuple[str, ...]) -> tuple[list[str], list[str]]:
