@@ -138,3 +138,25 @@ def test_demo_refuses_an_unknown_attack_before_any_work(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--attacks", "magic", "--quiet"]) == 2
     assert "unknown attack 'magic'" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_in_two_processes_gives_the_one_process_numbers(tmp_path, capsys):
+    """--jobs 2 trains and scores the models in two spawned processes of one thread each; on the same
+    data and seeds they must be the numbers of the one-process demo, bit for bit."""
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs-{jobs}"
+        assert main(["demo", "--out", str(out), "--methods", "ga,rg", "--jobs", str(jobs), "--quiet", *SMALL]) == 0
+        runs[jobs] = json.loads((out / "summary.json").read_text())
+        assert runs[jobs]["processes"] == jobs
+        assert (out / "grid_forget.png").stat().st_size > 1000 and (out / "rg" / "model").is_dir()
+    for name in ("base", "ga", "rg"):
+        for key in ("forget_score", "alignment", "quality_fd"):
+            assert runs[2]["methods"][name][key] == runs[1]["methods"][name][key], (name, key)
+    for name in ("ga", "rg"):
+        assert (runs[2]["methods"][name]["training"]["final_forget_loss"]
+                == runs[1]["methods"][name]["training"]["final_forget_loss"])
+    assert main(["demo", "--out", str(tmp_path / "bad"), "--jobs", "-1", "--quiet"]) == 2
+    assert "--jobs must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["demo", "--all-methods", "--jobs", "2", "--out", str(tmp_path / "lb"), "--quiet"]) == 2
+    assert "--jobs belongs to the text demo" in capsys.readouterr().err

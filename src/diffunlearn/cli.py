@@ -96,6 +96,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if key in ("concept", "method"):
             flag = "--concept" if key == "concept" else "--methods"
             raise UserError(f"the demo sets `{key}` for every model itself; use {flag} instead of {override!r}")
+    if args.jobs and (args.sequential or args.track == "class" or args.all_methods):
+        raise UserError("--jobs belongs to the text demo; the leaderboard, the class track and --sequential run "
+                        "their models one after another (pass threads=N to size each run)")
     if args.sequential:
         if args.track == "class" or args.all_methods or args.attacks:
             raise UserError("--sequential is a text-track demo of its own; drop --track class, --all-methods and "
@@ -158,8 +161,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         get_method(m)
     out = Path(args.out) if args.out else Path("runs") / f"demo-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
     args.resume_hint = _rerun_hint(args, out)
+    if args.jobs < 0:
+        raise UserError(f"--jobs must be 0 (auto) or a positive number of processes, got {args.jobs}")
     summary = run_demo(args.concept, out, methods, args.overrides, args.force, not args.quiet, args.command_line,
-                       attacks)
+                       attacks, jobs=args.jobs)
     from .report import markdown_table
 
     _emit(markdown_table(summary["methods"]))
@@ -646,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-CONCEPT-TIME)")
     p.add_argument("--force", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=0, help="processes that train and score the demo's models side by "
+                   "side (default 0 = auto: one per thread torch would use, one thread each)")
     p.add_argument("--all-methods", action="store_true",
                    help="the leaderboard: every method on both concepts over --seeds (default out runs/leaderboard)")
     p.add_argument("--seeds", default="0,1,2", help="with --all-methods: comma-separated seeds")
