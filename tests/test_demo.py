@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +162,46 @@ def test_demo_in_two_processes_gives_the_one_process_numbers(tmp_path, capsys):
     assert "--jobs must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["demo", "--all-methods", "--jobs", "2", "--out", str(tmp_path / "lb"), "--quiet"]) == 2
     assert "--jobs belongs to the text demo" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc: no library needed for one field)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process tree from /proc")
+def test_ctrl_c_stops_a_two_process_demo_and_its_workers(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    argv = [sys.executable, "-m", "diffunlearn.cli", "demo", "--out", str(out), "--methods", "ga,rg", "--jobs", "2",
+            "--quiet", *SMALL, "steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = out / "rg" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (started.is_file() and started.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert started.is_file(), "the demo never started training"
+    workers = _children(demo.pid)
+    assert len(workers) >= 2  # the pool's two processes (and multiprocessing's resource tracker)
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=60) == 130
+    assert "interrupted" in demo.stderr.read()
+    time.sleep(1)
+    for pid in workers:
+        stat = Path(f"/proc/{pid}/stat")
+        state = stat.read_text().rsplit(")", 1)[1].split()[0] if stat.exists() else "gone"
+        assert state in ("gone", "Z"), f"worker {pid} outlived the demo (state {state})"
+    assert not (out / "summary.json").exists() and not (out / "rg" / "results.json").exists()
