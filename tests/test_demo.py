@@ -49,13 +49,13 @@ def test_reduced_demo_writes_summary_report_and_pictures(tmp_path, concept, caps
         remain = {d: json.loads((out / d / "remain" / "manifest.json").read_text())["prompts"]
                   for d in ("data", "data-graddiff", "data-rg")}
         for method, folder, fraction in (("ga", "data", 0.0), ("graddiff", "data-graddiff", 0.545),
-                                         ("rg", "data-rg", 0.275)):
+                                         ("rg", "data-rg", 0.979)):
             cfg = build_config(None, SMALL, base={"concept": "red", "method": method})
             assert cfg.remain_neighbours == fraction
             assert remain[folder] == prompt_texts(training_prompt_sets(cfg)[1])
         assert len({tuple(p) for p in remain.values()}) == 3
         for method, folder, fraction in (("ga", "data", 0.0), ("graddiff", "data-graddiff", 0.545),
-                                         ("rg", "data-rg", 0.275)):
+                                         ("rg", "data-rg", 0.979)):
             card = (out / method / "model" / "README.md").read_text()  # the model card records its data
             assert f'"folder": "{out / folder}"' in card and f'"remain_neighbours": {fraction}' in card
         # The forget prompts do not change with remain_neighbours: copied from data/, not sampled again.

@@ -32,7 +32,7 @@ def test_remain_neighbours_outside_a_diverse_colour_run_is_refused(overrides, fr
 
 
 def test_the_colour_default_of_remain_neighbours_steps_aside_where_it_cannot_apply():
-    assert build_config(None, ["concept=red"]).remain_neighbours == 0.275           # rg's tuned colour value
+    assert build_config(None, ["concept=red"]).remain_neighbours == 0.979           # rg's tuned colour value
     assert build_config(None, ["concept=red", "method=graddiff"]).remain_neighbours == 0.545
     assert build_config(None, ["concept=three"]).remain_neighbours == 0.0
     # Where the default cannot apply it is left out rather than refused (the user did not ask for it) ...
