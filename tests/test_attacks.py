@@ -458,3 +458,29 @@ def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path,
     point = {**point, "runs": runs, **_aggregate(runs)}
     text = report(one, {"rg": [point]}, summarise(one, {"rg": [point]}), "study ...", tmp_path, 60.0)
     assert text.count("0.585 ± 0.445 ⚠ 1/2") == 2 and "is a lower bound" in text
+
+
+def test_red_team_reuses_a_report_only_for_the_weights_it_attacked(tmp_path, tiny_adapter, monkeypatch):
+    """A demo rerun that trains a model again in the same folder must attack the new weights: the
+    report is reused while the folder hashes the same, and redone (its clean scores too) once not."""
+    import diffunlearn.jobs.attack as job
+    from diffunlearn.jobs.attack import red_team
+
+    model, out = tmp_path / "model", tmp_path / "report"
+    tiny_adapter.save(model)
+    first = red_team(str(model), "three", out, ("paraphrase",), 2, 2.0, False, "test", n=6)
+    real, calls = job.run_attack_job, []
+    monkeypatch.setattr(job, "run_attack_job", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert red_team(str(model), "three", out, ("paraphrase",), 2, 2.0, False, "test", n=6) == first
+    assert calls == []  # the same files: reused without loading the model
+    sha = json.loads((out / "manifest.json").read_text())["model"]["folder_sha"]
+    with torch.no_grad():
+        for p in tiny_adapter.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tiny_adapter.save(model)  # "trained again" in place
+    red_team(str(model), "three", out, ("paraphrase",), 2, 2.0, False, "test", n=6)
+    assert calls == [1]
+    redone = json.loads((out / "manifest.json").read_text())["model"]["folder_sha"]
+    assert redone != sha
+    result = json.loads((out / "attacks" / "paraphrase" / "result.json").read_text())
+    assert json.loads((out / "clean.json").read_text())["inputs"] == result["inputs"]  # both of the new model

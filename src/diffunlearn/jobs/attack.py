@@ -478,16 +478,33 @@ def attack_report(concept: str, command: str, clean: dict, reports: dict, skippe
     return "\n".join(lines)
 
 
+def _same_model(out: Path, model: str) -> bool:
+    """Whether the report in ``out`` attacked the model folder ``model`` holds now (its manifest's
+    ``folder_sha``; a run folder or an unreadable manifest never counts as the same)."""
+    from ..models import resolve_model_folder
+    from ..utils import folder_fingerprint
+
+    try:
+        recorded = json.loads((out / "manifest.json").read_text())["model"]
+        if "run" in recorded or not recorded.get("folder_sha"):
+            return False
+        return recorded["folder_sha"] == folder_fingerprint(resolve_model_folder(model))
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return False
+
+
 def red_team(model: str, concept: str, out: Path, attacks: tuple[str, ...], steps: int, guidance: float,
              progress: bool, command: str, n: int = DEFAULT_N, split: str = "test") -> dict[str, float]:
     """``{attack: oracle ASR}`` of one model on ``n`` held-out forget prompts (training-vocabulary ones
     with ``split="train"``, for a study's search), at most ``DEFAULT_N`` (the demos and studies pass
-    their own evaluation size); a finished report with these attacks is reused, and a report with other
-    attacks is completed (its finished attacks are reused)."""
+    their own evaluation size). A finished report with these attacks is reused only while the model
+    folder's files hash as they did when it was attacked (a demo rerun that trained a model again in
+    the same folder once got the old model's ASR back); otherwise the job runs again, reusing each
+    finished attack whose inputs and settings are unchanged."""
     results_path = out / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
-        if all(a in results["attacks"] for a in attacks):
+        if all(a in results["attacks"] for a in attacks) and _same_model(out, model):
             return {a: results["attacks"][a]["asr"]["oracle"] for a in attacks}
         results_path.unlink()
     job = AttackJob(target=model, attacks=list(attacks), concept=concept, n=min(n, DEFAULT_N), steps=steps,

@@ -69,6 +69,10 @@ def load_model_or_run(target: str, device: str = "auto"):
             adapter.load_lora(model_dir)
             identity = _model_identity(adapter, base_folder, cfg.model)
             identity["lora"] = str(model_dir)
+            # The base folder's hash alone would not change when the run is trained again in place.
+            from ..utils import folder_fingerprint
+
+            identity["lora_sha"] = folder_fingerprint(model_dir)
         elif (model_dir / "config.json").is_file() and not (model_dir / "model_index.json").is_file():
             adapter, base_folder = load_adapter(cfg.model, device=dev)
             adapter.load_unet(model_dir)
