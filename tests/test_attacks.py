@@ -447,9 +447,14 @@ def test_a_study_with_several_attacks_takes_the_worst_as_its_objective(tmp_path,
     assert "⚠" not in text
     # an inversion that had not converged (a finished report, reused as a resumed study would): the
     # point's ASR is marked as a lower bound in both tables
+    from diffunlearn.utils import folder_fingerprint
+
+    tiny_adapter.save(tmp_path / "run2" / "model")
     (tmp_path / "run2" / "attack").mkdir(parents=True)
     (tmp_path / "run2" / "attack" / "results.json").write_text(json.dumps({"attacks": {"embedding": {
         "asr": {"oracle": 0.27}, "seconds": 27.0, "converged": False}}}))
+    (tmp_path / "run2" / "attack" / "manifest.json").write_text(json.dumps({"model": {
+        "folder_sha": folder_fingerprint(tmp_path / "run2" / "model")}}))  # the report attacked these weights
     one = StudySpec(methods=("rg",), objectives=("forget", "alignment", "attack"), attack="embedding")
     flagged = _attack(one, tmp_path / "run2", cfg, False, "test", "test")
     assert flagged == {"asr": 0.27, "unconverged": ["embedding"]}

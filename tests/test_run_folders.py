@@ -84,7 +84,7 @@ def test_config_command_prints_a_commented_yaml_that_loads_back(tmp_path, capsys
     assert all(comments.get(name) for name in FIELDS)  # every key documented
     assert main(["config", "method=graddiff", "threads=1"]) == 0
     text = capsys.readouterr().out
-    assert "remain_weight: 4.0" in text and "# λ in d = δ_f + λ·δ_r" in text
+    assert "remain_weight: 4.89" in text and "# λ in d = δ_f + λ·δ_r" in text
     (tmp_path / "c.yaml").write_text(text)
     assert build_config(tmp_path / "c.yaml") == build_config(None, ["method=graddiff", "threads=1"])
 
@@ -174,7 +174,7 @@ def test_an_update_that_poisons_the_weights_stops_before_a_checkpoint_takes_it(t
     cfg = build_config(None, ["method=graddiff", "steps=3", "batch_size=4", "checkpoint_every=1"])
     adapter = fresh_adapter(text_encoder)
     with pytest.raises(training.TrainingDiverged, match=r"step 2: the update made weights NaN/inf; lower `lr` "
-                       r"\(now 5e-05\) or `remain_weight`.*step-000001"):
+                       r"\(now 0.000125\) or `remain_weight`.*step-000001"):
         training.unlearn(adapter, get_method("graddiff"), cfg, *tiny_data(adapter), progress=False,
                          checkpoint_dir=tmp_path / "ckpt")
     assert latest_checkpoint(tmp_path / "ckpt").name == "step-000001"  # the poisoned step never reached disk

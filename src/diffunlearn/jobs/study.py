@@ -297,8 +297,8 @@ def validate(spec: StudySpec) -> dict[str, dict[str, Dimension]]:
     if bad or "forget" not in spec.objectives or "alignment" not in spec.objectives:
         problems.append(f"--objectives must include forget and alignment (and may add attack), got "
                         f"{','.join(spec.objectives)}")
-    if spec.pick not in PICKS:
-        problems.append(f"--pick must be one of {', '.join(PICKS)}, got {spec.pick!r}")
+    if spec.pick not in ("auto", *PICKS):  # "auto" is made concrete by `resolve`, before or after this
+        problems.append(f"--pick must be one of auto, {', '.join(PICKS)}, got {spec.pick!r}")
     elif spec.pick == "every-seed" and (spec.metrics or model_kind(_cfg(spec).model) != "pixel"):
         problems.append("--pick every-seed scores each held-out model on the digit world's training prompts, so it "
                         "is for the embedded digit world; use --pick first-seed for this model")

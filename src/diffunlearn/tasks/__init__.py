@@ -49,10 +49,14 @@ class TrainingSet:
         """A short sha256 of the images the run trains on (every forget set, then the remain set), kept
         in ``results.json`` as ``training_data``, so a finished run is reused only for the same images.
         The conditions follow from the prompts that made the images and are not hashed (a FLUX run's T5
-        states would be gigabytes). Hand-written: no library here hashes tensors' contents."""
+        states would be gigabytes). A closed-form method (UCE) trains on no images: its sets are
+        ``None`` and hash as such. Hand-written: no library here hashes tensors' contents."""
         digest = hashlib.sha256()
         sets = self.forget_x0 if isinstance(self.forget_x0, list) else [self.forget_x0]
         for t in (*sets, self.remain_x0):
+            if t is None:
+                digest.update(b"none")
+                continue
             t = t.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
