@@ -259,3 +259,41 @@ def test_one_unlearning_step_per_method(name):
         assert history[0]["forget_active"] == get_method(name).uses_forget
         runs.append(after)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_channels_last_images_give_the_optimizer_gradients_in_the_parameters_strides(monkeypatch):
+    """A convolution fed channels-last images returns its weight gradient channels-last; CUDA's fused
+    Adam refuses a gradient whose strides differ from its parameter's (the GPU check's class run
+    failed so). The loop hands the optimizer every gradient in its parameter's strides, and the
+    gradients are those of contiguous images up to float rounding."""
+    from diffunlearn.core import training
+
+    cfg = build_config(None, ["steps=2", "batch_size=4", "lr=1e-3", "diagnose=false", "method=rg",
+                              "concept=three", "forget_cap=none"])
+    seen, grads = [], []
+    real_adam = training.adam
+
+    def checking_adam(params, lr):
+        optimizer = real_adam(params, lr)
+        step = optimizer.step
+
+        def checked_step(*args, **kwargs):
+            seen.append(sum(p.grad.stride() != p.stride() for p in params))
+            grads.append([p.grad.clone() for p in params])
+            return step(*args, **kwargs)
+
+        optimizer.step = checked_step
+        return optimizer
+
+    monkeypatch.setattr(training, "adam", checking_adam)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        adapter = tiny_adapter(seed=0)
+        fx, fc, rx, rc = tiny_data(adapter)
+        fx, rx = fx.to(memory_format=layout), rx.to(memory_format=layout)
+        assert fx.is_contiguous() == (layout == torch.contiguous_format)
+        unlearn(adapter, get_method("rg"), cfg, fx, fc, rx, rc, progress=False)
+    assert seen == [0, 0, 0, 0]  # two steps each, every gradient in its parameter's strides
+    first, last = grads[0], grads[2]  # step 1 of each layout: same weights, same batch
+    gap = torch.sqrt(sum((a - b).double().square().sum() for a, b in zip(first, last)))
+    size = torch.sqrt(sum(a.double().square().sum() for a in first))
+    assert gap.item() < 1e-4 * size.item()

@@ -519,7 +519,11 @@ def unlearn(adapter, method: Method, cfg: UnlearnConfig, forget_x0: torch.Tensor
                 if norm > cfg.max_grad_norm:
                     direction = [d * (cfg.max_grad_norm / norm) for d in direction]
             for p, d in zip(params, direction):
-                p.grad = d
+                # The gradient in the parameter's own strides: a convolution fed channels-last images
+                # returns its weight gradient channels-last, and CUDA's fused Adam refuses a gradient
+                # whose strides differ from its parameter's (CPU's does not; the class track once failed
+                # on the GPU this way). A copy only where they differ.
+                p.grad = d if d.stride() == p.stride() else torch.empty_like(p).copy_(d)
             del direction
             before = [p.detach().clone() for p in params] if restrict else None
             optimizer.step()

@@ -99,7 +99,7 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None) -> 
                 raise UserError(f"cannot read image {file} ({exc}); replace or delete that file") from None
             if array.ndim == 2:
                 array = array[:, :, None]
-            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
+            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().float() / 127.5 - 1
             if image_size is not None:
                 tensor = _resize(tensor[None], image_size)[0]
             elif first is None:
