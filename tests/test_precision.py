@@ -98,3 +98,24 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
         assert sorted(bench) == ["rg"]                      # (the GPU form adds graddiff for the ratio)
         assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in bench.values())
         assert "| rg |" in (tmp_path / f"bench-{family}.md").read_text()
+
+
+def test_a_cuda_engine_turns_off_cudnn_attention_and_a_cpu_one_leaves_it():
+    """The FLUX.1-dev-size LoRA step failed inside cuDNN's attention on the H200 check and ran with it
+    off; every CUDA training engine turns it off for its process, a CPU one changes nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffunlearn.core.training import GradientEngine
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        GradientEngine(SimpleNamespace(device=torch.device("cpu")), [], torch.Generator())
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        GradientEngine(SimpleNamespace(device=torch.device("cuda", 0)), [], torch.Generator())
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
