@@ -11,6 +11,8 @@
 # checkpointing, text encoders offloaded to the CPU, 8-bit Adam when bitsandbytes imports; the random
 # weights are initialised on the GPU and saved in bf16 (FLUX: 33 GB of the 64 GB disk). Without a GPU
 # the same steps run on the tiny presets.
+# Measured in parts on one H200 (2026-12-04, README "Benchmark"): SD bench and class run 2 min 35 s,
+# SDXL 95 s, one FLUX method 2 min 16 s; each section prints the seconds elapsed when it is done.
 # Writes OUT_DIR/bench.json, OUT_DIR/bench.md, OUT_DIR/bench-sdxl.{json,md}, OUT_DIR/bench-flux.{json,md}
 # and OUT_DIR/class-run (OUT_DIR defaults to $OUT, else ./gpu-check).
 set -euo pipefail
@@ -46,6 +48,7 @@ lora=(--methods "$pair" --selection lora --lora-rank 16 --gradient-checkpointing
       --optimizer "$optimizer")
 start=$(date +%s)
 "$py" -m diffunlearn.cli bench "${args[@]}" --json "$out/bench.json" --quiet | tee "$out/bench.md"
+echo "[$(( $(date +%s) - start )) s] SD bench done"
 "$py" -m diffunlearn.cli unlearn model=embedded:digits-class concept=three steps=2 remain_per_class=4 \
     eval_prompts=4 eval_steps=2 device=auto --out "$out/class-run" --force --quiet > /dev/null
 "$py" - "$out/class-run/environment.json" "$want" <<'PY'
@@ -54,9 +57,11 @@ device = json.load(open(sys.argv[1]))["device"]
 print(f"class track ran on: {device}")
 sys.exit(0 if device.startswith(sys.argv[2]) else f"class track ran on {device}, expected {sys.argv[2]}")
 PY
+echo "[$(( $(date +%s) - start )) s] class track done"
 echo "SDXL ($sdxl) LoRA bench, optimizer $optimizer:"
 "$py" -m diffunlearn.cli bench --preset "$sdxl" --batch-size "$sdxl_batch" "${big[@]}" "${lora[@]}" \
     --json "$out/bench-sdxl.json" --quiet | tee "$out/bench-sdxl.md"
+echo "[$(( $(date +%s) - start )) s] SDXL bench done"
 echo "FLUX ($flux) LoRA bench, both sides of the double-stream attention, optimizer $optimizer:"
 "$py" -m diffunlearn.cli bench --preset "$flux" --batch-size "$flux_batch" "${big[@]}" "${lora[@]}" \
     --lora-targets to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out \

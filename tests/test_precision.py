@@ -100,22 +100,29 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
         assert "| rg |" in (tmp_path / f"bench-{family}.md").read_text()
 
 
-def test_a_cuda_engine_turns_off_cudnn_attention_and_a_cpu_one_leaves_it():
+def test_a_model_on_a_gpu_turns_off_cudnn_attention_and_one_on_the_cpu_leaves_it(monkeypatch):
     """The FLUX.1-dev-size LoRA step failed inside cuDNN's attention on the H200 check and ran with it
-    off; every CUDA training engine turns it off for its process, a CPU one changes nothing."""
+    off; loading a model onto a GPU, or starting a training engine there, turns it off for the
+    process (training, evaluation and attacks alike); on the CPU nothing changes."""
     from types import SimpleNamespace
 
     import torch
 
+    import diffunlearn.models as models
     from diffunlearn.core.training import GradientEngine
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
         GradientEngine(SimpleNamespace(device=torch.device("cpu")), [], torch.Generator())
-        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        adapter, _ = models.load_adapter("embedded:digits")
+        assert adapter.device.type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled() is True
         GradientEngine(SimpleNamespace(device=torch.device("cuda", 0)), [], torch.Generator())
         assert torch.backends.cuda.cudnn_sdp_enabled() is False
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        on_gpu = SimpleNamespace(device=torch.device("cuda", 0))  # what a loader returns on a GPU machine
+        monkeypatch.setattr(models, "_load_adapter", lambda *args: (on_gpu, None))
+        assert models.load_adapter("any")[0] is on_gpu and torch.backends.cuda.cudnn_sdp_enabled() is False
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)

@@ -44,3 +44,17 @@ def environment() -> dict[str, str]:
         except md.PackageNotFoundError:
             info[name] = "not installed"
     return info
+
+
+def avoid_cudnn_attention() -> None:
+    """Turn off PyTorch's cuDNN backend of scaled-dot-product attention for this process (flash,
+    memory-efficient and math stay). On the H200 GPU check (torch 2.11 + cu130) the FLUX.1-dev-size
+    LoRA step failed inside it (`mha_graph.execute(...).is_good()`, surfacing without
+    CUDA_LAUNCH_BLOCKING as a CUBLAS_STATUS_EXECUTION_FAILED) and ran with it off: 3.40 s a step at
+    batch 2, peak 27.8 GB. The other backends cover every shape these models use. Called when a model
+    is loaded onto a GPU (``load_adapter``) and when a training engine starts there, so training,
+    evaluation and the attacks (which backpropagate through the denoiser too) all avoid it."""
+    import torch
+
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)

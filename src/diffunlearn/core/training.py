@@ -105,16 +105,6 @@ def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def avoid_cudnn_attention() -> None:
-    """Turn off PyTorch's cuDNN backend of scaled-dot-product attention for this process (flash,
-    memory-efficient and math stay). On the H200 GPU check (torch 2.11 + cu130) the FLUX.1-dev-size
-    LoRA step failed inside it (`mha_graph.execute(...).is_good()`, surfacing without
-    CUDA_LAUNCH_BLOCKING as a CUBLAS_STATUS_EXECUTION_FAILED) and ran with it off: 3.40 s a step at
-    batch 2, peak 27.8 GB. The other backends cover every shape these models use."""
-    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 class Chunk(NamedTuple):
     """One process's micro-batch of a global batch."""
 
@@ -168,7 +158,9 @@ class GradientEngine:
         self.micro_batches = micro_batches
         self.device = getattr(adapter, "device", torch.device("cpu"))
         if self.device.type == "cuda":
-            avoid_cudnn_attention()
+            from ..utils import avoid_cudnn_attention
+
+            avoid_cudnn_attention()  # also done on loading; an adapter may be built on the GPU directly
 
     def autocast(self):
         if self.amp_dtype is None:

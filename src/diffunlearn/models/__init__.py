@@ -91,7 +91,8 @@ def resolve_model_folder(model: str) -> Path:
 def load_adapter(model: str, text_encoder=None, device: torch.device | str | None = None,
                  frozen_dtype: torch.dtype | str | None = None, denoiser_dtype: torch.dtype | str | None = None
                  ) -> tuple[PixelTextToImage | ClassConditionalAdapter | StableDiffusionAdapter, Path | None]:
-    """Load a model by name, folder or Hub id and wrap it in its adapter.
+    """Load a model by name, folder or Hub id and wrap it in its adapter (on a GPU, with PyTorch's cuDNN
+    attention backend turned off for the process: ``utils.avoid_cudnn_attention`` says why).
 
     Args:
         model: ``embedded:digits``, ``embedded:digits-class``, a model folder, or a Hub id ``org/name``
@@ -110,6 +111,15 @@ def load_adapter(model: str, text_encoder=None, device: torch.device | str | Non
     Raises:
         UserError: missing, unknown (SDXL included) or corrupt model; a Hub id not in the local cache.
     """
+    adapter, folder = _load_adapter(model, text_encoder, device, frozen_dtype, denoiser_dtype)
+    if getattr(getattr(adapter, "device", None), "type", None) == "cuda":
+        from ..utils import avoid_cudnn_attention
+
+        avoid_cudnn_attention()
+    return adapter, folder
+
+
+def _load_adapter(model: str, text_encoder, device, frozen_dtype, denoiser_dtype):
     if (model not in (EMBEDDED, EMBEDDED_CLASS) and not model.startswith(RETRAINED_PREFIX)
             and not Path(model).expanduser().exists() and looks_like_hub_id(model)):
         index = json.loads((StableDiffusionAdapter.hub_snapshot_folder(model) / "model_index.json").read_text())
