@@ -21,7 +21,13 @@ out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=${PYTHON:-python3}; fi
 if ! "$py" -c "import diffunlearn" 2>/dev/null; then
-    echo "diffunlearn is not importable with $py: run 'make .venv/.installed' or 'pip install -e .' first" >&2
+    # A GPU machine's own python with torch, transformers, peft and diffusers, but not this package:
+    # run it from the source tree (nothing of it needs building).
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$py" -c "import diffunlearn, diffusers, transformers, peft" 2>/dev/null; then
+    echo "diffunlearn or one of diffusers, transformers, peft is not importable with $py: run" \
+         "'make .venv/.installed' or 'pip install -e .' first (offline: pip install the wheels)" >&2
     exit 2
 fi
 export HF_HUB_OFFLINE=1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA GPU" in proc.stdout
+    # each section prints the seconds elapsed when it is done, so one GPU run times every part
+    marks = [int(re.search(rf"\[(\d+) s\] {part} done", proc.stdout).group(1))
+             for part in ("SD bench", "class track", "SDXL bench")]
+    total = int(re.search(r"gpu-check finished in (\d+) s", proc.stdout).group(1))
+    assert marks == sorted(marks) and marks[-1] <= total
     data = json.loads((tmp_path / "bench.json").read_text())
     assert sorted(data) == ["rg"]             # (the GPU form adds ga, graddiff and rg-flat)
     assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in data.values())
