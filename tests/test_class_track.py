@@ -68,8 +68,15 @@ def test_config_detects_class_models_and_applies_their_recipe(class_world):
     cfg = build_config(None, [f"model={folder}", "concept=bee"])
     assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.remain_weight) == (1e-5, 64, 782, 5.0)
     assert (cfg.forget_cap, cfg.alpha) == ("elementwise", 0.1) == (CLASS_DEFAULTS["forget_cap"], 0.1)
-    world = build_config(None, [f"model={EMBEDDED_CLASS}", "concept=seven"])
+    world = build_config(None, [f"model={EMBEDDED_CLASS}", "concept=seven", "method=graddiff"])
     assert (world.steps, world.lr, world.eval_steps) == (CLASS_WORLD_DEFAULTS["steps"], CLASS_WORLD_DEFAULTS["lr"], 20)
+    # rg (the default method) and rgd take the class study's pick over the shared recipe, on the
+    # embedded world only: a user's class model keeps the reference recipe, and key=value still wins
+    for method in ("rg", "rgd"):
+        own = build_config(None, [f"model={EMBEDDED_CLASS}", "concept=seven", f"method={method}"])
+        assert (own.lr, own.remain_weight, own.steps) == (7.5e-5, 10.2, CLASS_WORLD_DEFAULTS["steps"])
+    assert build_config(None, [f"model={folder}", "concept=bee", "method=rg"]).lr == 1e-5
+    assert build_config(None, [f"model={EMBEDDED_CLASS}", "concept=seven", "lr=2e-4"]).lr == 2e-4
     with pytest.raises(UserError, match="unknown class 'dragon'"):
         build_config(None, [f"model={EMBEDDED_CLASS}", "concept=dragon"])
     with pytest.raises(UserError, match="does not apply to a class-conditional UNet"):

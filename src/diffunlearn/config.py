@@ -102,7 +102,11 @@ def build_config(path: str | os.PathLike | None = None, overrides: list[str] | N
     variant = METHODS[method].variant if method in METHODS else {}
     kind = model_kind(str(values.get("model", UnlearnConfig.model)))
     if kind == "class":
-        recipe = CLASS_WORLD_DEFAULTS if str(values.get("model")) == EMBEDDED_CLASS else CLASS_DEFAULTS
+        if str(values.get("model")) == EMBEDDED_CLASS:
+            own = METHODS[method].class_world_defaults if method in METHODS else {}
+            recipe = {**CLASS_WORLD_DEFAULTS, **own}
+        else:
+            recipe = CLASS_DEFAULTS
         values = {**recipe, **variant, **values}
     elif kind in RECIPES:
         values = {**RECIPES[kind], **variant, **values}

@@ -49,6 +49,9 @@ class Method:
             the optimizer-aware restricted gradient. Keeps both gradients and a copy of the
             trainable weights during the step.
         modifier_defaults: values that replace ``defaults`` when the concept is a colour (digit world).
+        class_world_defaults: values that replace the embedded class world's shared recipe
+            (``CLASS_WORLD_DEFAULTS``) for this method, where a study's pick beat that recipe on the
+            training prompts; a user's class-conditional model keeps the reference recipe.
         backtrack: with ``restrict_update``, keep the step only if the batch's remain loss fell and its
             forget loss rose, halving it up to this many times (then no step): the realised, not
             first-order, guarantee. Costs two forward passes per try.
@@ -75,6 +78,7 @@ class Method:
     restrict_update: bool = False
     backtrack: int = 0
     modifier_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    class_world_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     weighs_remain: bool = True
     checks: Callable | None = None
     multi_concept: bool = True
